@@ -1,0 +1,3 @@
+from attnsieve.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Framework integrations. Only integrations/hf.py imports transformers."""

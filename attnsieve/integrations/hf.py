@@ -1,0 +1,295 @@
+"""The only module that imports transformers: patch(), unpatch(), patched(), and measurement.
+
+`patch()` registers one attention function and one mask function with transformers' interfaces
+(explicitly, when called; nothing happens at import), switches the model to them, and attaches a
+per-layer runtime to every attention module: which method runs there and where its measurements
+go. Global layers run the chosen method in prefill; sliding-window layers run exact local
+attention unless overridden per layer; decoding steps run each method's `decode` (exact for now).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+
+from attnsieve.kernels import exact_cells
+from attnsieve.methods import LayerContext, Method, exact_attention, make
+
+IMPL = "attnsieve"
+_STATE = "_attnsieve_patch"
+_RUNTIME = "_attnsieve_layer"
+
+
+@dataclass
+class LayerRecord:
+    """Measurements of one attention call."""
+
+    layer: int
+    local: bool  # a sliding-window layer running exact local attention (reported separately)
+    phase: str  # "prefill" or "decode"
+    method: str
+    cells: int  # query-key cells computed
+    exact_cells: int  # cells the exact layer computes
+    estimate_s: float
+
+
+@dataclass
+class Stats:
+    """Measurements collected since the last reset. Densities follow DESIGN.md's definitions."""
+
+    records: list[LayerRecord] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    def _ratio(self, local: bool, phase: str) -> float | None:
+        rs = [r for r in self.records if r.local == local and r.phase == phase]
+        total = sum(r.exact_cells for r in rs)
+        return sum(r.cells for r in rs) / total if total else None
+
+    def density(self, phase: str = "prefill") -> float | None:
+        """Cell-weighted measured density over the layers the method replaces (local layers excluded)."""
+        return self._ratio(False, phase)
+
+    def local_density(self, phase: str = "prefill") -> float | None:
+        """Measured density of the sliding-window layers (1.0 when they run exact local attention)."""
+        return self._ratio(True, phase)
+
+    def estimate_s(self, phase: str = "prefill") -> float:
+        return sum(r.estimate_s for r in self.records if r.phase == phase)
+
+    def per_layer(self, phase: str = "prefill") -> dict[int, float]:
+        cells: dict[int, list[int]] = {}
+        for r in self.records:
+            if r.phase == phase:
+                c = cells.setdefault(r.layer, [0, 0])
+                c[0] += r.cells
+                c[1] += r.exact_cells
+        return {k: c / e if e else 1.0 for k, (c, e) in sorted(cells.items())}
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "density": self.density(),
+            "local_density": self.local_density(),
+            "estimate_s": self.estimate_s(),
+            "per_layer_density": self.per_layer(),
+        }
+
+
+@dataclass
+class LayerRuntime:
+    method: Method | None  # None: the layer's exact attention (local on sliding layers)
+    local: bool  # native sliding-window layer running exact attention
+    stats: Stats
+
+
+@dataclass
+class Patch:
+    """Handle returned by patch(): the model, its per-layer methods and the measurements."""
+
+    model: Any
+    method: Method
+    layers: dict[int, str]  # layer index -> what runs there (for reports)
+    stats: Stats
+    previous_impl: str
+
+    def unpatch(self) -> None:
+        unpatch(self.model)
+
+
+def _check_mask_function(mask_function, local_size) -> None:
+    """Accept only the masks attnsieve executes exactly: causal, or causal + sliding window."""
+    if mask_function is causal_mask_function:
+        return
+    closure = getattr(mask_function, "__closure__", None) or ()
+    parts = closure[0].cell_contents if closure else None
+    if (
+        local_size is not None
+        and getattr(mask_function, "__qualname__", "") == "and_masks.<locals>.and_mask"
+        and isinstance(parts, tuple)
+        and len(parts) == 2
+        and parts[1] is causal_mask_function
+        and getattr(parts[0], "__qualname__", "").startswith("sliding_window_overlay")
+    ):
+        return
+    raise ValueError(
+        "attnsieve cannot honour this attention mask exactly (packed sequences, bidirectional "
+        "blocks or a custom mask function); run the model unpatched for such inputs"
+    )
+
+
+def _mask_function(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+    attention_mask=None, local_size=None, **kwargs,
+):
+    """Registered mask function: returns the 2D key-padding mask [B, kv_length], or None."""
+    _check_mask_function(mask_function, local_size)
+    if attention_mask is None:
+        return None
+    am = attention_mask[:, -kv_length:].to(torch.bool)
+    if am.shape[1] < kv_length:  # keys before the mask's start are real tokens
+        am = torch.nn.functional.pad(am, (kv_length - am.shape[1], 0), value=True)
+    return None if bool(am.all()) else am
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Registered attention function: dispatches to the layer's method and records measurements."""
+    rt: LayerRuntime | None = getattr(module, _RUNTIME, None)
+    if rt is None:
+        raise RuntimeError("attnsieve attention called on a module that patch() did not prepare")
+    if dropout and module.training:
+        raise ValueError(f"attention dropout ({dropout}) is not supported; call model.eval() first")
+    Tq, Tk = query.shape[2], key.shape[2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(
+            f"custom {attention_mask.dim()}D attention masks are not supported by attnsieve "
+            "(pass a 2D padding mask, or run the model unpatched)"
+        )
+    key_valid = None
+    if attention_mask is not None:
+        key_valid = attention_mask[:, -Tk:].to(torch.bool)
+        if key_valid.shape[1] != Tk:
+            raise ValueError(f"padding mask covers {key_valid.shape[1]} keys, expected {Tk}")
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    ctx = LayerContext(module.layer_idx, scale, window, key_valid)
+    phase = "decode" if Tq == 1 else "prefill"
+    if rt.method is None:
+        res = exact_attention(query, key, value, ctx)
+    elif phase == "decode":
+        res = rt.method.decode(query, key, value, ctx)
+    else:
+        res = rt.method.prefill(query, key, value, ctx)
+    exact = query.shape[1] * exact_cells(Tq, Tk, window=window, key_valid=key_valid)
+    name = "exact" if rt.method is None else rt.method.name
+    rt.stats.records.append(LayerRecord(module.layer_idx, rt.local, phase, name, res.cells, exact, res.estimate_s))
+    return res.out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    AttentionInterface.register(IMPL, _attention)
+    AttentionMaskInterface.register(IMPL, _mask_function)
+
+
+def _attention_modules(model) -> dict[int, torch.nn.Module]:
+    mods = {}
+    for m in model.modules():
+        idx = getattr(m, "layer_idx", None)
+        if idx is not None and hasattr(m, "o_proj") and hasattr(m, "config"):
+            mods[idx] = m
+    return mods
+
+
+def _refuse_unsupported(model, modules) -> None:
+    cfg = model.config
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if getattr(text_cfg, "attn_logit_softcapping", None) is not None:
+        raise ValueError(
+            f"this model uses attention logit soft-capping ({text_cfg.attn_logit_softcapping}); "
+            "attnsieve's kernels would silently compute something else, so patch() refuses it"
+        )
+    if getattr(text_cfg, "alibi", False) or getattr(text_cfg, "use_alibi", False) or text_cfg.model_type in (
+        "bloom",
+        "mpt",
+    ):
+        raise ValueError("this model uses ALiBi position biases, which attnsieve's kernels do not add")
+    if any(hasattr(m, "sinks") for m in modules.values()):
+        raise ValueError("this model has learned attention-sink logits, which attnsieve's kernels do not add")
+    if getattr(text_cfg, "use_bidirectional_attention", False) or not all(
+        getattr(m, "is_causal", True) for m in modules.values()
+    ):
+        raise ValueError("attnsieve patches causal decoder attention only; this model has bidirectional layers")
+    if not modules or not model._can_set_attn_implementation():
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
+        )
+
+
+def _as_method(spec, params: dict) -> Method:
+    if isinstance(spec, Method):
+        if params:
+            raise ValueError("pass parameters either inside the method object or as keywords, not both")
+        return spec
+    if isinstance(spec, str):
+        return make(spec, **params)
+    raise TypeError(f"method must be a registered name or a Method object, got {type(spec).__name__}")
+
+
+def patch(
+    model,
+    method: str | Method = "dense",
+    *,
+    kv: str | None = None,
+    kv_budget: float | None = None,
+    layers: dict[int, str | Method] | None = None,
+    **params,
+) -> Patch:
+    """Run `method` in the model's global attention layers; returns a handle with measurements.
+
+    `layers` overrides per layer ({0: "dense"} keeps layer 0 exact; naming a sliding-window layer
+    runs that method there, inside the layer's own window). `kv`/`kv_budget` choose a decoding
+    cache policy (none are registered yet). Refuses attention it cannot honour exactly.
+    """
+    if kv is not None or kv_budget is not None:
+        raise ValueError(f"unknown KV-cache policy {kv!r}: no KV-cache policies are available yet")
+    if getattr(model, _STATE, None) is not None:
+        raise ValueError("model is already patched; call attnsieve.unpatch(model) first")
+    modules = _attention_modules(model)
+    _refuse_unsupported(model, modules)
+    main = _as_method(method, params)
+    text_cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = text_cfg.num_hidden_layers
+    layer_types = getattr(text_cfg, "layer_types", None) or ["full_attention"] * n_layers
+    overrides = {}
+    for idx, spec in (layers or {}).items():
+        if not isinstance(idx, int) or not 0 <= idx < n_layers:
+            raise ValueError(f"layer index {idx!r} out of range [0, {n_layers - 1}]")
+        overrides[idx] = _as_method(spec, {})
+
+    _register()
+    stats = Stats()
+    described = {}
+    for idx, mod in modules.items():
+        sliding = layer_types[idx] == "sliding_attention" or getattr(mod, "sliding_window", None) is not None
+        chosen = overrides.get(idx, None if sliding else main)
+        setattr(mod, _RUNTIME, LayerRuntime(chosen, sliding and chosen is None, stats))
+        described[idx] = ("exact-local" if sliding else "exact") if chosen is None else chosen.name
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(IMPL)
+    handle = Patch(model, main, described, stats, previous)
+    setattr(model, _STATE, handle)
+    return handle
+
+
+def unpatch(model) -> None:
+    """Restore the attention implementation the model had before patch()."""
+    handle: Patch | None = getattr(model, _STATE, None)
+    if handle is None:
+        raise ValueError("model is not patched by attnsieve")
+    for mod in _attention_modules(model).values():
+        if hasattr(mod, _RUNTIME):
+            delattr(mod, _RUNTIME)
+    model.set_attn_implementation(handle.previous_impl)
+    delattr(model, _STATE)
+
+
+@contextlib.contextmanager
+def patched(model, method: str | Method = "dense", **kwargs):
+    """`with attnsieve.patched(model, "block-topk", density=0.1) as p:` ... unpatched on exit."""
+    handle = patch(model, method, **kwargs)
+    try:
+        yield handle
+    finally:
+        unpatch(model)
+
+
+def stats(model) -> Stats:
+    handle: Patch | None = getattr(model, _STATE, None)
+    if handle is None:
+        raise ValueError("model is not patched by attnsieve")
+    return handle.stats

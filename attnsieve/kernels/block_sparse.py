@@ -1,0 +1,201 @@
+"""Exact attention over a block support, without ever materialising a Tq x Tk matrix.
+
+A support says, for every batch row, support head and query block, which key blocks to attend.
+The kernel gathers those key blocks, computes their scores with batched matmuls, applies the
+token-level causal / sliding-window / padding masks inside the gathered blocks, and returns the
+normalised output with its log-sum-exp (so partial results merge) and the number of query-key
+cells it computed (the numerator of measured density).
+
+Query blocks and key blocks share one grid of absolute positions: block j covers positions
+[j * bs, (j + 1) * bs). Query i of a chunk sits at absolute position Tk - Tq + i, so with
+Tq < Tk (chunked prefill, decoding) the first query block is (Tk - Tq) // bs and may be partial.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from attnsieve.kernels.dense import softmax_with_lse
+
+# Largest number of score + gathered key/value elements one batched step may hold (~64 MB fp32).
+DEFAULT_CHUNK_ELEMS = 1 << 24
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def block_grid(Tq: int, Tk: int, block_size: int) -> tuple[int, int, int]:
+    """(first query block, number of query blocks, number of key blocks) of a Tq x Tk call."""
+    first = (Tk - Tq) // block_size
+    n_k = cdiv(Tk, block_size)
+    return first, n_k - first, n_k
+
+
+@dataclass
+class BlockSupport:
+    """Which key blocks each query block attends.
+
+    blocks: int64 [B, Hs, NQ, K] key-block indices, -1 marks an unused slot. Hs is the number of
+    query heads (one list per head) or any divisor of it that is a multiple of the KV heads
+    (Hs = Hkv: the heads of a KV group share one list, and the kernel stacks their queries).
+    Indices in a row must be distinct. NQ and the block grid follow `block_grid`.
+    """
+
+    blocks: torch.Tensor
+    block_size: int
+
+    def __post_init__(self):
+        if self.blocks.dim() != 4:
+            raise ValueError(f"support blocks must be [B, Hs, NQ, K], got shape {tuple(self.blocks.shape)}")
+        if not 1 <= self.block_size <= 4096:
+            raise ValueError(f"block_size must be in [1, 4096], got {self.block_size}")
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, block_size: int) -> BlockSupport:
+        """Build from a boolean block mask [B, Hs, NQ, NK] (True = attend that key block)."""
+        k = max(1, int(mask.sum(-1).max()))
+        nk = mask.shape[-1]
+        idx = torch.arange(nk, device=mask.device).expand_as(mask)
+        keyed = torch.where(mask, idx, torch.full_like(idx, -1))
+        blocks = keyed.topk(k, dim=-1).values  # valid indices first, -1 padding last
+        return cls(blocks, block_size)
+
+    def to_mask(self, n_k: int) -> torch.Tensor:
+        """Boolean block mask [B, Hs, NQ, n_k]; for tests and plots (support-sized, not T x T)."""
+        b = self.blocks
+        mask = torch.zeros(*b.shape[:3], n_k + 1, dtype=torch.bool, device=b.device)
+        mask.scatter_(-1, torch.where(b >= 0, b, torch.full_like(b, n_k)), True)
+        return mask[..., :n_k]
+
+    def num_blocks(self) -> int:
+        return int((self.blocks >= 0).sum())
+
+
+@dataclass
+class SparseResult:
+    out: torch.Tensor  # [B, H, Tq, Dv]
+    lse: torch.Tensor  # [B, H, Tq]
+    cells: int  # query-key cells whose scores were computed (real queries and keys only)
+
+
+def _chunk_end(counts: list[int], start: int, per_block: int, limit: int) -> int:
+    """Largest end such that items [start, end) fit in `limit` elements (counts ascending)."""
+    lo, hi = start + 1, len(counts)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if (mid - start) * counts[mid - 1] * per_block <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    support: BlockSupport,
+    *,
+    causal: bool = True,
+    window: int | None = None,
+    scale: float | None = None,
+    key_valid: torch.Tensor | None = None,
+    chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+) -> SparseResult:
+    """Exact attention of q over the key blocks of `support`, with token-level masks.
+
+    q: [B, H, Tq, D]; k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv]; key_valid: [B, Tk] bool or None.
+    Extra memory is O(T * D) for the block-aligned copies plus one chunk of at most
+    `chunk_elems` elements; no Tq x Tk tensor is ever allocated.
+    """
+    B, H, Tq, D = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    bs = support.block_size
+    first_qb, n_q, n_k = block_grid(Tq, Tk, bs)
+    blocks = support.blocks
+    Hs = blocks.shape[1]
+    if blocks.shape[0] != B or blocks.shape[2] != n_q:
+        raise ValueError(
+            f"support shape {tuple(blocks.shape)} does not match B={B} and {n_q} query blocks "
+            f"(Tq={Tq}, Tk={Tk}, block_size={bs})"
+        )
+    if H % Hs or Hs % Hkv:
+        raise ValueError(f"support heads ({Hs}) must divide query heads ({H}) and be a multiple of {Hkv}")
+    if causal and Tq > Tk:
+        raise ValueError(f"causal attention needs Tq <= Tk, got Tq={Tq}, Tk={Tk}")
+    Gs = H // Hs  # query heads stacked into one support item
+    R = Gs * bs  # query rows of one item
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    dev = q.device
+
+    # Block-aligned copies: queries on the grid, keys/values padded to whole blocks.
+    lead = (Tk - Tq) - first_qb * bs
+    qp = q.new_zeros(B, H, n_q * bs, D)
+    qp[:, :, lead : lead + Tq] = q
+    q_items = qp.view(B, Hs, Gs, n_q, bs, D).transpose(2, 3).reshape(B * Hs * n_q, R, D)  # [N, R, D]
+    pad = n_k * bs - Tk
+    kp = torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k
+    vp = torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v
+    k_blocks = kp.reshape(B * Hkv * n_k, bs, D)  # [B*Hkv*NK, bs, D]
+    v_blocks = vp.reshape(B * Hkv * n_k, bs, Dv)
+    valid = torch.zeros(B, n_k * bs, dtype=torch.bool, device=dev)
+    valid[:, :Tk] = True if key_valid is None else key_valid.to(dev, torch.bool)
+    q_valid_pos = valid.clone()
+    q_valid_pos[:, : Tk - Tq] = False  # grid positions before the first query are not queries
+
+    sorted_blocks = blocks.sort(dim=-1, descending=True).values.reshape(B * Hs * n_q, -1)  # valid first
+    counts = (sorted_blocks >= 0).sum(-1)
+    order = torch.argsort(counts, stable=True)
+    counts_sorted = counts[order].tolist()
+    kv_of_s = torch.arange(Hs, device=dev) * Hkv // Hs
+    row_off = torch.arange(R, device=dev) % bs
+    col_off = torch.arange(bs, device=dev)
+
+    N = B * Hs * n_q
+    out_items = torch.zeros(N, R, Dv, dtype=acc, device=dev)
+    lse_items = torch.full((N, R), float("-inf"), dtype=acc, device=dev)
+    cells = torch.zeros((), dtype=torch.int64, device=dev)
+    per_block = bs * (R + D + Dv)
+    start = next((i for i, c in enumerate(counts_sorted) if c > 0), N)
+    while start < N:
+        end = _chunk_end(counts_sorted, start, per_block, chunk_elems)
+        kc = counts_sorted[end - 1]
+        idx = order[start:end]
+        n = end - start
+        blk = sorted_blocks[idx, :kc]  # [n, Kc]
+        slot_ok = blk >= 0
+        blk = blk.clamp_min(0)
+        b_i = idx // (Hs * n_q)
+        s_i = (idx // n_q) % Hs
+        j_i = idx % n_q
+        flat = ((b_i * Hkv + kv_of_s[s_i]) * n_k)[:, None] + blk  # [n, Kc]
+        kg = k_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, D).to(acc)
+        vg = v_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, Dv).to(acc)
+        k_pos = (blk[:, :, None] * bs + col_off).reshape(n, kc * bs)  # [n, Kc*bs]
+        q_pos = ((first_qb + j_i) * bs)[:, None] + row_off  # [n, R]
+        col_ok = slot_ok.repeat_interleave(bs, dim=1) & valid[b_i[:, None], k_pos]  # [n, Kc*bs]
+        row_ok = q_valid_pos[b_i[:, None], q_pos]  # [n, R]
+        allowed = col_ok[:, None, :] & row_ok[:, :, None]
+        if causal or window is not None:
+            diff = q_pos[:, :, None] - k_pos[:, None, :]
+            if causal:
+                allowed &= diff >= 0
+            if window is not None:
+                allowed &= diff < window
+        scores = torch.bmm(q_items[idx].to(acc), kg.transpose(1, 2)) * scale
+        scores.masked_fill_(~allowed, float("-inf"))
+        o, l = softmax_with_lse(scores, vg)
+        out_items[idx] = o
+        lse_items[idx] = l
+        cells += allowed.sum()
+        start = end
+
+    out = out_items.view(B, Hs, n_q, Gs, bs, Dv).transpose(2, 3).reshape(B, H, n_q * bs, Dv)
+    lse = lse_items.view(B, Hs, n_q, Gs, bs).transpose(2, 3).reshape(B, H, n_q * bs)
+    out = out[:, :, lead : lead + Tq].to(q.dtype)
+    return SparseResult(out, lse[:, :, lead : lead + Tq], int(cells))

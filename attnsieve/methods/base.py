@@ -1,0 +1,109 @@
+"""The narrow contract every attention method implements, and the exact path they fall back on.
+
+A method receives one layer's post-RoPE queries and the layer's keys/values (grouped-query layout,
+never repeated) and returns the attention output plus how many query-key cells it computed. A
+sparse method implements only `support()` ("given q and k, which key blocks?"); the base class
+owns execution, timing of the estimate, and measurement. Methods know nothing about transformers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from attnsieve.kernels import BlockSupport, block_sparse_attention, exact_cells, local_attention, token_mask
+
+
+@dataclass
+class LayerContext:
+    """What a method knows about the layer it runs in."""
+
+    layer_idx: int
+    scale: float  # softmax scale of the layer (e.g. query_pre_attn_scalar ** -0.5 for Gemma-3)
+    window: int | None = None  # the layer's native sliding window in tokens (None: global layer)
+    key_valid: torch.Tensor | None = None  # [B, Tk] bool, False on padding; None when no padding
+
+
+@dataclass
+class AttnOutput:
+    out: torch.Tensor  # [B, H, Tq, Dv]
+    cells: int  # query-key cells whose scores were computed (measured density numerator)
+    estimate_s: float = 0.0  # seconds spent choosing the support (0 for static patterns)
+    lse: torch.Tensor | None = None  # [B, H, Tq] when the path produces it
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+    """Exact causal attention with torch's fused SDPA, never passing is_causal=True when Tq < Tk."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    mask = None
+    causal = False
+    if ctx.key_valid is not None:
+        q_pos, k_pos = torch.arange(Tk - Tq, Tk, device=q.device), torch.arange(Tk, device=q.device)
+        mask = token_mask(q_pos, k_pos, causal=True, window=None)[None, None] & ctx.key_valid[:, None, None, :]
+        # Padding queries have no real key; let them see themselves so no row is empty (their
+        # outputs are never used, and no real query ever sees a padding key).
+        mask = mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+    elif Tq == Tk:
+        causal = True
+    elif Tq > 1:
+        q_pos, k_pos = torch.arange(Tk - Tq, Tk, device=q.device), torch.arange(Tk, device=q.device)
+        mask = token_mask(q_pos, k_pos, causal=True, window=None)[None, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=ctx.scale, enable_gqa=gqa)
+
+
+def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: LayerContext) -> AttnOutput:
+    """The layer's exact attention: banded local attention on sliding layers, fused SDPA otherwise."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    if ctx.window is not None and ctx.window < Tk:
+        res = local_attention(q, k, v, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid)
+        return AttnOutput(res.out, res.cells, lse=res.lse)
+    out = sdpa_attention(q, k, v, ctx)
+    cells = q.shape[1] * exact_cells(Tq, Tk, key_valid=ctx.key_valid)
+    return AttnOutput(out, cells)
+
+
+class Method:
+    """Base class. Subclasses are registered with `@register`, which sets the class attributes."""
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    phases: ClassVar[tuple[str, ...]]
+    causal: ClassVar[bool]
+    Params: ClassVar[type]
+    summary: ClassVar[str]
+    # Parameters under which the method must equal dense attention (None: it has no such setting).
+    exact_params: ClassVar[dict | None] = None
+
+    def __init__(self, params=None):
+        self.params = self.Params() if params is None else params
+
+    def prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: LayerContext) -> AttnOutput:
+        raise NotImplementedError
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: LayerContext) -> AttnOutput:
+        """Decoding steps are exact unless a method implements its own decoding."""
+        return exact_attention(q, k, v, ctx)
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.params})"
+
+
+class SparseMethod(Method):
+    """A method that only estimates a block support; the shared kernel executes it exactly."""
+
+    def support(self, q: torch.Tensor, k: torch.Tensor, ctx: LayerContext) -> BlockSupport:
+        raise NotImplementedError
+
+    def prefill(self, q, k, v, ctx):
+        t0 = time.perf_counter()
+        support = self.support(q, k, ctx)
+        estimate_s = time.perf_counter() - t0
+        res = block_sparse_attention(
+            q, k, v, support, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid
+        )
+        return AttnOutput(res.out, res.cells, estimate_s, res.lse)
