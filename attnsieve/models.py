@@ -113,9 +113,15 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str | None =
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         dtype = getattr(torch, dtype)
+    from transformers.utils import logging as hf_logging
+
     folder = resolve(name_or_path, cache_dir)
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype or torch.float32, local_files_only=True, attn_implementation="sdpa"
-    )
+    hf_logging.disable_progress_bar()  # a second-long load needs no bar
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype or torch.float32, local_files_only=True, attn_implementation="sdpa"
+        )
+    finally:
+        hf_logging.enable_progress_bar()
     return model.eval(), tok

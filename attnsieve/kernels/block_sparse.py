@@ -43,16 +43,31 @@ class BlockSupport:
     query heads (one list per head) or any divisor of it that is a multiple of the KV heads
     (Hs = Hkv: the heads of a KV group share one list, and the kernel stacks their queries).
     Indices in a row must be distinct. NQ and the block grid follow `block_grid`.
+
+    row_mask: optional bool [B, Hs, NQ, R, K] (R = H / Hs * block_size query rows of an item,
+    head-major) restricting each query row to some of its item's slots. The kernel still computes
+    every slot's scores for the whole item (they count as computed cells) but each row's softmax
+    only covers its own slots; per-token selections (Quest) execute this way without leaking one
+    row's choice into another row's output.
     """
 
     blocks: torch.Tensor
     block_size: int
+    row_mask: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.blocks.dim() != 4:
             raise ValueError(f"support blocks must be [B, Hs, NQ, K], got shape {tuple(self.blocks.shape)}")
         if not 1 <= self.block_size <= 4096:
             raise ValueError(f"block_size must be in [1, 4096], got {self.block_size}")
+        if self.row_mask is not None and (
+            self.row_mask.dim() != 5 or self.row_mask.shape[:3] != self.blocks.shape[:3]
+            or self.row_mask.shape[4] != self.blocks.shape[3]
+        ):
+            raise ValueError(
+                f"row_mask must be [B, Hs, NQ, R, K] matching blocks {tuple(self.blocks.shape)}, "
+                f"got {tuple(self.row_mask.shape)}"
+            )
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, block_size: int) -> BlockSupport:
@@ -148,7 +163,14 @@ def block_sparse_attention(
     q_valid_pos = valid.clone()
     q_valid_pos[:, : Tk - Tq] = False  # grid positions before the first query are not queries
 
-    sorted_blocks = blocks.sort(dim=-1, descending=True).values.reshape(B * Hs * n_q, -1)  # valid first
+    sorted_blocks, perm = blocks.sort(dim=-1, descending=True)  # valid slots first
+    sorted_blocks = sorted_blocks.reshape(B * Hs * n_q, -1)
+    row_mask = None
+    if support.row_mask is not None:
+        if support.row_mask.shape[3] != R:
+            raise ValueError(f"row_mask has {support.row_mask.shape[3]} rows per item, expected {R}")
+        row_mask = torch.gather(support.row_mask, 4, perm[:, :, :, None, :].expand_as(support.row_mask))
+        row_mask = row_mask.reshape(B * Hs * n_q, R, -1)
     counts = (sorted_blocks >= 0).sum(-1)
     order = torch.argsort(counts, stable=True)
     counts_sorted = counts[order].tolist()
@@ -187,12 +209,14 @@ def block_sparse_attention(
                 allowed &= diff >= 0
             if window is not None:
                 allowed &= diff < window
+        cells += allowed.sum()  # every in-mask cell of the gathered tiles is computed
+        if row_mask is not None:
+            allowed &= row_mask[idx, :, :kc].repeat_interleave(bs, dim=2)
         scores = torch.bmm(q_items[idx].to(acc), kg.transpose(1, 2)) * scale
         scores.masked_fill_(~allowed, float("-inf"))
         o, l = softmax_with_lse(scores, vg)
         out_items[idx] = o
         lse_items[idx] = l
-        cells += allowed.sum()
         start = end
 
     out = out_items.view(B, Hs, n_q, Gs, bs, Dv).transpose(2, 3).reshape(B, H, n_q * bs, Dv)

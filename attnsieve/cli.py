@@ -1,0 +1,213 @@
+"""Command-line interface: thin; parses flags, calls the layers below, prints.
+
+Bad input gives one line on stderr and exit code 2, never a traceback (set ATTNSIEVE_DEBUG=1 to
+see the traceback of an unexpected error). Every JSON carries versions, threads and seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from attnsieve.runinfo import run_info
+
+try:  # typer >= 0.20 vendors click; older releases use the click package itself
+    from typer._click import exceptions as cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as cx
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="Training-free efficient attention for pretrained transformers, measured honestly.",
+)
+err = Console(stderr=True)
+out = Console()
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, str]:
+    parsed = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _print_json(obj: dict, seed: int | None) -> None:
+    print(json.dumps({**obj, **run_info(seed)}, default=str))
+
+
+@app.command("methods")
+def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False):
+    """List the registered attention methods with their families, phases and parameters."""
+    from attnsieve.methods import describe, names
+
+    rows = [describe(n) for n in names()]
+    if as_json:
+        _print_json({"methods": rows}, None)
+        return
+    table = Table("method", "family", "phases", "parameters (defaults)")
+    for r in rows:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+        alias = f" (alias of {r['alias_of']})" if r["alias_of"] else ""
+        table.add_row(r["name"] + alias, r["family"], ",".join(r["phases"]), params)
+    out.print(table)
+
+
+@app.command("generate")
+def generate_cmd(
+    method: Annotated[str, typer.Option(help="registered method name (see `attnsieve methods`)")] = "dense",
+    model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="method parameter key=value (repeatable)")] = None,
+    prompt: Annotated[str | None, typer.Option(help="prompt text")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="file holding the prompt")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (>= 1)")] = 32,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
+):
+    """Generate a greedy continuation with a method patched into the model's attention."""
+    from attnsieve.methods import make, parse_params
+
+    if (prompt is None) == (prompt_file is None):
+        raise ValueError("give exactly one of --prompt or --prompt-file")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise ValueError(f"--prompt-file {str(prompt_file)!r} does not exist")
+        prompt = prompt_file.read_text()
+    params = parse_params(method, _parse_sets(set_ or []))
+    method_obj = make(method, **params)  # validate before the slow model load
+    _threads(threads)
+    _seed(seed)
+
+    from attnsieve.eval.generation import greedy
+    from attnsieve.integrations.hf import patched
+    from attnsieve.models import load
+
+    with err.status(f"loading {model}"):
+        mdl, tok = load(model)
+    ids = tok(prompt, return_tensors="pt")
+    limit = mdl.config.get_text_config().max_position_embeddings
+    if ids.input_ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({ids.input_ids.shape[1]} tokens) + {max_new_tokens} exceeds the context ({limit})")
+    with patched(mdl, method_obj) as p, err.status(f"generating with {method}"):
+        gen = greedy(mdl, tok, ids.input_ids, max_new_tokens)
+    summary = p.stats.summary()
+    if as_json:
+        _print_json(
+            {"method": method, "params": params, "prompt_tokens": ids.input_ids.shape[1], "text": gen.text,
+             "prefill_s": gen.prefill_s, "decode_s": gen.decode_s, "density": summary["density"]},
+            seed,
+        )
+    else:
+        print(gen.text)
+        density = summary["density"]
+        err.print(
+            f"[dim]{method}: prompt {ids.input_ids.shape[1]} tokens, prefill {gen.prefill_s:.2f} s, "
+            f"measured density {density if density is None else round(density, 4)}[/dim]"
+        )
+
+
+def _float_list(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name} expects comma-separated numbers, got {text!r}") from None
+
+
+@app.command("demo")
+def demo_cmd(
+    model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
+    lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "2048,4096",
+    depths: Annotated[str, typer.Option(help="comma-separated needle depths in [0, 1]")] = "0.25,0.5,0.75",
+    density: Annotated[float, typer.Option(help="density for methods that have a density knob")] = 0.1,
+    seed: Annotated[int, typer.Option(help="random seed (pass keys, sampling)")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+):
+    """Pass-key retrieval on the embedded model: dense, window and block-topk side by side."""
+    from attnsieve.eval.demo import DemoConfig
+
+    try:
+        lens = [int(x) for x in lengths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
+    cfg = DemoConfig(lengths=lens, depths=_float_list(depths, "--depths"), density=density, seed=seed)
+    _threads(threads)
+    _seed(seed)
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from attnsieve.eval.demo import run_demo
+    from attnsieve.models import load
+
+    with err.status(f"loading {model}"):
+        mdl, tok = load(model)
+    steps = len(cfg.lengths) * len(cfg.depths) * (1 + len(cfg.methods))
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("warming up", total=steps)
+        started = [False]
+
+        def progress(desc: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, description=desc)
+
+        rows = run_demo(mdl, tok, cfg, progress)
+    table = Table("method", "length", "accuracy", "measured density", "prefill vs SDPA", title="pass-key retrieval")
+    for r in rows:
+        table.add_row(r["method"], str(r["length"]), f"{r['accuracy']:.2f}", f"{r['density']:.3f}",
+                      f"{r['prefill_ratio']:.2f}x")
+    out.print(table)
+    _print_json({"command": "demo", "model": model, "rows": rows}, seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors with exit code 2 for bad input."""
+    try:
+        rv = app(args=argv, prog_name="attnsieve", standalone_mode=False)
+    except cx.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else "usage: attnsieve COMMAND [OPTIONS]")
+        sys.exit(0)
+    except cx.ClickException as e:
+        print(f"attnsieve: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        if os.environ.get("ATTNSIEVE_DEBUG"):
+            raise
+        print(f"attnsieve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("attnsieve: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else 0)

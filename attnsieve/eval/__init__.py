@@ -1,0 +1,1 @@
+"""Evaluation: synthetic long-context tasks, measurement helpers and runners."""
