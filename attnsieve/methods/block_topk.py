@@ -1,14 +1,20 @@
 """Query-aware block selection in the manner of Quest, applied to prefill.
 
 Each key block is summarised by its per-channel minimum and maximum (Quest's page metadata) or
-its mean (a landmark); every query bounds its score against a block from the summary, each query
-block takes the largest bound over its queries, and keeps the best key blocks up to its budget.
-The sink block and the local (diagonal) blocks are always kept and count inside the budget.
-Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference", ICML 2024
-(arXiv:2406.10774); landmark summaries after Mohtashami & Jaggi, arXiv:2305.16300.
+its mean (a landmark). Every query bounds its score against each earlier block from the summary
+and keeps its own best blocks, as Quest does per decoding step; the sink block and the local
+(diagonal) blocks are always kept and count inside the budget. Tang et al., "Quest: Query-Aware
+Sparsity for Efficient Long-Context LLM Inference", ICML 2024 (arXiv:2406.10774); landmark
+summaries after Mohtashami & Jaggi, arXiv:2305.16300.
 
-Quest selects per token in decoding with 16-token pages; for prefill we select per query block
-and use 64-token blocks by default so the CPU kernel runs large matmuls.
+Prefill runs the per-query choices at block granularity: a query block computes the union of its
+queries' blocks (all of it counts as computed), and each query's softmax covers only its own
+blocks. Selecting per query block from pooled queries would let a later token of the block change
+the blocks an earlier token sees (a causal leak), so we do not. Because the union is larger than
+one query's choice, a budget controller sets each query block's per-query k from the union growth
+measured on the *previous* blocks only, keeping the measured density near `density` without any
+output depending on a later token. Quest's 16-token pages become 64-token blocks by default so
+the CPU kernel runs large matmuls.
 
 Hyperparameters: `token_budget` (Quest's key tokens per query, default 1024), `density` (when
 set, overrides the token budget so the measured density lands near it), `block_size`, `summary`
@@ -23,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from attnsieve.kernels import BlockSupport
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import (
@@ -31,7 +38,6 @@ from attnsieve.methods.selection import (
     forced_blocks,
     grid_queries,
     token_budget_blocks,
-    topk_support,
 )
 
 # Query blocks scored per step: keeps the [rows, NK] score buffer bounded at long lengths.
@@ -89,7 +95,7 @@ def key_block_summaries(
     family="sparse",
     phases=("prefill",),
     params=BlockTopKParams,
-    summary="Quest-style query-aware block top-k (min/max key summaries), sink + local kept.",
+    summary="Quest-style query-aware top-k of key blocks (min/max summaries) per query, sink + local kept.",
 )
 class BlockTopK(SparseMethod):
     exact_params = {"density": 1.0}  # degenerate setting: equals dense attention
@@ -100,39 +106,82 @@ class BlockTopK(SparseMethod):
         Hkv, Tk = k.shape[1], k.shape[2]
         G = H // Hkv
         bs = p.block_size
+        Hs = H if p.per_head else Hkv  # support heads: one list per query head or per KV group
+        Gs = H // Hs
+        R = Gs * bs  # query rows of one support item, head-major as the kernel stacks them
         layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, q.device)
-        kmin, kmax, kmean = key_block_summaries(k, ctx.key_valid, bs, layout.n_k)
+        n_q, n_k = layout.n_q, layout.n_k
+        kmin, kmax, kmean = key_block_summaries(k, ctx.key_valid, bs, n_k)
 
         qg, rows = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D], [NQ, bs]
-        if ctx.key_valid is not None:  # padding queries take no part in the choice
-            pad = layout.n_k * bs - Tk
-            real = torch.nn.functional.pad(ctx.key_valid, (0, pad)).view(B, layout.n_k, bs)
+        if ctx.key_valid is not None:  # padding queries choose nothing
+            pad = n_k * bs - Tk
+            real = torch.nn.functional.pad(ctx.key_valid, (0, pad)).view(B, n_k, bs)
             rows = rows[None] & real[:, layout.first_qb :]
         else:
-            rows = rows[None].expand(B, -1, -1)
-        qg = qg.view(B, Hkv, G, layout.n_q, bs, D)
-        scores = torch.empty(B, Hkv, G, layout.n_q, layout.n_k, device=q.device)
+            rows = rows[None].expand(B, -1, -1)  # [B, NQ, bs]
+        row_real = rows[:, None, :, None, :].expand(B, Hs, n_q, Gs, bs).reshape(B, Hs, n_q, R)
+
+        forced = forced_blocks(layout, p.sink_blocks, p.local_blocks)  # [B, NQ, NK]
+        n_forced = forced.sum(-1)
+        if p.density is not None:
+            budget = density_budget(p.density, layout.n_avail, n_forced)
+        else:
+            budget = token_budget_blocks(p.token_budget, bs, layout.n_avail, n_forced)
+
+        qg = qg.view(B, Hkv, G, n_q, bs, D)
+        ctrl = (torch.ones(B, Hs, device=q.device), torch.zeros(B, Hs, device=q.device))  # growth, debt
+        unions, row_sets = [], []
         step = max(1, SCORE_CHUNK_ROWS // (bs * G))
-        for s in range(0, layout.n_q, step):
-            e = min(s + step, layout.n_q)
-            qc = qg[:, :, :, s:e].reshape(B, Hkv, -1, D)  # [B, Hkv, rows, D]
+        for s in range(0, n_q, step):
+            e = min(s + step, n_q)
+            qc = qg[:, :, :, s:e].reshape(B, Hkv, -1, D)  # [B, Hkv, G * rows, D]
             if p.summary == "minmax":
                 # sum_c max(q_c * min_c, q_c * max_c) = relu(q) . max + min(q, 0) . min
                 bound = qc.clamp_min(0) @ kmax.transpose(-1, -2) + qc.clamp_max(0) @ kmin.transpose(-1, -2)
             else:
                 bound = qc @ kmean.transpose(-1, -2)
-            bound = bound.view(B, Hkv, G, e - s, bs, layout.n_k)
-            bound = bound.masked_fill(~rows[:, None, None, s:e, :, None], float("-inf"))
-            scores[:, :, :, s:e] = bound.amax(4)
-        if p.per_head:
-            scores = scores.reshape(B, H, layout.n_q, layout.n_k)
-        else:
-            scores = scores.amax(2)  # one list per KV group, shared by its query heads
+            # [B, Hkv, G, nqc, bs, NK] -> items [B, Hs, nqc, R, NK]
+            bound = bound.view(B, Hs, Gs, e - s, bs, n_k).transpose(2, 3).reshape(B, Hs, e - s, R, n_k)
+            for j in range(s, e):
+                union, sel, ctrl = self._choose_block(
+                    bound[:, :, j - s], layout.allowed[:, j], forced[:, j], budget[:, j], row_real[:, :, j], ctrl
+                )
+                unions.append(union)
+                row_sets.append(sel)
+        union = torch.stack(unions, dim=2)  # [B, Hs, NQ, NK]
+        support = BlockSupport.from_mask(union, bs)
+        slots = support.blocks  # [B, Hs, NQ, K]
+        sets = torch.stack(row_sets, dim=2)  # [B, Hs, NQ, R, NK]
+        gather = slots.clamp_min(0)[:, :, :, None, :].expand(-1, -1, -1, R, -1)
+        row_mask = torch.gather(sets, 4, gather) & (slots >= 0)[:, :, :, None, :]
+        return BlockSupport(slots, bs, row_mask)
 
-        forced = forced_blocks(layout, p.sink_blocks, p.local_blocks)
-        n_forced = forced.sum(-1)
-        if p.density is not None:
-            keep = density_budget(p.density, layout.n_avail, n_forced)
-        else:
-            keep = token_budget_blocks(p.token_budget, bs, layout.n_avail, n_forced)
-        return topk_support(scores, layout.allowed, forced, keep, bs)
+    @staticmethod
+    def _choose_block(score, allowed, forced, budget, real, ctrl):
+        """One query block: every query keeps its own top-k blocks; k follows the budget controller.
+
+        score: [B, Hs, R, NK]; allowed, forced: [B, NK]; budget: [B]; real: [B, Hs, R].
+        ctrl = (growth, debt), each [B, Hs]: the union's growth over k and the blocks the union
+        overspent (< 0) or saved (> 0) against the budget, both from earlier query blocks only.
+        """
+        growth, debt = ctrl
+        n_forced = forced.sum(-1)[:, None]  # [B, 1]
+        n_avail = allowed.sum(-1)[:, None]
+        b = budget[:, None].float()
+        k = torch.floor((b + debt).clamp_min(0) / growth).long()
+        k = torch.minimum(torch.maximum(k, n_forced), n_avail)  # [B, Hs]
+        s = score.masked_fill(~allowed[:, None, None], float("-inf"))
+        s = s.masked_fill(forced[:, None, None], float("inf"))
+        k_max = max(1, int(k.max()))
+        vals, idx = s.topk(min(k_max, s.shape[-1]), dim=-1)  # [B, Hs, R, k_max]
+        slot = torch.arange(idx.shape[-1], device=idx.device)
+        ok = (slot < k[:, :, None, None]) & (vals > float("-inf")) & real[..., None]
+        sel = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, ok)  # [B, Hs, R, NK]
+        has_rows = real.any(-1)  # [B, Hs]
+        union = sel.any(2) | (forced[:, None] & has_rows[..., None])  # [B, Hs, NK]
+        size = union.sum(-1).float()
+        free = has_rows & (b > n_forced) & (b < n_avail)  # blocks where the controller has a choice
+        growth = torch.where(free & (k > n_forced), 0.5 * growth + 0.5 * (size / k.float()).clamp_min(1.0), growth)
+        debt = torch.where(free, (debt + b - size).clamp_min(-b), debt)  # never owe more than one block's budget
+        return union, sel, (growth, debt)

@@ -20,4 +20,4 @@ def make_passkey(tok, length: int, depth: float, seed: int) -> Sample:
     key = str(random.Random(f"passkey-{seed}-{length}-{depth}").randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
     ids = build_prompt(tok, head=HEAD, needle=needle, question=QUESTION, filler=FILLER, length=length, depth=depth)
-    return Sample("passkey", length, depth, seed, torch.tensor([ids]), [key], max_new_tokens=8)
+    return Sample("passkey", length, depth, seed, torch.tensor([ids]), [key], max_new_tokens=16)

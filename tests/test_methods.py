@@ -1,0 +1,180 @@
+"""Every registered method, on raw tensors: degenerate settings, causality, measured density."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from attnsieve.kernels import dense_attention, exact_cells
+from attnsieve.methods import LayerContext, describe, make, method_class, names, parse_params
+from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, topk_support
+from helpers import assert_close
+
+ALL = names()
+CAUSAL = [n for n in ALL if method_class(n).causal]
+
+
+def qkv(B=1, H=4, Hkv=1, T=300, D=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g),
+            torch.randn(B, Hkv, T, D, generator=g))
+
+
+def small(name: str, **extra):
+    """The method with blocks small enough that short test inputs span many of them."""
+    params = dict(extra)
+    if "block_size" in describe(name)["params"]:
+        params.setdefault("block_size", 16)
+    return make(name, **params)
+
+
+def run(method, q, k, v, window=None, key_valid=None):
+    ctx = LayerContext(0, q.shape[-1] ** -0.5, window, key_valid)
+    return method.prefill(q, k, v, ctx)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("T", [1, 63, 300])
+@pytest.mark.parametrize("window", [None, 40], ids=["global", "sliding40"])
+@pytest.mark.parametrize("heads", [(4, 1), (4, 4)], ids=["GQA", "MHA"])
+def test_degenerate_setting_equals_dense(name, T, window, heads):
+    exact = method_class(name).exact_params
+    if exact is None:
+        pytest.skip(f"{name} has no degenerate setting; its error-vs-rank test covers it")
+    q, k, v = qkv(H=heads[0], Hkv=heads[1], T=T)
+    res = run(small(name, **exact), q, k, v, window=window)
+    ref, _ = dense_attention(q, k, v, causal=True, window=window)
+    assert_close(res.out, ref, what=name)
+    assert res.cells == heads[0] * exact_cells(T, T, window=window)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_degenerate_setting_with_left_padding(name):
+    exact = method_class(name).exact_params
+    if exact is None:
+        pytest.skip(f"{name} has no degenerate setting")
+    q, k, v = qkv(B=2, T=130)
+    valid = torch.ones(2, 130, dtype=torch.bool)
+    valid[0, :37] = False
+    res = run(small(name, **exact), q, k, v, key_valid=valid)
+    ref, _ = dense_attention(q, k, v, causal=True, key_valid=valid)
+    assert_close(res.out[0, :, 37:], ref[0, :, 37:])
+    assert_close(res.out[1], ref[1])
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("density", [None, 0.2])
+def test_no_causal_leak(name, density):
+    """Changing queries, keys and values from position t on never changes an output before t."""
+    params = {"density": density} if density is not None and "density" in describe(name)["params"] else {}
+    if name == "window":
+        params.setdefault("window", 50)
+    method = small(name, **params)
+    q, k, v = qkv(T=400, seed=1)
+    base = run(method, q, k, v).out
+    for t in (1, 17, 150, 399):
+        q2, k2, v2 = q.clone(), k.clone(), v.clone()
+        g = torch.Generator().manual_seed(t)
+        q2[:, :, t:] = torch.randn(q2[:, :, t:].shape, generator=g) * 3
+        k2[:, :, t:] = torch.randn(k2[:, :, t:].shape, generator=g) * 3
+        v2[:, :, t:] = torch.randn(v2[:, :, t:].shape, generator=g)
+        out = run(method, q2, k2, v2).out
+        # Equal up to float summation order (a query's union of blocks may differ in width);
+        # a leaked selection changes outputs by orders of magnitude more.
+        assert_close(out[:, :, :t], base[:, :, :t], what=f"{name}: output before {t}")
+
+
+@pytest.mark.parametrize("density", [0.05, 0.1, 0.3])
+def test_block_topk_measured_density_lands_near_target(density):
+    q, k, v = qkv(T=4096, D=64, seed=2)
+    # Neighbouring queries of a real model are correlated; fully independent random queries
+    # would make every query of a block choose different blocks.
+    q = q[:, :, :1] + 0.3 * q
+    res = run(make("block-topk", density=density, block_size=32), q, k, v)
+    measured = res.cells / (4 * exact_cells(4096, 4096))
+    # the sink and diagonal blocks are a floor (about 0.02 here) and counts are whole blocks
+    assert 0.7 * density <= measured <= 1.2 * density + 0.02, measured
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5])
+def test_window_density_sizes_the_window(density):
+    q, k, v = qkv(T=1000, seed=3)
+    res = run(make("window", density=density, sink=4), q, k, v)
+    measured = res.cells / (4 * exact_cells(1000, 1000))
+    assert density - 0.01 <= measured <= density + 1e-9
+
+
+def test_window_equals_masked_dense_sink_plus_local():
+    q, k, v = qkv(T=200, seed=4)
+    res = run(make("window", sink=3, window=20, block_size=16), q, k, v)
+    pos = torch.arange(200)
+    allowed = (pos[None, :] <= pos[:, None]) & ((pos[:, None] - pos[None, :] < 20) | (pos[None, :] < 3))
+    ref, _ = dense_attention(q, k, v, causal=True, mask=allowed[None, None])
+    assert_close(res.out, ref)
+    assert res.cells == 4 * int(allowed.sum())
+
+
+def test_window_sinks_follow_left_padding():
+    """With left padding the sinks are the first real tokens, so each row equals its unpadded run."""
+    q, k, v = qkv(B=1, T=150, seed=5)
+    method = make("window", sink=4, window=30, block_size=16)
+    alone = run(method, q[:, :, 20:], k[:, :, 20:], v[:, :, 20:]).out
+    valid = torch.ones(1, 150, dtype=torch.bool)
+    valid[0, :20] = False
+    padded = run(method, q, k, v, key_valid=valid).out
+    assert_close(padded[:, :, 20:], alone)
+
+
+def test_block_topk_finds_a_planted_block():
+    """A key block aligned with the late queries is selected, so the output matches dense closely."""
+    q, k, v = qkv(T=1024, D=64, seed=6)
+    q = q[:, :, :1] + 0.3 * q  # neighbouring queries are correlated, as in real models
+    # One key block strongly aligned with the last queries (strong enough to beat the slack of
+    # Quest's min/max bound on random 64-dimensional keys, which real keys do not have).
+    k[:, :, 304:320] = q[:, :, -1:].mean(1, keepdim=True) * 10
+    res = run(make("block-topk", density=0.1, block_size=16), q, k, v)
+    ref, _ = dense_attention(q, k, v)
+    err = (res.out[:, :, -1] - ref[:, :, -1]).norm() / ref[:, :, -1].norm()
+    assert err < 0.05, float(err)
+
+
+def test_topk_support_keeps_forced_and_best_blocks():
+    layout = block_layout(64, 64, 16, None, None, 1, "cpu")
+    forced = forced_blocks(layout, 1, 1)
+    scores = torch.tensor([0.0, 5.0, 1.0, 9.0]).expand(1, 1, 4, 4)
+    keep = density_budget(0.75, layout.n_avail, forced.sum(-1))
+    sup = topk_support(scores, layout.allowed, forced, keep, 16)
+    mask = sup.to_mask(4)[0, 0]
+    assert mask[3].tolist() == [True, True, False, True]  # sink, best (block 1), diagonal
+    assert mask[0].tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_describe_lists_every_parameter_with_help(name):
+    d = describe(name)
+    assert {"name", "family", "phases", "params"} <= d.keys()
+    fields = {f.name for f in dataclasses.fields(method_class(name).Params)}
+    assert set(d["params"]) == fields
+    assert all(d["param_help"][f] for f in fields), "every parameter documents its meaning"
+
+
+@pytest.mark.parametrize(
+    "name,key,value",
+    [("window", "window", "0"), ("window", "density", "1.5"), ("block-topk", "density", "0"),
+     ("block-topk", "block_size", "8"), ("block-topk", "summary", "median"), ("window", "sink", "-1")],
+)
+def test_bad_parameters_raise_value_error_naming_the_value(name, key, value):
+    with pytest.raises(ValueError, match=key):
+        make(name, **parse_params(name, {key: value}))
+
+
+def test_parse_params_converts_types():
+    assert parse_params("block-topk", {"density": "0.25", "per_head": "false", "block_size": "32"}) == {
+        "density": 0.25, "per_head": False, "block_size": 32}
+    assert parse_params("window", {"density": "none"}) == {"density": None}
+    with pytest.raises(ValueError, match="unknown parameter"):
+        parse_params("dense", {"window": "3"})
+    with pytest.raises(ValueError, match="unknown method"):
+        make("nope")
