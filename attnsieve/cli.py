@@ -64,7 +64,10 @@ def _print_json(obj: dict, seed: int | None) -> None:
 
 
 @app.command("methods")
-def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False):
+def methods_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the README's methods table")] = False,
+):
     """List the registered attention methods with their families, phases and parameters."""
     from attnsieve.methods import describe, names
 
@@ -72,12 +75,25 @@ def methods_cmd(as_json: Annotated[bool, typer.Option("--json", help="print one 
     if as_json:
         _print_json({"methods": rows}, None)
         return
+    if markdown:
+        print(methods_markdown(rows))
+        return
     table = Table("method", "family", "phases", "parameters (defaults)")
     for r in rows:
         params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
         alias = f" (alias of {r['alias_of']})" if r["alias_of"] else ""
         table.add_row(r["name"] + alias, r["family"], ",".join(r["phases"]), params)
     out.print(table)
+
+
+def methods_markdown(rows: list[dict]) -> str:
+    """The methods table of the README, generated from the registry."""
+    lines = ["| method | family | phases | parameters (defaults) | what it does |", "|---|---|---|---|---|"]
+    for r in rows:
+        params = ", ".join(f"`{k}={v}`" for k, v in r["params"].items()) or "-"
+        alias = f" (alias of `{r['alias_of']}`)" if r["alias_of"] else ""
+        lines.append(f"| `{r['name']}`{alias} | {r['family']} | {', '.join(r['phases'])} | {params} | {r['summary']} |")
+    return "\n".join(lines)
 
 
 @app.command("generate")
@@ -182,6 +198,9 @@ def demo_cmd(
                 bar.advance(task)
             started[0] = True
             bar.update(task, description=desc)
+            if not err.is_terminal:  # no live bar in a log: one line per step instead
+                done = int(bar.tasks[0].completed)
+                print(f"attnsieve demo [{done + 1}/{steps}] {desc}", file=sys.stderr, flush=True)
 
         rows = run_demo(mdl, tok, cfg, progress)
     table = Table("method", "length", "accuracy", "measured density", "prefill vs SDPA", title="pass-key retrieval")

@@ -10,6 +10,7 @@ import torch
 from attnsieve.kernels import dense_attention, exact_cells
 from attnsieve.methods import LayerContext, describe, make, method_class, names, parse_params
 from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, topk_support
+
 from helpers import assert_close
 
 ALL = names()

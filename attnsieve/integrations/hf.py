@@ -158,7 +158,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     ctx = LayerContext(module.layer_idx, scale, window, key_valid)
-    phase = "decode" if Tq == 1 else "prefill"
+    phase = "decode" if Tq == 1 and Tk > 1 else "prefill"  # one new token over a cache
     if rt.method is None:
         res = exact_attention(query, key, value, ctx)
     elif phase == "decode":

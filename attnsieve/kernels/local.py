@@ -9,7 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from attnsieve.kernels.block_sparse import BlockSupport, SparseResult, block_grid, block_sparse_attention, cdiv
+from attnsieve.kernels.block_sparse import (
+    BlockSupport,
+    SparseResult,
+    block_grid,
+    block_sparse_attention,
+    cdiv,
+)
 
 
 def band_support(
