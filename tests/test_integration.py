@@ -215,3 +215,22 @@ def test_nothing_registered_at_import():
         "assert 'attnsieve' not in AttentionInterface._global_mapping\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_whose_every_layer_slides_runs_the_method_in_each_window():
+    from transformers import Gemma3ForCausalLM
+
+    model = tiny_gemma3(sliding_window=40)
+    cfg = model.config
+    cfg.layer_types = ["sliding_attention"] * 4
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(cfg).eval()
+    x = ids(160)
+    ref = logits(model, x)
+    with attnsieve.patched(model, "block-topk", density=1.0, block_size=16) as p:
+        out = logits(model, x)
+    assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert set(p.layers.values()) == {"block-topk"} and p.stats.density() == 1.0
+    with attnsieve.patched(model, "block-topk", density=0.3, block_size=16) as p:
+        logits(model, x)
+    assert p.stats.density() < 0.8  # measured against each layer's window, not the causal triangle

@@ -180,7 +180,7 @@ def _attention_modules(model) -> dict[int, torch.nn.Module]:
     mods = {}
     for m in model.modules():
         idx = getattr(m, "layer_idx", None)
-        if idx is not None and hasattr(m, "o_proj") and hasattr(m, "config"):
+        if isinstance(idx, int) and type(m).__name__.endswith("Attention"):
             mods[idx] = m
     return mods
 
@@ -231,6 +231,8 @@ def patch(
 ) -> Patch:
     """Run `method` in the model's global attention layers; returns a handle with measurements.
 
+    Sliding-window layers run exact local attention (in a model whose every layer slides, the
+    method runs in all of them, inside each layer's window).
     `layers` overrides per layer ({0: "dense"} keeps layer 0 exact; naming a sliding-window layer
     runs that method there, inside the layer's own window). `kv`/`kv_budget` choose a decoding
     cache policy (none are registered yet). Refuses attention it cannot honour exactly.
@@ -254,11 +256,15 @@ def patch(
     _register()
     stats = Stats()
     described = {}
+    sliding = {
+        idx: layer_types[idx] == "sliding_attention" or getattr(mod, "sliding_window", None) is not None
+        for idx, mod in modules.items()
+    }
+    every_layer_slides = all(sliding.values())  # e.g. Mistral-style models: the method runs in every window
     for idx, mod in modules.items():
-        sliding = layer_types[idx] == "sliding_attention" or getattr(mod, "sliding_window", None) is not None
-        chosen = overrides.get(idx, None if sliding else main)
-        setattr(mod, _RUNTIME, LayerRuntime(chosen, sliding and chosen is None, stats))
-        described[idx] = ("exact-local" if sliding else "exact") if chosen is None else chosen.name
+        chosen = overrides.get(idx, None if sliding[idx] and not every_layer_slides else main)
+        setattr(mod, _RUNTIME, LayerRuntime(chosen, sliding[idx] and chosen is None, stats))
+        described[idx] = ("exact-local" if sliding[idx] else "exact") if chosen is None else chosen.name
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPL)
     handle = Patch(model, main, described, stats, previous)
