@@ -211,6 +211,105 @@ def demo_cmd(
     _print_json({"command": "demo", "model": model, "rows": rows}, seed)
 
 
+def _parse_method_sets(pairs: list[str]) -> dict[str, dict[str, str]]:
+    """`--set method.key=value` pairs grouped by method."""
+    grouped: dict[str, dict[str, str]] = {}
+    for key, value in _parse_sets(pairs).items():
+        method, dot, param = key.partition(".")
+        if not dot or not method or not param:
+            raise ValueError(f"--set expects method.key=value for commands that run several methods, got {key!r}")
+        grouped.setdefault(method, {})[param] = value
+    return grouped
+
+
+def _model_context(model: str) -> int:
+    """The model's context length, read from its config without loading weights."""
+    from transformers import AutoConfig
+
+    from attnsieve.models import resolve
+
+    cfg = AutoConfig.from_pretrained(resolve(model), local_files_only=True)
+    return cfg.get_text_config().max_position_embeddings
+
+
+@app.command("eval")
+def eval_cmd(
+    out_dir: Annotated[Path, typer.Option("--out", help="output folder: results.jsonl, summary.csv, report.md, plots")],
+    model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
+    methods: Annotated[str, typer.Option(help="comma-separated method names")] = "dense,window,block-topk",
+    tasks: Annotated[str, typer.Option(help="comma-separated tasks (see docs; ppl = perplexity)")] = "passkey",
+    lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "2048",
+    samples: Annotated[int, typer.Option(help="samples per task and length (needle depths spread evenly)")] = 2,
+    density: Annotated[str | None, typer.Option(help="comma-separated densities (methods with a density knob)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="method.key=value (repeatable)")] = None,
+    haystack: Annotated[str, typer.Option(help="haystack for needle tasks: repeat or prose")] = "repeat",
+    seed: Annotated[int, typer.Option(help="random seed (task generation)")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help="Ray address, 'auto', or 'local' (ray extra)")] = None,
+):
+    """Evaluate methods on long-context tasks: accuracy, fidelity to dense, time and memory."""
+    from attnsieve.eval.runner import EvalSpec
+    from attnsieve.eval.tasks import HAYSTACKS
+    from attnsieve.methods import parse_params
+
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"--haystack must be one of {', '.join(HAYSTACKS)}, got {haystack!r}")
+    try:
+        lens = [int(x) for x in lengths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
+    sets = {m: parse_params(m, kv) for m, kv in _parse_method_sets(set_ or []).items()}
+    spec = EvalSpec(
+        model=model, methods=[m.strip() for m in methods.split(",") if m.strip()],
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()], lengths=lens, samples=samples, out=out_dir,
+        densities=_float_list(density, "--density") if density else None, sets=sets, haystack=haystack,
+        seed=seed, command="attnsieve " + " ".join(sys.argv[1:]),
+    )
+    limit = _model_context(model)
+    for n in lens:
+        if n > limit:
+            raise ValueError(f"length {n} is beyond the model's context ({limit} tokens)")
+    _threads(threads)
+    _seed(seed)
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from attnsieve.eval.runner import load_rows, pending_work, row_key, run_grid
+    from attnsieve.models import load
+
+    done = {row_key(r) for r in load_rows(out_dir / "results.jsonl")}
+    work = pending_work(spec, done)
+    steps = sum(len(todo) for _, todo in work) if ray is None else len(work)
+    mdl, tok = (None, None)
+    if ray is None:
+        with err.status(f"loading {model}"):
+            mdl, tok = load(model)
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task_id = bar.add_task("evaluating", total=steps)
+        started = [False]
+
+        def progress(desc: str) -> None:
+            if started[0] or ray is not None:
+                bar.advance(task_id)
+            started[0] = True
+            bar.update(task_id, description=desc)
+            if not err.is_terminal:
+                print(f"attnsieve eval [{int(bar.tasks[0].completed) + 1}/{steps}] {desc}", file=sys.stderr,
+                      flush=True)
+
+        if ray is not None and tok is None:
+            from transformers import AutoTokenizer
+
+            from attnsieve.models import resolve
+
+            tok = AutoTokenizer.from_pretrained(resolve(model), local_files_only=True)
+        rows = run_grid(mdl, tok, spec, progress, ray_address=ray)
+    err.print(f"{len(work)} input(s) evaluated, {len(done)} row(s) reused; report: {out_dir / 'report.md'}")
+    _print_json({"command": "eval", "out": str(out_dir), "rows": len(rows), "computed_inputs": len(work)}, seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for bad input."""
     try:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnsieve.eval.efficiency import kv_cache_bytes
+
 
 @dataclass
 class Generation:
@@ -19,6 +21,12 @@ class Generation:
     text: str
     prefill_s: float
     decode_s: float
+    kv_cache_bytes: int = 0  # bytes of the KV cache right after prefill
+
+    @property
+    def decode_ms_per_token(self) -> float | None:
+        steps = len(self.tokens) - 1  # the first token comes from the prefill logits
+        return 1000 * self.decode_s / steps if steps > 0 else None
 
 
 @torch.no_grad()
@@ -27,8 +35,9 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     t0 = time.perf_counter()
-    out = model(input_ids, attention_mask=attention_mask, use_cache=max_new_tokens > 1, logits_to_keep=1)
+    out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - t0
+    cache_bytes = kv_cache_bytes(out.cache)
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)
     eos = {t for t in [tok.eos_token_id, *(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])] if t is not None}
     tokens: list[int] = []
@@ -44,4 +53,4 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     decode_s = time.perf_counter() - t1
     text = tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-    return Generation(tokens, text, prefill_s, decode_s)
+    return Generation(tokens, text, prefill_s, decode_s, cache_bytes)

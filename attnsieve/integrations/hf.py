@@ -82,10 +82,22 @@ class Stats:
 
 
 @dataclass
+class CapturedLayer:
+    """One attention call's inputs, kept so fidelity metrics can replay a method on them."""
+
+    q: torch.Tensor  # [B, H, Tq, D] post-RoPE queries
+    k: torch.Tensor  # [B, Hkv, Tk, D]
+    v: torch.Tensor
+    ctx: LayerContext
+    local: bool
+
+
+@dataclass
 class LayerRuntime:
     method: Method | None  # None: the layer's exact attention (local on sliding layers)
     local: bool  # native sliding-window layer running exact attention
     stats: Stats
+    capture: dict[int, CapturedLayer] | None = None  # shared by all layers while capturing
 
 
 @dataclass
@@ -100,6 +112,19 @@ class Patch:
 
     def unpatch(self) -> None:
         unpatch(self.model)
+
+    @contextlib.contextmanager
+    def capturing(self):
+        """Keep every prefill call's q, k, v (by layer) while the block runs; yields the dict."""
+        store: dict[int, CapturedLayer] = {}
+        runtimes = [getattr(m, _RUNTIME) for m in _attention_modules(self.model).values()]
+        for rt in runtimes:
+            rt.capture = store
+        try:
+            yield store
+        finally:
+            for rt in runtimes:
+                rt.capture = None
 
 
 def _check_mask_function(mask_function, local_size) -> None:
@@ -159,6 +184,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     ctx = LayerContext(module.layer_idx, scale, window, key_valid)
     phase = "decode" if Tq == 1 and Tk > 1 else "prefill"  # one new token over a cache
+    if rt.capture is not None and phase == "prefill":
+        rt.capture[module.layer_idx] = CapturedLayer(query, key, value, ctx, rt.local)
     if rt.method is None:
         res = exact_attention(query, key, value, ctx)
     elif phase == "decode":

@@ -1,0 +1,235 @@
+"""The evaluation grid: methods x parameters x tasks x lengths x samples, resumable, optionally on Ray.
+
+Each input (task, length, sample) is generated once; stock SDPA prefill is timed on it in the same
+process as the methods compared with it; the dense reference (span log-probabilities, captured
+layer inputs, perplexity) is computed once per input and reused by every configuration. Rows are
+appended to `results.jsonl` as they finish, so an interrupted run resumes where it stopped and a
+finished run recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnsieve.eval.efficiency import PeakRSS
+from attnsieve.eval.fidelity import dense_reference, method_fidelity
+from attnsieve.eval.generation import greedy
+from attnsieve.eval.perplexity import perplexity
+from attnsieve.eval.tasks import TASKS, score_contains
+from attnsieve.eval.tasks.base import encode
+from attnsieve.integrations.hf import patched
+from attnsieve.methods import has_param, make, names
+from attnsieve.runinfo import run_info
+
+PPL = "ppl"  # perplexity of natural prose: not a retrieval task, scored by ppl against dense
+RESULTS = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    label: str  # "dense", or "name[key=value,...]" listing the parameters set
+    method: str
+    params: tuple[tuple[str, Any], ...]
+
+    def make(self):
+        return make(self.method, **dict(self.params))
+
+
+def expand_configs(
+    methods: list[str], densities: list[float] | None, sets: dict[str, dict[str, Any]]
+) -> list[MethodConfig]:
+    """One configuration per method, or per density for methods with a density knob."""
+    unknown = sorted(set(methods) - set(names()))
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(names())}")
+    stray = sorted(set(sets) - set(methods))
+    if stray:
+        raise ValueError(f"--set names method(s) not being run: {', '.join(stray)}")
+    for d in densities or []:
+        if not 0 < d <= 1:
+            raise ValueError(f"density must be in (0, 1], got {d}")
+    configs = []
+    for name in methods:
+        grid = [{"density": d} for d in densities] if densities and has_param(name, "density") else [{}]
+        for extra in grid:
+            params = {**sets.get(name, {}), **extra}
+            make(name, **params)  # validate now, before any model work
+            items = tuple(sorted(params.items()))
+            label = name if not items else f"{name}[{','.join(f'{k}={v}' for k, v in items)}]"
+            configs.append(MethodConfig(label, name, items))
+    return configs
+
+
+@dataclass
+class EvalSpec:
+    model: str
+    methods: list[str]
+    tasks: list[str]
+    lengths: list[int]
+    samples: int
+    out: Path
+    densities: list[float] | None = None
+    sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    haystack: str = "repeat"
+    seed: int = 0
+    command: str = ""
+
+    def __post_init__(self):
+        known = [*TASKS, PPL]
+        bad = sorted(set(self.tasks) - set(known))
+        if bad:
+            raise ValueError(f"unknown task(s) {', '.join(bad)}; choose from: {', '.join(known)}")
+        if self.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {self.samples}")
+        for n in self.lengths:
+            if n < 64:
+                raise ValueError(f"length must be >= 64 tokens, got {n}")
+        self.configs = expand_configs(self.methods, self.densities, self.sets)
+
+    def inputs(self) -> list[tuple[str, int, int]]:
+        return [(t, n, i) for t in self.tasks for n in self.lengths for i in range(self.samples)]
+
+
+def row_key(row: dict) -> tuple:
+    return (row["config"], row["task"], row["haystack"], row["length"], row["sample"])
+
+
+def load_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by an interrupted run: redo that cell
+                continue
+    return rows
+
+
+def make_input(tok, spec: EvalSpec, task: str, length: int, i: int):
+    """The i-th sample of a task: depths spread evenly over (0, 1), one seed per sample."""
+    depth = (i + 0.5) / spec.samples
+    if task == PPL:
+        from attnsieve.eval.tasks.haystack import haystack_ids
+
+        ids = haystack_ids(tok, "prose", length, spec.seed + i)
+        return None, torch.tensor([ids])
+    sample = TASKS[task](tok, length, depth, spec.seed + i, haystack=spec.haystack)
+    return sample, sample.input_ids
+
+
+def _stock_prefill_s(model, tok, ids) -> float:
+    return greedy(model, tok, ids, 0).prefill_s
+
+
+def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
+                   configs: Iterable[MethodConfig], tick: Callable[[str], None] | None = None) -> list[dict]:
+    """Run every configuration on one input; returns finished rows (timings from this process)."""
+    sample, ids = make_input(tok, spec, task, length, i)
+    stock_s = _stock_prefill_s(model, tok, ids)
+    info = run_info(spec.seed)
+    if sample is None:
+        with patched(model, "dense"):
+            dense_ppl = perplexity(model, ids)
+        ref = None
+    else:
+        target = sample.meta.get("target", " " + ", ".join(sample.answers))
+        ref = dense_reference(model, ids, encode(tok, target))
+    rows, exact_s = [], None
+    for cfg in configs:
+        if tick:
+            tick(f"{task} {length} #{i}: {cfg.label}")
+        method = cfg.make()
+        with PeakRSS() as mem, patched(model, method) as p:
+            if sample is None:
+                ppl, prefill_s = _timed_ppl(model, ids)
+                gen = None
+            else:
+                gen = greedy(model, tok, ids, sample.max_new_tokens)
+                prefill_s = gen.prefill_s
+        if cfg.method == "dense":
+            exact_s = prefill_s
+        row = {
+            "method": cfg.method, "params": dict(cfg.params), "config": cfg.label, "task": task,
+            "haystack": "prose" if sample is None else spec.haystack, "length": length, "sample": i,
+            "depth": None if sample is None else sample.depth,
+            "density": p.stats.density(), "local_density": p.stats.local_density(),
+            "prefill_s": prefill_s, "dense_prefill_s": stock_s, "prefill_ratio": prefill_s / stock_s,
+            "estimate_s": p.stats.estimate_s(), "peak_mem_mb": mem.peak_mb,
+        }
+        if sample is None:
+            row.update(correct=None, ppl=ppl, dense_ppl=dense_ppl, kl=None, top1_agree=None,
+                       layer_rel_err={}, mass_covered=None, decode_ms_per_token=None, kv_cache_bytes=None)
+        else:
+            fid = method_fidelity(model, method, ref)
+            row.update(
+                correct=score_contains(gen.text, sample.answers), output=gen.text, answers=sample.answers,
+                decode_ms_per_token=gen.decode_ms_per_token, kv_cache_bytes=gen.kv_cache_bytes, **fid,
+            )
+        rows.append({**row, **info})
+    if exact_s is None:  # attnsieve's exact path, timed on this input in this process
+        with patched(model, "dense"):
+            exact_s = greedy(model, tok, ids, 0).prefill_s if sample is not None else _timed_ppl(model, ids)[1]
+    for row in rows:
+        row["exact_prefill_s"] = exact_s
+        row["exact_ratio"] = row["prefill_s"] / exact_s
+    return rows
+
+
+def _timed_ppl(model, ids) -> tuple[float, float]:
+    """(perplexity, seconds): the forward pass over the text is this task's prefill."""
+    t0 = time.perf_counter()
+    ppl = perplexity(model, ids)
+    return ppl, time.perf_counter() - t0
+
+
+def pending_work(spec: EvalSpec, done: set[tuple]) -> list[tuple[tuple[str, int, int], list[MethodConfig]]]:
+    work = []
+    for task, length, i in spec.inputs():
+        hay = "prose" if task == PPL else spec.haystack
+        todo = [c for c in spec.configs if (c.label, task, hay, length, i) not in done]
+        if todo:
+            work.append(((task, length, i), todo))
+    return work
+
+
+def run_grid(model, tok, spec: EvalSpec, progress: Callable[[str], None] | None = None,
+             ray_address: str | None = None) -> list[dict]:
+    """Run what is missing from `spec.out/results.jsonl`, write the report, return all rows."""
+    spec.out.mkdir(parents=True, exist_ok=True)
+    path = spec.out / RESULTS
+    rows = load_rows(path)
+    done = {row_key(r) for r in rows}
+    work = pending_work(spec, done)
+    with path.open("a") as f:
+        def keep(new_rows: list[dict]) -> None:
+            for r in new_rows:
+                f.write(json.dumps(r, default=str) + "\n")
+            f.flush()
+            rows.extend(new_rows)
+
+        if ray_address is None:
+            for (task, length, i), todo in work:
+                keep(evaluate_input(model, tok, spec, task, length, i, todo, progress))
+        else:
+            from attnsieve.eval.distributed import run_on_ray
+
+            run_on_ray(spec, work, ray_address, keep, progress)
+    from attnsieve.eval.report import write_report
+
+    write_report(rows, spec.out, spec.command)
+    return rows
+
+
+def spec_to_dict(spec: EvalSpec) -> dict:
+    d = asdict(spec)
+    d["out"] = str(spec.out)
+    return d
