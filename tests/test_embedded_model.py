@@ -70,3 +70,15 @@ def test_cli_demo_small(gemma):
     assert rows["dense"]["accuracy"] == 1.0 and rows["dense"]["density"] == 1.0
     assert abs(rows["window"]["density"] - 0.1) < 0.01
     assert {"versions", "threads", "seed"} <= doc.keys()
+
+
+def test_eval_scores_dense_perfect_and_a_broken_method_clearly_worse(gemma, tmp_path):
+    from attnsieve.eval.runner import EvalSpec, run_grid
+
+    model, tok = gemma
+    spec = EvalSpec(model="gemma3-270m", methods=["dense", "window"], tasks=["passkey"], lengths=[1024],
+                    samples=1, out=tmp_path, sets={"window": {"window": 1, "sink": 0}}, command="test")
+    by = {r["method"]: r for r in run_grid(model, tok, spec)}
+    assert by["dense"]["kl"] == 0.0 and by["dense"]["top1_agree"] == 1.0 and by["dense"]["correct"] == 1.0
+    assert by["window"]["kl"] > 1.0 and by["window"]["top1_agree"] < 0.5 and by["window"]["correct"] == 0.0
+    assert by["window"]["mass_covered"] < 0.5

