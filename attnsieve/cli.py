@@ -6,6 +6,7 @@ see the traceback of an unexpected error). Every JSON carries versions, threads 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -152,6 +153,30 @@ def generate_cmd(
         )
 
 
+@contextlib.contextmanager
+def _progress(name: str, total: int, *, calls_start_steps: bool):
+    """A progress bar with time estimates on a terminal, one line per step in a log; yields the
+    callback `progress(description)`, called as each step starts (or, if not, as each ends)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(name, total=total)
+        started = [False]
+
+        def progress(desc: str) -> None:
+            if started[0] or not calls_start_steps:
+                bar.advance(task)
+            started[0] = True
+            bar.update(task, description=desc)
+            if not err.is_terminal:  # no live bar in a log: one line per step instead
+                step = int(bar.tasks[0].completed) + (1 if calls_start_steps else 0)
+                print(f"attnsieve {name} [{step}/{total}] {desc}", file=sys.stderr, flush=True)
+
+        yield progress
+
+
 def _float_list(text: str, name: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -179,29 +204,13 @@ def demo_cmd(
     _threads(threads)
     _seed(seed)
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from attnsieve.eval.demo import run_demo
     from attnsieve.models import load
 
     with err.status(f"loading {model}"):
         mdl, tok = load(model)
     steps = len(cfg.lengths) * len(cfg.depths) * (1 + len(cfg.methods))
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("warming up", total=steps)
-        started = [False]
-
-        def progress(desc: str) -> None:
-            if started[0]:
-                bar.advance(task)
-            started[0] = True
-            bar.update(task, description=desc)
-            if not err.is_terminal:  # no live bar in a log: one line per step instead
-                done = int(bar.tasks[0].completed)
-                print(f"attnsieve demo [{done + 1}/{steps}] {desc}", file=sys.stderr, flush=True)
-
+    with _progress("demo", steps, calls_start_steps=True) as progress:
         rows = run_demo(mdl, tok, cfg, progress)
     table = Table("method", "length", "accuracy", "measured density", "prefill vs SDPA", title="pass-key retrieval")
     for r in rows:
@@ -272,8 +281,6 @@ def eval_cmd(
     _threads(threads)
     _seed(seed)
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from attnsieve.eval.runner import load_rows, pending_work, row_key, run_grid
     from attnsieve.models import load
 
@@ -284,21 +291,8 @@ def eval_cmd(
     if ray is None:
         with err.status(f"loading {model}"):
             mdl, tok = load(model)
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=err, transient=True) as bar:
-        task_id = bar.add_task("evaluating", total=steps)
-        started = [False]
-
-        def progress(desc: str) -> None:
-            if started[0] or ray is not None:
-                bar.advance(task_id)
-            started[0] = True
-            bar.update(task_id, description=desc)
-            if not err.is_terminal:
-                print(f"attnsieve eval [{int(bar.tasks[0].completed) + 1}/{steps}] {desc}", file=sys.stderr,
-                      flush=True)
-
+    # in-process the runner reports each step as it starts; on Ray each input as it finishes
+    with _progress("eval", steps, calls_start_steps=ray is None) as progress:
         if ray is not None and tok is None:
             from transformers import AutoTokenizer
 

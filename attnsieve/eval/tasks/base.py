@@ -82,7 +82,8 @@ def _assemble(tok, head: str, needles: list[str], question: str, length: int, de
         ids += filler[prev : cuts[i]] + needle_ids[i]
         prev = cuts[i]
     ids += filler[prev:] + q_ids
-    assert len(ids) == length
+    if len(ids) != length:  # internal invariant of the construction above
+        raise RuntimeError(f"built {len(ids)} tokens, expected {length}")
     return ids
 
 

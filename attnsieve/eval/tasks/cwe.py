@@ -107,7 +107,8 @@ def make_cwe(tok, length: int, depth: float, seed: int, haystack: str = "repeat"
     rng.shuffle(items)
     body = [t for i, w in enumerate(items) for t in num_ids[i] + word_ids[w]]
     ids = head_ids + body + tail + q_ids
-    assert len(ids) == length
+    if len(ids) != length:  # internal invariant of the construction above
+        raise RuntimeError(f"built {len(ids)} tokens, expected {length}")
     return Sample("cwe", length, depth, seed, torch.tensor([ids]), common, max_new_tokens=answer_budget(tok, common),
                   meta={"head": CWE_HEAD, "question": CWE_QUESTION, "common_freq": freq})
 
@@ -164,7 +165,8 @@ def make_fwe(tok, length: int, depth: float, seed: int, haystack: str = "repeat"
     body = [t for k in words for t in vocab_ids[k]]
     body += (vocab_ids[0] * (room - len(body)))[: room - len(body)]
     ids = head_ids + body + q_ids
-    assert len(ids) == length
+    if len(ids) != length:  # internal invariant of the construction above
+        raise RuntimeError(f"built {len(ids)} tokens, expected {length}")
     answers = vocab[1 : NUM_ANSWERS + 1]
     return Sample("fwe", length, depth, seed, torch.tensor([ids]), answers, max_new_tokens=answer_budget(tok, answers),
                   meta={"head": FWE_HEAD, "question": FWE_QUESTION, "counts": counts[: NUM_ANSWERS + 2]})
