@@ -24,6 +24,7 @@ from attnsieve.eval.generation import greedy
 from attnsieve.eval.perplexity import perplexity
 from attnsieve.eval.tasks import TASKS, score_contains
 from attnsieve.eval.tasks.base import encode
+from attnsieve.eval.tasks.haystack import haystack_ids
 from attnsieve.integrations.hf import patched
 from attnsieve.methods import has_param, make, names
 from attnsieve.runinfo import run_info
@@ -118,8 +119,6 @@ def make_input(tok, spec: EvalSpec, task: str, length: int, i: int):
     """The i-th sample of a task: depths spread evenly over (0, 1), one seed per sample."""
     depth = (i + 0.5) / spec.samples
     if task == PPL:
-        from attnsieve.eval.tasks.haystack import haystack_ids
-
         ids = haystack_ids(tok, "prose", length, spec.seed + i)
         return None, torch.tensor([ids])
     sample = TASKS[task](tok, length, depth, spec.seed + i, haystack=spec.haystack)
