@@ -20,7 +20,7 @@ from attnsieve.kernels import (
 
 from helpers import assert_close, masked_dense_reference
 
-SETTINGS = settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 
 
 def qkv(B, H, Hkv, Tq, Tk, D, seed=0, dtype=torch.float32):
@@ -54,13 +54,14 @@ def sparse_case(draw):
     shared = draw(st.booleans())
     density = draw(st.floats(0.0, 1.0))
     seed = draw(st.integers(0, 10_000))
-    return B, Hkv * G, Hkv, Tq, Tk, bs, causal, shared, density, seed
+    fused = draw(st.booleans())  # the fused CPU flash path and the separate-passes path
+    return B, Hkv * G, Hkv, Tq, Tk, bs, causal, shared, density, seed, fused
 
 
 @SETTINGS
 @given(sparse_case())
 def test_block_sparse_equals_masked_dense(case):
-    B, H, Hkv, Tq, Tk, bs, causal, shared, density, seed = case
+    B, H, Hkv, Tq, Tk, bs, causal, shared, density, seed, fused = case
     D = 16
     q, k, v = qkv(B, H, Hkv, Tq, Tk, D, seed)
     first, n_q, n_k = block_grid(Tq, Tk, bs)
@@ -72,7 +73,7 @@ def test_block_sparse_equals_masked_dense(case):
     if B > 1:  # left padding on the first row
         key_valid = torch.ones(B, Tk, dtype=torch.bool)
         key_valid[0, : Tk // 4] = False
-    res = block_sparse_attention(q, k, v, support, causal=causal, key_valid=key_valid)
+    res = block_sparse_attention(q, k, v, support, causal=causal, key_valid=key_valid, fused=fused)
 
     allowed = support_to_token_mask(support, H, Tq, Tk)
     allowed &= token_mask(torch.arange(Tk - Tq, Tk), torch.arange(Tk), causal=causal, window=None)
@@ -110,11 +111,12 @@ def test_dense_equals_reference(B, H, Hkv, Tq, Tk, causal, window):
 
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk", SHAPES)
 @pytest.mark.parametrize("shared", [True, False], ids=["group-list", "head-list"])
-def test_block_sparse_full_support_equals_dense(B, H, Hkv, Tq, Tk, shared):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "passes"])
+def test_block_sparse_full_support_equals_dense(B, H, Hkv, Tq, Tk, shared, fused):
     q, k, v = qkv(B, H, Hkv, Tq, Tk, 32, seed=3)
     first, n_q, n_k = block_grid(Tq, Tk, 64)
     support = BlockSupport.from_mask(torch.ones(B, Hkv if shared else H, n_q, n_k, dtype=torch.bool), 64)
-    res = block_sparse_attention(q, k, v, support, causal=True)
+    res = block_sparse_attention(q, k, v, support, causal=True, fused=fused)
     out, lse = dense_attention(q, k, v, causal=True)
     assert_close(res.out, out)
     assert_close(res.lse, lse)

@@ -120,12 +120,17 @@ def block_sparse_attention(
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    fused: bool | None = None,
 ) -> SparseResult:
     """Exact attention of q over the key blocks of `support`, with token-level masks.
 
     q: [B, H, Tq, D]; k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv]; key_valid: [B, Tk] bool or None.
     Extra memory is O(T * D) for the block-aligned copies plus one chunk of at most
     `chunk_elems` elements; no Tq x Tk tensor is ever allocated.
+
+    `fused` runs each chunk through torch's fused CPU flash-attention kernel (which also returns
+    the log-sum-exp) with the chunk's mask, instead of separate matmul / mask / softmax passes;
+    None picks it on CPU. Both are exact; the tests run both.
     """
     B, H, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -147,6 +152,8 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dev = q.device
+    if fused is None:
+        fused = dev.type == "cpu" and acc in (torch.float32, torch.float64)
 
     # Block-aligned copies: queries on the grid, keys/values padded to whole blocks.
     lead = (Tk - Tq) - first_qb * bs
@@ -177,6 +184,20 @@ def block_sparse_attention(
     kv_of_s = torch.arange(Hs, device=dev) * Hkv // Hs
     row_off = torch.arange(R, device=dev) % bs
     col_off = torch.arange(bs, device=dev)
+    # Token masks are needed only where blocks are partial: the diagonal block (causal), the
+    # window's edge, padding keys, padding queries and the keys past Tk in the last block.
+    # Without a window, full off-diagonal blocks need no per-token mask at all.
+    banded = window is not None
+    padded_keys = key_valid is not None and not bool(valid[:, :Tk].all())
+    ragged_end = Tk % bs != 0
+    tile = col_off[None, :] > col_off[:, None]  # [bs, bs]: key after query inside a diagonal block
+    if not banded:
+        # Computed cells per (row, key block), counted from prefix sums instead of token masks.
+        real_keys = valid.view(B, n_k, bs).sum(-1)  # [B, NK]
+        q_real = q_valid_pos.view(B, n_k, bs)[:, first_qb:]  # [B, NQ, bs]
+        rows_real = q_real.sum(-1) * Gs  # [B, NQ] real query rows of an item
+        kv_blk = valid.view(B, n_k, bs)[:, first_qb:]
+        diag_cells = ((kv_blk.cumsum(-1) * q_real).sum(-1) if causal else q_real.sum(-1) * kv_blk.sum(-1)) * Gs
 
     N = B * Hs * n_q
     out_items = torch.zeros(N, R, Dv, dtype=acc, device=dev)
@@ -198,23 +219,59 @@ def block_sparse_attention(
         flat = ((b_i * Hkv + kv_of_s[s_i]) * n_k)[:, None] + blk  # [n, Kc]
         kg = k_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, D).to(acc)
         vg = v_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, Dv).to(acc)
-        k_pos = (blk[:, :, None] * bs + col_off).reshape(n, kc * bs)  # [n, Kc*bs]
-        q_pos = ((first_qb + j_i) * bs)[:, None] + row_off  # [n, R]
-        col_ok = slot_ok.repeat_interleave(bs, dim=1) & valid[b_i[:, None], k_pos]  # [n, Kc*bs]
-        row_ok = q_valid_pos[b_i[:, None], q_pos]  # [n, R]
-        allowed = col_ok[:, None, :] & row_ok[:, :, None]
-        if causal or window is not None:
-            diff = q_pos[:, :, None] - k_pos[:, None, :]
+        if banded:
+            k_pos = (blk[:, :, None] * bs + col_off).reshape(n, kc * bs)  # [n, Kc*bs]
+            q_pos = ((first_qb + j_i) * bs)[:, None] + row_off  # [n, R]
+            col_ok = slot_ok.repeat_interleave(bs, dim=1) & valid[b_i[:, None], k_pos]
+            allowed = col_ok[:, None, :] & q_valid_pos[b_i[:, None], q_pos][:, :, None]
+            diff = (q_pos[:, :, None] - k_pos[:, None, :]).to(torch.int32)
+            allowed &= diff < window
             if causal:
                 allowed &= diff >= 0
-            if window is not None:
-                allowed &= diff < window
-        cells += allowed.sum()  # every in-mask cell of the gathered tiles is computed
-        if row_mask is not None:
-            allowed &= row_mask[idx, :, :kc].repeat_interleave(bs, dim=2)
-        scores = torch.bmm(q_items[idx].to(acc), kg.transpose(1, 2)) * scale
-        scores.masked_fill_(~allowed, float("-inf"))
-        o, l = softmax_with_lse(scores, vg)
+            del diff
+            cells += allowed.sum()  # every in-mask cell of the gathered tiles is computed
+            if row_mask is not None:
+                allowed.view(n, R, kc, bs).logical_and_(row_mask[idx, :, :kc, None])
+            empty = ~allowed.any(-1)  # [n, R]
+        else:
+            qb = (first_qb + j_i)[:, None]  # [n, 1] grid index of each item's query block
+            alive = slot_ok & (real_keys[b_i[:, None], blk] > 0)
+            if causal:
+                alive &= blk <= qb
+            diag = alive & (blk == qb) if causal else torch.zeros_like(alive)
+            cells += (rows_real[b_i, j_i][:, None] * real_keys[b_i[:, None], blk] * (alive & ~diag)).sum()
+            cells += (diag_cells[b_i, j_i][:, None] * diag).sum()
+            ok = alive[:, None, :, None]  # [n, 1, Kc, 1] -> [n, R, Kc, bs] by broadcasting
+            row_alive = alive[:, None, :]
+            if row_mask is not None:
+                ok = ok & row_mask[idx, :, :kc, None]
+                row_alive = row_alive & row_mask[idx, :, :kc]
+            if padded_keys or ragged_end:
+                ok = ok & valid.view(B, n_k, bs)[b_i[:, None], blk][:, None]
+            empty = (~row_alive.any(-1)).expand(n, R)  # [n, R]
+            if padded_keys:
+                q_ok = q_valid_pos.view(B, n_k, bs)[b_i, first_qb + j_i][:, row_off]  # [n, R]
+                ok = ok & q_ok[:, :, None, None]
+                empty = empty | ~q_ok
+            allowed = ok.expand(n, R, kc, bs).clone()
+            if causal and bool(diag.any()):
+                # the diagonal slot (at most one per item): no key after the query inside its tile
+                has, pos = diag.any(-1), diag.to(torch.int8).argmax(-1)
+                items = torch.nonzero(has).squeeze(-1)
+                allowed[items, :, pos[items]] &= ~tile[row_off][None]
+            allowed = allowed.view(n, R, kc * bs)
+        qi = q_items[idx].to(acc)
+        if fused:
+            bias = torch.where(allowed, 0.0, float("-inf")).to(acc)[:, None]  # [n, 1, R, Kc*bs]
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qi[:, None], kg[:, None], vg[:, None], 0.0, False, attn_mask=bias, scale=scale
+            )
+            o, l = o[:, 0], l[:, 0].masked_fill(empty, float("-inf"))
+            o = o.masked_fill(empty[..., None], 0.0)
+        else:
+            scores = torch.bmm(qi, kg.transpose(1, 2)).mul_(scale)  # [n, R, Kc*bs]
+            scores.masked_fill_(~allowed, float("-inf"))
+            o, l = softmax_with_lse(scores, vg)
         out_items[idx] = o
         lse_items[idx] = l
         start = end
