@@ -304,6 +304,82 @@ def eval_cmd(
     _print_json({"command": "eval", "out": str(out_dir), "rows": len(rows), "computed_inputs": len(work)}, seed)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: timings as ratios measured in the same run.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("kernel")
+def bench_kernel_cmd(
+    length: Annotated[int, typer.Option(help="sequence length in tokens")] = 16384,
+    density: Annotated[float, typer.Option(help="target density in (0, 1]")] = 0.1,
+    heads: Annotated[int, typer.Option(help="query heads")] = 4,
+    kv_heads: Annotated[int, typer.Option(help="key/value heads")] = 1,
+    head_dim: Annotated[int, typer.Option(help="head dimension")] = 256,
+    method: Annotated[str, typer.Option(help="sparse method whose support is executed")] = "block-topk",
+    reps: Annotated[int, typer.Option(help="timed repetitions (median) after one warm-up")] = 3,
+    seed: Annotated[int, typer.Option(help="random seed of the inputs")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
+):
+    """Causal SDPA against support estimation + the block-sparse kernel, random fp32 inputs."""
+    from attnsieve.eval.bench import bench_kernel
+
+    if not 0 < density <= 1:
+        raise ValueError(f"--density must be in (0, 1], got {density}")
+    _threads(threads)
+    with err.status(f"timing {method} at {length} tokens"):
+        r = bench_kernel(length, density, heads=heads, kv_heads=kv_heads, head_dim=head_dim, method=method,
+                         reps=reps, seed=seed)
+    if not as_json:
+        table = Table("shape", "SDPA s", "estimate s", "sparse s", "speed-up", "kernel speed-up", "density")
+        table.add_row(f"H{heads}/{kv_heads} D{head_dim} T{length}", f"{r['dense_s']:.3f}", f"{r['estimate_s']:.3f}",
+                      f"{r['sparse_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['kernel_speedup']:.2f}x",
+                      f"{r['measured_density']:.3f}")
+        out.print(table)
+    _print_json({"command": "bench kernel", **r}, seed)
+
+
+@bench_app.command("prefill")
+def bench_prefill_cmd(
+    model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
+    method: Annotated[str, typer.Option(help="registered method name")] = "block-topk",
+    length: Annotated[int, typer.Option(help="prompt length in tokens")] = 4096,
+    density: Annotated[float | None, typer.Option(help="density, for methods with a density knob")] = 0.1,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="method parameter key=value (repeatable)")] = None,
+    reps: Annotated[int, typer.Option(help="timed repetitions (median) after a short warm-up")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed of the prompt")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
+):
+    """End-to-end prefill of a real model: the method against stock SDPA and the exact path."""
+    from attnsieve.eval.bench import bench_prefill
+    from attnsieve.methods import has_param, make, parse_params
+
+    params = parse_params(method, _parse_sets(set_ or []))
+    if density is not None and has_param(method, "density"):
+        if not 0 < density <= 1:
+            raise ValueError(f"--density must be in (0, 1], got {density}")
+        params.setdefault("density", density)
+    make(method, **params)
+    limit = _model_context(model)
+    if not 64 <= length <= limit:
+        raise ValueError(f"--length must be in [64, {limit}] for this model, got {length}")
+    _threads(threads)
+
+    from attnsieve.models import load
+
+    with err.status(f"loading {model}"):
+        mdl, tok = load(model)
+    with err.status(f"timing prefill at {length} tokens: SDPA, exact path, {method}"):
+        r = bench_prefill(mdl, tok, method, length, params=params, reps=reps, seed=seed)
+    if not as_json:
+        table = Table("length", "SDPA s", "exact s", f"{method} s", "speed-up", "exact speed-up", "density")
+        table.add_row(str(length), f"{r['dense_s']:.2f}", f"{r['exact_s']:.2f}", f"{r['s']:.2f}",
+                      f"{r['speedup']:.2f}x", f"{r['exact_speedup']:.2f}x", f"{r['density']:.3f}")
+        out.print(table)
+    _print_json({"command": "bench prefill", "model": model, **r}, seed)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for bad input."""
     try:

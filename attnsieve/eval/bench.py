@@ -1,0 +1,95 @@
+"""Benchmarks: the block-sparse kernel against SDPA, and end-to-end prefill against stock SDPA.
+
+Every timing is the median of `reps` runs after a warm-up, and every ratio compares two timings
+taken in the same process on the same input (machines are shared and noisy; absolute seconds
+are context only).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from attnsieve.kernels import block_sparse_attention, exact_cells
+from attnsieve.methods import LayerContext, SparseMethod, has_param, make
+
+
+def median_time(fn: Callable[[], object], reps: int, warmup: Callable[[], object] | None = None) -> float:
+    (warmup or fn)()  # first calls pay one-off allocation and dispatch costs
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int = 1, head_dim: int = 256,
+                 method: str = "block-topk", reps: int = 3, seed: int = 0) -> dict:
+    """Causal SDPA vs the method's support estimation + block-sparse attention, random inputs."""
+    if length < 64:
+        raise ValueError(f"--length must be >= 64, got {length}")
+    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"--heads ({heads}) must be a positive multiple of --kv-heads ({kv_heads})")
+    if not 1 <= head_dim <= 1024:
+        raise ValueError(f"--head-dim must be in [1, 1024], got {head_dim}")
+    if reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {reps}")
+    params = {"density": density} if has_param(method, "density") else {}
+    m = make(method, **params)
+    if not isinstance(m, SparseMethod):
+        raise ValueError(f"method {method!r} does not estimate a block support; choose a sparse method")
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, length, head_dim, generator=g)
+    k = torch.randn(1, kv_heads, length, head_dim, generator=g)
+    v = torch.randn(1, kv_heads, length, head_dim, generator=g)
+    ctx = LayerContext(0, head_dim**-0.5)
+    gqa = heads != kv_heads
+    dense_s = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), reps)
+    estimate_s = median_time(lambda: m.support(q, k, ctx), reps)
+    support = m.support(q, k, ctx)
+    sparse_s = median_time(lambda: block_sparse_attention(q, k, v, support, scale=ctx.scale), reps)
+    res = block_sparse_attention(q, k, v, support, scale=ctx.scale)
+    return {
+        "length": length, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "method": method,
+        "params": params, "dense_s": dense_s, "sparse_s": sparse_s, "estimate_s": estimate_s,
+        "speedup": dense_s / (sparse_s + estimate_s), "kernel_speedup": dense_s / sparse_s,
+        "estimate_share": estimate_s / sparse_s,
+        "measured_density": res.cells / (heads * exact_cells(length, length)),
+    }
+
+
+@torch.no_grad()
+def bench_prefill(model, tok, method: str, length: int, *, params: dict | None = None, reps: int = 1,
+                  seed: int = 0) -> dict:
+    """End-to-end prefill: stock SDPA, attnsieve's exact path and the method, same prompt."""
+    from attnsieve.eval.tasks import make_passkey
+    from attnsieve.integrations.hf import patched
+
+    if reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {reps}")
+    ids = make_passkey(tok, length, 0.5, seed).input_ids
+    short = ids[:, : min(length, 512)]  # warm-up on a short prompt: a long one would double the cost
+
+    def prefill(x=ids):
+        model(x, use_cache=False, logits_to_keep=1)
+
+    def warm():
+        prefill(short)
+
+    dense_s = median_time(prefill, reps, warm)
+    with patched(model, "dense"):
+        exact_s = median_time(prefill, reps, warm)
+    with patched(model, method, **(params or {})) as p:
+        method_s = median_time(prefill, reps, warm)
+        p.stats.reset()
+        prefill()
+        density = p.stats.density()
+    return {
+        "length": length, "method": method, "params": params or {}, "dense_s": dense_s, "exact_s": exact_s,
+        "s": method_s, "speedup": dense_s / method_s, "exact_speedup": dense_s / exact_s, "density": density,
+    }
