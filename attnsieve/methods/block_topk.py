@@ -129,9 +129,18 @@ class BlockTopK(SparseMethod):
         else:
             budget = token_budget_blocks(p.token_budget, bs, layout.n_avail, n_forced)
 
+        if bool((budget >= layout.n_avail).all()):  # every candidate kept: plain causal blocks, no row masks
+            full = layout.allowed[:, None].expand(B, Hs, n_q, n_k)
+            return BlockSupport.from_mask(full & rows.any(-1)[:, None, :, None], bs)
+
+        # Pass 1: every real query ranks the candidate blocks (forced ones first), keeping its best
+        # k_cap; `first_rank` records, per query block and key block, the best rank any of the
+        # block's queries gave it, so the union of the queries' top-k is {first_rank < k} for any k.
+        k_cap = int(budget.max())
         qg = qg.view(B, Hkv, G, n_q, bs, D)
-        ctrl = (torch.ones(B, Hs, device=q.device), torch.zeros(B, Hs, device=q.device))  # growth, debt
-        unions, row_sets = [], []
+        ranked = torch.empty(B, Hs, n_q, R, k_cap, dtype=torch.int32, device=q.device)
+        first_rank = torch.empty(B, Hs, n_q, n_k, dtype=torch.int32, device=q.device)
+        slot_rank = torch.arange(k_cap, device=q.device, dtype=torch.int32)
         step = max(1, SCORE_CHUNK_ROWS // (bs * G))
         for s in range(0, n_q, step):
             e = min(s + step, n_q)
@@ -143,45 +152,59 @@ class BlockTopK(SparseMethod):
                 bound = qc @ kmean.transpose(-1, -2)
             # [B, Hkv, G, nqc, bs, NK] -> items [B, Hs, nqc, R, NK]
             bound = bound.view(B, Hs, Gs, e - s, bs, n_k).transpose(2, 3).reshape(B, Hs, e - s, R, n_k)
-            for j in range(s, e):
-                union, sel, ctrl = self._choose_block(
-                    bound[:, :, j - s], layout.allowed[:, j], forced[:, j], budget[:, j], row_real[:, :, j], ctrl
-                )
-                unions.append(union)
-                row_sets.append(sel)
-        union = torch.stack(unions, dim=2)  # [B, Hs, NQ, NK]
+            bound = bound.masked_fill(~layout.allowed[:, None, s:e, None], float("-inf"))
+            bound = bound.masked_fill(forced[:, None, s:e, None], float("inf"))
+            vals, idx = bound.topk(k_cap, dim=-1)  # [B, Hs, nqc, R, k_cap]
+            ok = (vals > float("-inf")) & row_real[:, :, s:e, :, None]
+            idx = torch.where(ok, idx, n_k).to(torch.int32)  # n_k: "no block"
+            ranked[:, :, s:e] = idx
+            best = torch.full((B, Hs, e - s, n_k + 1), k_cap, dtype=torch.int32, device=q.device)
+            ranks = slot_rank.expand_as(idx).reshape(B, Hs, e - s, -1)
+            best.scatter_reduce_(-1, idx.reshape(B, Hs, e - s, -1).long(), ranks, reduce="amin")
+            first_rank[:, :, s:e] = best[..., :n_k]
+
+        # Union size of every query block for every k, then the causal budget controller.
+        hist = torch.zeros(B, Hs, n_q, k_cap + 1, dtype=torch.int32, device=q.device)
+        hist.scatter_add_(-1, first_rank.long(), torch.ones_like(first_rank))
+        union_size = hist.cumsum(-1)  # union_size[..., k - 1] = blocks whose best rank is < k
+        k_per = self._controller(union_size, budget, n_forced, layout.n_avail, row_real.any(-1))
+
+        union = first_rank < k_per[..., None]  # [B, Hs, NQ, NK]
         support = BlockSupport.from_mask(union, bs)
         slots = support.blocks  # [B, Hs, NQ, K]
-        sets = torch.stack(row_sets, dim=2)  # [B, Hs, NQ, R, NK]
-        gather = slots.clamp_min(0)[:, :, :, None, :].expand(-1, -1, -1, R, -1)
-        row_mask = torch.gather(sets, 4, gather) & (slots >= 0)[:, :, :, None, :]
+        # Pass 2: each query's own blocks among its item's slots.
+        row_mask = torch.empty(*slots.shape[:3], R, slots.shape[-1], dtype=torch.bool, device=q.device)
+        for s in range(0, n_q, step):
+            e = min(s + step, n_q)
+            own = slot_rank < k_per[:, :, s:e, None, None]  # [B, Hs, nqc, 1, k_cap]
+            mine = torch.zeros(B, Hs, e - s, R, n_k + 1, dtype=torch.bool, device=q.device)
+            mine.scatter_(-1, ranked[:, :, s:e].long(), own.expand(-1, -1, -1, R, -1))  # column n_k: "none"
+            cols = slots[:, :, s:e, None, :].clamp_min(0).expand(-1, -1, -1, R, -1)
+            row_mask[:, :, s:e] = torch.gather(mine, -1, cols) & (slots[:, :, s:e, None, :] >= 0)
         return BlockSupport(slots, bs, row_mask)
 
     @staticmethod
-    def _choose_block(score, allowed, forced, budget, real, ctrl):
-        """One query block: every query keeps its own top-k blocks; k follows the budget controller.
+    def _controller(union_size, budget, n_forced, n_avail, has_rows):
+        """Per query block, the per-query k whose union meets the budget, from earlier blocks only.
 
-        score: [B, Hs, R, NK]; allowed, forced: [B, NK]; budget: [B]; real: [B, Hs, R].
-        ctrl = (growth, debt), each [B, Hs]: the union's growth over k and the blocks the union
-        overspent (< 0) or saved (> 0) against the budget, both from earlier query blocks only.
+        union_size: [B, Hs, NQ, k_cap + 1] (entry k - 1 = union size when each query keeps k);
+        budget, n_forced, n_avail: [B, NQ]; has_rows: [B, Hs, NQ]. The controller tracks the
+        union's growth over k (EMA) and the blocks overspent or saved so far (debt), both measured
+        on query blocks before the current one, so no query's k depends on a later token.
         """
-        growth, debt = ctrl
-        n_forced = forced.sum(-1)[:, None]  # [B, 1]
-        n_avail = allowed.sum(-1)[:, None]
-        b = budget[:, None].float()
-        k = torch.floor((b + debt).clamp_min(0) / growth).long()
-        k = torch.minimum(torch.maximum(k, n_forced), n_avail)  # [B, Hs]
-        s = score.masked_fill(~allowed[:, None, None], float("-inf"))
-        s = s.masked_fill(forced[:, None, None], float("inf"))
-        k_max = max(1, int(k.max()))
-        vals, idx = s.topk(min(k_max, s.shape[-1]), dim=-1)  # [B, Hs, R, k_max]
-        slot = torch.arange(idx.shape[-1], device=idx.device)
-        ok = (slot < k[:, :, None, None]) & (vals > float("-inf")) & real[..., None]
-        sel = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, ok)  # [B, Hs, R, NK]
-        has_rows = real.any(-1)  # [B, Hs]
-        union = sel.any(2) | (forced[:, None] & has_rows[..., None])  # [B, Hs, NK]
-        size = union.sum(-1).float()
-        free = has_rows & (b > n_forced) & (b < n_avail)  # blocks where the controller has a choice
-        growth = torch.where(free & (k > n_forced), 0.5 * growth + 0.5 * (size / k.float()).clamp_min(1.0), growth)
-        debt = torch.where(free, (debt + b - size).clamp_min(-b), debt)  # never owe more than one block's budget
-        return union, sel, (growth, debt)
+        B, Hs, n_q, _ = union_size.shape
+        growth = torch.ones(B, Hs, device=union_size.device)
+        debt = torch.zeros(B, Hs, device=union_size.device)
+        k_out = torch.empty(B, Hs, n_q, dtype=torch.long, device=union_size.device)
+        for j in range(n_q):
+            b = budget[:, j, None].float()
+            nf, na = n_forced[:, j, None], n_avail[:, j, None]
+            k = torch.floor((b + debt).clamp_min(0) / growth).long()
+            k = torch.minimum(torch.maximum(k, nf), na).clamp_max(union_size.shape[-1] - 1)  # [B, Hs]
+            k_out[:, :, j] = k
+            size = torch.gather(union_size[:, :, j], -1, (k - 1).clamp_min(0)[..., None])[..., 0].float()
+            free = has_rows[:, :, j] & (b > nf) & (b < na)  # blocks where the controller has a choice
+            observed = (size / k.float()).clamp_min(1.0)
+            growth = torch.where(free & (k > nf), 0.5 * growth + 0.5 * observed, growth)
+            debt = torch.where(free, (debt + b - size).clamp_min(-b), debt)
+        return k_out
