@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attnsieve.kernels.dense import softmax_with_lse
+from attnsieve.kernels.dense import exact_cells, softmax_with_lse
 
 # Largest number of score + gathered key/value elements one batched step may hold (~64 MB fp32).
 DEFAULT_CHUNK_ELEMS = 1 << 24
@@ -171,6 +171,17 @@ def block_sparse_attention(
     q_valid_pos[:, : Tk - Tq] = False  # grid positions before the first query are not queries
 
     sorted_blocks, perm = blocks.sort(dim=-1, descending=True)  # valid slots first
+    if fused and causal and window is None and key_valid is None and Tq == Tk and support.row_mask is None:
+        # A support holding every causal block is plain causal attention: run the fused kernel on
+        # the whole sequence (no gathers), the same work SDPA does.
+        want = torch.arange(n_q, device=dev)[:, None] - torch.arange(sorted_blocks.shape[-1], device=dev)
+        if sorted_blocks.shape[-1] >= n_q and bool((sorted_blocks == torch.where(want >= 0, want, -1)).all()):
+            kr = k.repeat_interleave(H // Hkv, dim=1).to(acc) if H != Hkv else k.to(acc)
+            vr = v.repeat_interleave(H // Hkv, dim=1).to(acc) if H != Hkv else v.to(acc)
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.to(acc), kr, vr, 0.0, True, scale=scale
+            )
+            return SparseResult(o.to(q.dtype), l, H * B * exact_cells(Tq, Tk))
     sorted_blocks = sorted_blocks.reshape(B * Hs * n_q, -1)
     row_mask = None
     if support.row_mask is not None:
