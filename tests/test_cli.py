@@ -48,6 +48,12 @@ def test_methods_json_lists_the_registry():
         (["demo", "--depths", "2"], "depth"),
         (["demo", "--threads", "0"], "threads"),
         (["nosuchcommand"], "nosuchcommand"),
+        (["bench", "kernel", "--density", "0"], "density"),
+        (["bench", "kernel", "--heads", "3", "--kv-heads", "2"], "kv-heads"),
+        (["bench", "kernel", "--method", "dense"], "block support"),
+        (["bench", "kernel", "--length", "10"], "length"),
+        (["bench", "prefill", "--method", "nope"], "unknown method"),
+        (["bench", "prefill", "--density", "2"], "density"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, needle):
@@ -71,3 +77,13 @@ def test_readme_methods_table_matches_the_registry():
     assert table == methods_markdown([describe(n) for n in names()]), (
         "README methods table is stale: paste `python -m attnsieve methods --markdown`"
     )
+
+
+def test_bench_kernel_json():
+    res = cli("bench", "kernel", "--length", "512", "--density", "0.25", "--heads", "2", "--kv-heads", "1",
+              "--head-dim", "32", "--reps", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    fields = {"dense_s", "sparse_s", "speedup", "measured_density", "estimate_s", "versions", "threads", "seed"}
+    assert fields <= doc.keys()
+    assert 0 < doc["measured_density"] <= 1 and doc["speedup"] > 0

@@ -82,3 +82,11 @@ def test_eval_scores_dense_perfect_and_a_broken_method_clearly_worse(gemma, tmp_
     assert by["dense"]["kl"] == 0.0 and by["dense"]["top1_agree"] == 1.0 and by["dense"]["correct"] == 1.0
     assert by["window"]["kl"] > 1.0 and by["window"]["top1_agree"] < 0.5 and by["window"]["correct"] == 0.0
     assert by["window"]["mass_covered"] < 0.5
+
+
+def test_cli_bench_prefill_json(gemma):
+    res = cli("bench", "prefill", "--length", "600", "--method", "block-topk", "--density", "0.3", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"dense_s", "s", "speedup", "exact_s", "density", "versions", "threads", "seed"} <= doc.keys()
+    assert doc["params"] == {"density": 0.3} and 0 < doc["density"] < 1

@@ -20,6 +20,11 @@ import torch
 
 from attnsieve.kernels.dense import exact_cells, softmax_with_lse
 
+# torch's fused CPU flash-attention op (an internal aten op, present since torch 2.2) returns the
+# log-sum-exp with the output, which the public SDPA does not; without it the kernel runs the
+# separate matmul / mask / softmax passes.
+_HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
 # Largest number of score + gathered key/value elements one batched step may hold (~64 MB fp32).
 DEFAULT_CHUNK_ELEMS = 1 << 24
 
@@ -153,7 +158,7 @@ def block_sparse_attention(
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dev = q.device
     if fused is None:
-        fused = dev.type == "cpu" and acc in (torch.float32, torch.float64)
+        fused = dev.type == "cpu" and acc in (torch.float32, torch.float64) and _HAS_CPU_FLASH
 
     # Block-aligned copies: queries on the grid, keys/values padded to whole blocks.
     lead = (Tk - Tq) - first_qb * bs
