@@ -35,7 +35,7 @@ def test_dense_patch_equals_stock_sdpa(arch, T):
     assert p.stats.density() == 1.0
     if arch == "gemma3" and T > 24:  # sliding layers ran as true local attention, reported apart
         assert p.stats.local_density() == 1.0
-        assert {r.method for r in p.stats.records if r.local} == {"exact"}
+        assert {r.method for r in p.stats.records if r.role == "local"} == {"exact"}
     assert model.config._attn_implementation == "sdpa"  # restored on exit
 
 
@@ -143,6 +143,7 @@ def test_layer_override_keeps_chosen_layers_dense():
         logits(model, ids(300))
     per_layer = p.stats.per_layer()
     assert per_layer[1] == 1.0 and per_layer[3] < 0.6
+    assert p.stats.density() == per_layer[3]  # a layer kept dense by override is not averaged in
     assert p.layers == {0: "exact-local", 1: "dense", 2: "exact-local", 3: "block-topk"}
 
 

@@ -50,7 +50,7 @@ def dense_reference(model, prompt_ids: torch.Tensor, answer_ids: list[int]) -> D
     ids, n = teacher_forced_ids(prompt_ids, answer_ids)
     with patched(model, "dense") as p, p.capturing() as captured:
         logprobs = span_logprobs(model, ids, n)
-    layers = {i: c for i, c in captured.items() if not c.local}
+    layers = {i: c for i, c in captured.items() if c.role == "method"}
     return DenseReference(ids, n, logprobs, layers)
 
 

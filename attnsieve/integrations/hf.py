@@ -30,7 +30,8 @@ class LayerRecord:
     """Measurements of one attention call."""
 
     layer: int
-    local: bool  # a sliding-window layer running exact local attention (reported separately)
+    role: str  # "method": runs a method the patch put there; "local": a sliding layer's exact
+    # local attention; "kept": kept exact by a per-layer override (both reported apart)
     phase: str  # "prefill" or "decode"
     method: str
     cells: int  # query-key cells computed
@@ -47,18 +48,18 @@ class Stats:
     def reset(self) -> None:
         self.records.clear()
 
-    def _ratio(self, local: bool, phase: str) -> float | None:
-        rs = [r for r in self.records if r.local == local and r.phase == phase]
+    def _ratio(self, role: str, phase: str) -> float | None:
+        rs = [r for r in self.records if r.role == role and r.phase == phase]
         total = sum(r.exact_cells for r in rs)
         return sum(r.cells for r in rs) / total if total else None
 
     def density(self, phase: str = "prefill") -> float | None:
-        """Cell-weighted measured density over the layers the method replaces (local layers excluded)."""
-        return self._ratio(False, phase)
+        """Cell-weighted measured density over the layers the method replaces (exact layers excluded)."""
+        return self._ratio("method", phase)
 
     def local_density(self, phase: str = "prefill") -> float | None:
         """Measured density of the sliding-window layers (1.0 when they run exact local attention)."""
-        return self._ratio(True, phase)
+        return self._ratio("local", phase)
 
     def estimate_s(self, phase: str = "prefill") -> float:
         return sum(r.estimate_s for r in self.records if r.phase == phase)
@@ -89,13 +90,13 @@ class CapturedLayer:
     k: torch.Tensor  # [B, Hkv, Tk, D]
     v: torch.Tensor
     ctx: LayerContext
-    local: bool
+    role: str  # as in LayerRecord
 
 
 @dataclass
 class LayerRuntime:
     method: Method | None  # None: the layer's exact attention (local on sliding layers)
-    local: bool  # native sliding-window layer running exact attention
+    role: str  # as in LayerRecord
     stats: Stats
     capture: dict[int, CapturedLayer] | None = None  # shared by all layers while capturing
 
@@ -185,7 +186,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     ctx = LayerContext(module.layer_idx, scale, window, key_valid)
     phase = "decode" if Tq == 1 and Tk > 1 else "prefill"  # one new token over a cache
     if rt.capture is not None and phase == "prefill":
-        rt.capture[module.layer_idx] = CapturedLayer(query, key, value, ctx, rt.local)
+        rt.capture[module.layer_idx] = CapturedLayer(query, key, value, ctx, rt.role)
     if rt.method is None:
         res = exact_attention(query, key, value, ctx)
     elif phase == "decode":
@@ -194,7 +195,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         res = rt.method.prefill(query, key, value, ctx)
     exact = query.shape[1] * exact_cells(Tq, Tk, window=window, key_valid=key_valid)
     name = "exact" if rt.method is None else rt.method.name
-    rt.stats.records.append(LayerRecord(module.layer_idx, rt.local, phase, name, res.cells, exact, res.estimate_s))
+    rt.stats.records.append(LayerRecord(module.layer_idx, rt.role, phase, name, res.cells, exact, res.estimate_s))
     return res.out.transpose(1, 2).contiguous(), None
 
 
@@ -290,7 +291,11 @@ def patch(
     every_layer_slides = all(sliding.values())  # e.g. Mistral-style models: the method runs in every window
     for idx, mod in modules.items():
         chosen = overrides.get(idx, None if sliding[idx] and not every_layer_slides else main)
-        setattr(mod, _RUNTIME, LayerRuntime(chosen, sliding[idx] and chosen is None, stats))
+        if chosen is None:
+            role = "local" if sliding[idx] else "kept"
+        else:
+            role = "kept" if chosen.name == "dense" and main.name != "dense" else "method"
+        setattr(mod, _RUNTIME, LayerRuntime(chosen, role, stats))
         described[idx] = ("exact-local" if sliding[idx] else "exact") if chosen is None else chosen.name
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPL)
