@@ -12,7 +12,7 @@ import statistics
 from dataclasses import dataclass, field
 
 from attnsieve.eval.generation import greedy
-from attnsieve.eval.tasks import make_passkey
+from attnsieve.eval.tasks import make_passkey, score_contains
 from attnsieve.integrations.hf import patched
 from attnsieve.methods import has_param
 
@@ -71,7 +71,7 @@ def run_demo(model, tok, cfg: DemoConfig, progress=None) -> list[dict]:
                     gen = greedy(model, tok, sample.input_ids, sample.max_new_tokens)
                     density = p.stats.density()
                     estimate_s = p.stats.estimate_s()
-                correct = float(all(a in gen.text for a in sample.answers))
+                correct = score_contains(gen.text, sample.answers)
                 samples.setdefault((name, length), []).append(
                     dict(correct=correct, density=density, ratio=gen.prefill_s / stock_s,
                          prefill_s=gen.prefill_s, stock_s=stock_s, estimate_s=estimate_s, output=gen.text)

@@ -291,8 +291,8 @@ def patch(
     every_layer_slides = all(sliding.values())  # e.g. Mistral-style models: the method runs in every window
     for idx, mod in modules.items():
         chosen = overrides.get(idx, None if sliding[idx] and not every_layer_slides else main)
-        if chosen is None:
-            role = "local" if sliding[idx] else "kept"
+        if chosen is None:  # only sliding layers run without a method: their exact local attention
+            role = "local"
         else:
             role = "kept" if chosen.name == "dense" and main.name != "dense" else "method"
         setattr(mod, _RUNTIME, LayerRuntime(chosen, role, stats))

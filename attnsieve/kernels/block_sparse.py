@@ -1,10 +1,11 @@
 """Exact attention over a block support, without ever materialising a Tq x Tk matrix.
 
 A support says, for every batch row, support head and query block, which key blocks to attend.
-The kernel gathers those key blocks, computes their scores with batched matmuls, applies the
-token-level causal / sliding-window / padding masks inside the gathered blocks, and returns the
-normalised output with its log-sum-exp (so partial results merge) and the number of query-key
-cells it computed (the numerator of measured density).
+The kernel gathers those key blocks in chunks, masks at token level only the partial blocks
+(causal diagonal, window edge, padding), runs each chunk through torch's fused CPU flash-attention
+op (or, elsewhere, batched matmuls and a softmax), and returns the normalised output with its
+log-sum-exp (so partial results merge) and the number of query-key cells it computed (the
+numerator of measured density).
 
 Query blocks and key blocks share one grid of absolute positions: block j covers positions
 [j * bs, (j + 1) * bs). Query i of a chunk sits at absolute position Tk - Tq + i, so with
@@ -207,6 +208,7 @@ def block_sparse_attention(
     padded_keys = key_valid is not None and not bool(valid[:, :Tk].all())
     ragged_end = Tk % bs != 0
     tile = col_off[None, :] > col_off[:, None]  # [bs, bs]: key after query inside a diagonal block
+    zero, ninf = torch.zeros((), dtype=acc, device=dev), torch.full((), float("-inf"), dtype=acc, device=dev)
     if not banded:
         # Computed cells per (row, key block), counted from prefix sums instead of token masks.
         real_keys = valid.view(B, n_k, bs).sum(-1)  # [B, NK]
@@ -278,7 +280,7 @@ def block_sparse_attention(
             allowed = allowed.view(n, R, kc * bs)
         qi = q_items[idx].to(acc)
         if fused:
-            bias = torch.where(allowed, 0.0, float("-inf")).to(acc)[:, None]  # [n, 1, R, Kc*bs]
+            bias = torch.where(allowed, zero, ninf)[:, None]  # [n, 1, R, Kc*bs]
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qi[:, None], kg[:, None], vg[:, None], 0.0, False, attn_mask=bias, scale=scale
             )
