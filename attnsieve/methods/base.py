@@ -26,6 +26,7 @@ class LayerContext:
     scale: float  # softmax scale of the layer (e.g. query_pre_attn_scalar ** -0.5 for Gemma-3)
     window: int | None = None  # the layer's native sliding window in tokens (None: global layer)
     key_valid: torch.Tensor | None = None  # [B, Tk] bool, False on padding; None when no padding
+    causal: bool = True  # False in bidirectional (encoder) layers; non-causal methods refuse causal ones
 
 
 @dataclass
@@ -34,6 +35,9 @@ class AttnOutput:
     cells: int  # query-key cells whose scores were computed (measured density numerator)
     estimate_s: float = 0.0  # seconds spent choosing the support (0 for static patterns)
     lse: torch.Tensor | None = None  # [B, H, Tq] when the path produces it
+    # Cells whose scores were computed but whose exponentials and value products were skipped by a
+    # rule inside the softmax (BLASST); they are included in `cells`, reported apart.
+    skipped_cells: int = 0
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: LayerContext) -> torch.Tensor:

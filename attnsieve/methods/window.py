@@ -19,7 +19,7 @@ import torch
 
 from attnsieve.kernels import dense_attention, local_attention, merge
 from attnsieve.methods.base import AttnOutput, Method
-from attnsieve.methods.registry import register
+from attnsieve.methods.registry import register, register_alias
 
 
 @dataclass
@@ -111,3 +111,9 @@ class Window(Method):
         out_s, lse_s = dense_attention(q, ks, vs, causal=False, scale=ctx.scale, mask=mask[:, None])
         out, lse = merge(local.out, local.lse, out_s, lse_s)
         return AttnOutput(out, local.cells + H * int(mask.sum()), lse=lse)
+
+
+# MInference's name for the same pattern, with its defaults (n_init=128 sink tokens, n_local=3968
+# local tokens, so that sink + local = 4k); Jiang et al., "MInference 1.0", NeurIPS 2024
+# (arXiv:2407.02490). An alias, not a second implementation.
+register_alias("a-shape", "window", sink=128, window=3968)
