@@ -4,6 +4,7 @@ from attnsieve.kernels.block_sparse import BlockSupport, SparseResult, block_gri
 from attnsieve.kernels.dense import dense_attention, exact_cells, softmax_with_lse, token_mask
 from attnsieve.kernels.local import band_support, local_attention
 from attnsieve.kernels.merge import merge, merge_all
+from attnsieve.kernels.token_gather import drop_covered, token_gather_attention
 
 __all__ = [
     "BlockSupport",
@@ -12,10 +13,12 @@ __all__ = [
     "block_grid",
     "block_sparse_attention",
     "dense_attention",
+    "drop_covered",
     "exact_cells",
     "local_attention",
     "merge",
     "merge_all",
     "softmax_with_lse",
+    "token_gather_attention",
     "token_mask",
 ]
