@@ -165,8 +165,8 @@ def test_patch_errors_are_clear():
         attnsieve.patch(model, "block-topk", density=1.5)
     with pytest.raises(ValueError, match="layer index"):
         attnsieve.patch(model, "dense", layers={7: "dense"})
-    with pytest.raises(ValueError, match="KV-cache policy"):
-        attnsieve.patch(model, "dense", kv="snapkv")
+    with pytest.raises(ValueError, match="unknown KV-cache policy"):
+        attnsieve.patch(model, "dense", kv="nope")
     with attnsieve.patched(model, "dense"):
         with pytest.raises(ValueError, match="already patched"):
             attnsieve.patch(model, "dense")

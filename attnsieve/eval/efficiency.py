@@ -47,6 +47,8 @@ def kv_cache_bytes(cache) -> int:
     """Bytes of the key/value tensors held by a transformers cache (0 for None)."""
     if cache is None:
         return 0
+    if hasattr(cache, "nbytes"):  # attnsieve's policy caches count what their rows really hold
+        return cache.nbytes()
     total = 0
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):

@@ -17,8 +17,10 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
-from attnsieve.kernels import exact_cells
-from attnsieve.methods import LayerContext, Method, exact_attention, make
+from attnsieve.cache import KVPolicy, make_policy
+from attnsieve.integrations.hf_cache import KV_KWARG, PolicyCache
+from attnsieve.kernels import dense_attention, exact_cells
+from attnsieve.methods import AttnOutput, LayerContext, Method, exact_attention, make
 
 IMPL = "attnsieve"
 _STATE = "_attnsieve_patch"
@@ -110,9 +112,16 @@ class Patch:
     layers: dict[int, str]  # layer index -> what runs there (for reports)
     stats: Stats
     previous_impl: str
+    kv: KVPolicy | None = None  # the decoding-cache policy, if any
+    windows: dict[int, int | None] = field(default_factory=dict)  # layer -> native sliding window
+    hook: Any = None  # forward pre-hook that gives every new forward an attnsieve cache
 
     def unpatch(self) -> None:
         unpatch(self.model)
+
+    def new_cache(self) -> PolicyCache:
+        """A fresh cache for this patch: the policy's compressed global layers, exact sliding windows."""
+        return PolicyCache(self.kv, len(self.windows), self.windows)
 
     @contextlib.contextmanager
     def capturing(self):
@@ -184,6 +193,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     ctx = LayerContext(module.layer_idx, scale, window, key_valid)
+    cache_layer = kwargs.get(KV_KWARG)
+    if cache_layer is not None:
+        return _attention_with_policy_cache(rt, module, query, key, value, ctx, cache_layer.kv)
     phase = "decode" if Tq == 1 and Tk > 1 else "prefill"  # one new token over a cache
     if rt.capture is not None and phase == "prefill":
         rt.capture[module.layer_idx] = CapturedLayer(query, key, value, ctx, rt.role)
@@ -197,6 +209,50 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     name = "exact" if rt.method is None else rt.method.name
     rt.stats.records.append(LayerRecord(module.layer_idx, rt.role, phase, name, res.cells, exact, res.estimate_s))
     return res.out.transpose(1, 2).contiguous(), None
+
+
+def _attention_with_policy_cache(rt: LayerRuntime, module, query, key, value, ctx: LayerContext, kv):
+    """Attention over an attnsieve cache layer's stored past plus the new tokens; stores them."""
+    Tq = query.shape[2]
+    phase = "decode" if Tq == 1 and kv.seen > 0 else "prefill"
+    past_real = kv.valid_seen.clone() if kv.valid_seen is not None else None
+    if past_real is not None and ctx.window is not None:  # a sliding layer sees at most window - 1 past keys
+        past_real = past_real.clamp_max(ctx.window - 1)
+    estimate_s = 0.0
+    name = "exact" if rt.method is None else rt.method.name
+
+    def new_attention(q, k, v):
+        nonlocal estimate_s
+        if rt.capture is not None and phase == "prefill" and kv.seen == 0:
+            rt.capture[module.layer_idx] = CapturedLayer(q, k, v, ctx, rt.role)
+        if phase == "prefill" and rt.method is not None:
+            res = rt.method.prefill(q, k, v, ctx)
+        elif phase == "prefill" and kv.seen == 0:
+            res = exact_attention(q, k, v, ctx)
+        else:  # new tokens over themselves; the past is merged through lse
+            res = None
+        if res is None or (kv.seen > 0 and res.lse is None):
+            out, lse = dense_attention(q, k, v, causal=True, window=ctx.window, scale=ctx.scale,
+                                       key_valid=ctx.key_valid)
+            cells = q.shape[1] * exact_cells(q.shape[2], k.shape[2], window=ctx.window, key_valid=ctx.key_valid)
+            res = AttnOutput(out, cells, lse=lse)
+        estimate_s = res.estimate_s
+        return res
+
+    out, cells = kv.attend(query, key, value, ctx.key_valid, ctx.scale, new_attention)
+    H = query.shape[1]
+    exact = H * exact_cells(Tq, Tq, window=ctx.window, key_valid=ctx.key_valid)
+    if past_real is not None:
+        q_real = torch.full((query.shape[0],), Tq) if ctx.key_valid is None else ctx.key_valid.sum(-1).cpu()
+        if ctx.window is None:
+            exact += H * int((q_real * past_real.cpu()).sum())
+        else:  # each new query sees past keys within its window
+            steps = torch.arange(Tq)
+            per_q = (past_real.cpu()[:, None] - steps[None, :]).clamp_min(0)  # [B, Tq]
+            qv = torch.ones(query.shape[0], Tq, dtype=torch.bool) if ctx.key_valid is None else ctx.key_valid.cpu()
+            exact += H * int((per_q * qv).sum())
+    rt.stats.records.append(LayerRecord(module.layer_idx, rt.role, phase, name, cells, exact, estimate_s))
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _register() -> None:
@@ -263,10 +319,14 @@ def patch(
     method runs in all of them, inside each layer's window).
     `layers` overrides per layer ({0: "dense"} keeps layer 0 exact; naming a sliding-window layer
     runs that method there, inside the layer's own window). `kv`/`kv_budget` choose a decoding
-    cache policy (none are registered yet). Refuses attention it cannot honour exactly.
+    cache policy (`attnsieve.cache.policy_names()`); keyword parameters starting with `kv_` go to
+    the policy, the others to the method. With a policy, every forward that starts a new cache
+    (including `model.generate`) gets the policy's cache: global layers compressed as the policy
+    says, sliding layers holding exactly their window. Refuses attention it cannot honour exactly.
     """
-    if kv is not None or kv_budget is not None:
-        raise ValueError(f"unknown KV-cache policy {kv!r}: no KV-cache policies are available yet")
+    kv_params = {k: params.pop(k) for k in list(params) if k.startswith("kv_")}
+    if kv is None and (kv_budget is not None or kv_params):
+        raise ValueError(f"kv_budget / {sorted(kv_params) or 'kv_*'} need a KV-cache policy: pass kv=NAME")
     if getattr(model, _STATE, None) is not None:
         raise ValueError("model is already patched; call attnsieve.unpatch(model) first")
     modules = _attention_modules(model)
@@ -280,6 +340,9 @@ def patch(
         if not isinstance(idx, int) or not 0 <= idx < n_layers:
             raise ValueError(f"layer index {idx!r} out of range [0, {n_layers - 1}]")
         overrides[idx] = _as_method(spec, {})
+
+    n_global = sum(1 for i in range(n_layers) if layer_types[i] != "sliding_attention")
+    policy = None if kv is None else make_policy(kv, kv_budget, n_layers=max(1, n_global), **kv_params)
 
     _register()
     stats = Stats()
@@ -299,9 +362,36 @@ def patch(
         described[idx] = ("exact-local" if sliding[idx] else "exact") if chosen is None else chosen.name
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPL)
-    handle = Patch(model, main, described, stats, previous)
+    windows = {
+        i: (getattr(modules[i], "sliding_window", None) or getattr(text_cfg, "sliding_window", None))
+        if sliding.get(i) else None
+        for i in range(n_layers)
+    }
+    handle = Patch(model, main, described, stats, previous, policy, windows)
+    if policy is not None:
+        handle.hook = model.register_forward_pre_hook(_give_policy_cache(handle), with_kwargs=True)
     setattr(model, _STATE, handle)
     return handle
+
+
+def _give_policy_cache(handle: Patch):
+    """Forward pre-hook: a forward that would start a fresh DynamicCache gets an attnsieve cache instead."""
+
+    def hook(module, args, kwargs):
+        if kwargs.get("use_cache") is False:
+            return None
+        cache = kwargs.get("cache")
+        if cache is None or (not isinstance(cache, PolicyCache) and cache.get_seq_length() == 0):
+            kwargs["cache"] = handle.new_cache()
+            return args, kwargs
+        if not isinstance(cache, PolicyCache):
+            raise ValueError(
+                "a KV-cache policy is patched in, but this forward continues a transformers cache that "
+                "already holds tokens; start from an empty cache (or none)"
+            )
+        return None
+
+    return hook
 
 
 def unpatch(model) -> None:
@@ -309,6 +399,8 @@ def unpatch(model) -> None:
     handle: Patch | None = getattr(model, _STATE, None)
     if handle is None:
         raise ValueError("model is not patched by attnsieve")
+    if handle.hook is not None:
+        handle.hook.remove()
     for mod in _attention_modules(model).values():
         if hasattr(mod, _RUNTIME):
             delattr(mod, _RUNTIME)

@@ -1,0 +1,351 @@
+"""The pure-tensor side of KV-cache compression: one layer's stored past, and the policy contract.
+
+A `LayerKV` holds one attention layer's past for every batch row and KV head as separate rows of
+real tensors (keys, values and the tokens' true positions), so rows may hold different numbers of
+tokens (per-head budgets, left padding) without padding or masking in memory: `nbytes()` is what
+the cache really holds. Each call of the layer (prefill, a prefill chunk, or one decoding step)
+goes through `attend`: attention of the new queries over the stored past (`attend_past`, which a
+policy may override: quantised keys, pruned channels, page selection) merged through the
+log-sum-exp with attention over the new tokens themselves (the layer's prefill method), then
+`absorb` stores the new tokens and lets the policy `compress`.
+
+A policy is a `KVPolicy` subclass registered with `@register_policy`; it builds one `LayerKV`
+per layer. Sliding-window layers get a `WindowKV` that keeps exactly the layer's window (as
+transformers' own sliding cache does) and are never compressed by a policy.
+Nothing here imports transformers; integrations/hf_cache.py adapts it to transformers' Cache.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from attnsieve.kernels import merge, softmax_with_lse
+
+
+@dataclass
+class PastAttention:
+    out: torch.Tensor  # [B, H, Tq, Dv]
+    lse: torch.Tensor  # [B, H, Tq]
+    cells: int  # query-key cells computed against the stored past
+
+
+class LayerKV:
+    """One layer's stored past: rows b * Hkv + h, each with keys [L, D], values [L, Dv], pos [L]."""
+
+    def __init__(self, layer_idx: int, window: int | None = None):
+        self.layer_idx = layer_idx
+        self.window = window  # the layer's native sliding window (None: global layer)
+        self.seen = 0  # tokens seen (padding included): the next token's position
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pos: list[torch.Tensor] = []  # int32 true positions of the stored tokens
+        self.B = self.Hkv = 0
+        self.valid_seen: torch.Tensor | None = None  # [B] real tokens seen per batch row
+
+    # ----- storage -------------------------------------------------------------------------
+    def _init(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.B, self.Hkv = k.shape[0], k.shape[1]
+        n = self.B * self.Hkv
+        self.keys = [k.new_zeros(0, k.shape[-1]) for _ in range(n)]
+        self.values = [v.new_zeros(0, v.shape[-1]) for _ in range(n)]
+        self.pos = [torch.zeros(0, dtype=torch.int32, device=k.device) for _ in range(n)]
+        self.valid_seen = torch.zeros(self.B, dtype=torch.long, device=k.device)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer keeps for its past (keys, values, positions, metadata)."""
+        return sum(t.numel() * t.element_size() for t in self._held())
+
+    def _held(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, *self.pos]
+
+    def dense_nbytes(self) -> int:
+        """Bytes transformers' DynamicCache would hold for this layer now (keys and values, padding included)."""
+        if not self.keys:
+            return 0
+        per_token = self.keys[0].shape[-1] * self.keys[0].element_size() + self.values[0].shape[-1] * (
+            self.values[0].element_size()
+        )
+        tokens = self.seen if self.window is None else min(self.seen, self.window - 1)
+        return self.B * self.Hkv * tokens * per_token
+
+    def stored_tokens(self) -> torch.Tensor:
+        """[B, Hkv] tokens stored per row."""
+        return torch.tensor([p.numel() for p in self.pos]).view(self.B, self.Hkv)
+
+    def row_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows padded to one batch (a transient view for computing): k, v, pos, valid [N, Lmax]."""
+        lengths = [p.numel() for p in self.pos]
+        if len(set(lengths)) == 1:  # equal rows: stack, no padding
+            k, v, pos = torch.stack(self.keys), torch.stack(self.values), torch.stack(self.pos)
+            return k, v, pos, torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
+        pad = torch.nn.utils.rnn.pad_sequence
+        k, v = pad(self.keys, batch_first=True), pad(self.values, batch_first=True)
+        pos = pad(self.pos, batch_first=True, padding_value=-1)
+        valid = torch.arange(pos.shape[1], device=pos.device)[None] < torch.tensor(lengths, device=pos.device)[:, None]
+        return k, v, pos, valid
+
+    # ----- attention ---------------------------------------------------------------------
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        new_valid: torch.Tensor | None,
+        scale: float,
+        new_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any],
+    ):
+        """Attention of q [B, H, Tq, D] over (stored past + the Tq new tokens); stores the new tokens.
+
+        `new_attention(q, k_new, v_new)` runs the layer's own method on the new tokens (causal,
+        queries and keys aligned) and returns an object with out, lse, cells. Returns
+        (out [B, H, Tq, Dv], cells).
+        """
+        if not self.keys:
+            self._init(k_new, v_new)
+        new = new_attention(q, k_new, v_new)
+        out, cells = new.out, new.cells
+        if self.seen > 0:
+            past = self.attend_past(q, scale, new_valid)
+            if past is not None:
+                out, _ = merge(past.out, past.lse, new.out, new.lse)
+                cells += past.cells
+        self.absorb(q, k_new, v_new, new_valid, scale)
+        return out, cells
+
+    def query_positions(self, Tq: int, device) -> torch.Tensor:
+        return torch.arange(self.seen, self.seen + Tq, device=device)
+
+    def attend_past(self, q: torch.Tensor, scale: float, new_valid: torch.Tensor | None) -> PastAttention | None:
+        """Exact attention of the new queries over every stored token (window-limited on sliding layers)."""
+        k, v, pos, valid = self.row_tensors()
+        return self._attend_rows(q, k, v, pos, valid, scale, new_valid)
+
+    def _attend_rows(self, q, k, v, pos, valid, scale, new_valid) -> PastAttention | None:
+        B, H, Tq, D = q.shape
+        Hkv = self.Hkv
+        G = H // Hkv
+        if k.shape[1] == 0:
+            return None
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+        qi = q.reshape(B * Hkv, G * Tq, D).to(acc)  # rows of one KV head: its G query heads x Tq
+        scores = torch.bmm(qi, k.to(acc).transpose(1, 2)).mul_(scale)  # [N, G*Tq, L]
+        allowed = valid[:, None, :].expand(-1, G * Tq, -1)
+        if self.window is not None:
+            q_pos = self.query_positions(Tq, q.device).repeat(G)  # [G*Tq]
+            allowed = allowed & (q_pos[None, :, None] - pos[:, None, :].long() < self.window)
+        if new_valid is not None:  # padding queries see nothing of the past
+            qv = new_valid[:, None, :].expand(B, Hkv * G, Tq).reshape(B * Hkv, G * Tq)
+            allowed = allowed & qv[:, :, None]
+        scores.masked_fill_(~allowed, float("-inf"))
+        o, lse = softmax_with_lse(scores, v.to(acc))
+        out = o.view(B, Hkv, G, Tq, -1).reshape(B, H, Tq, -1).to(q.dtype)
+        return PastAttention(out, lse.view(B, H, Tq), int(allowed.sum()))
+
+    # ----- storing -----------------------------------------------------------------------
+    def absorb(self, q, k_new, v_new, new_valid, scale) -> None:
+        """Append the new real tokens to every row, then let the policy compress."""
+        B, Hkv, Tq, _ = k_new.shape
+        pos = self.query_positions(Tq, k_new.device).to(torch.int32)
+        for b in range(B):
+            keep = slice(None) if new_valid is None else new_valid[b].bool()
+            for h in range(Hkv):
+                r = b * Hkv + h
+                self.keys[r] = torch.cat([self.keys[r], k_new[b, h][keep]])
+                self.values[r] = torch.cat([self.values[r], v_new[b, h][keep]])
+                self.pos[r] = torch.cat([self.pos[r], pos[keep]])
+        self.valid_seen += Tq if new_valid is None else new_valid.sum(-1)
+        self.seen += Tq
+        self.compress(q, k_new, new_valid, scale)
+
+    def compress(self, q, k_new, new_valid, scale) -> None:
+        """Hook: reduce what is stored. The base class keeps everything (the dense cache)."""
+
+    def keep_rows(self, keep: list[torch.Tensor]) -> None:
+        """Keep, in every row r, the stored tokens at indices keep[r] (kept in position order)."""
+        for r, idx in enumerate(keep):
+            idx = idx.sort().values
+            self.keys[r] = self.keys[r].index_select(0, idx).contiguous()
+            self.values[r] = self.values[r].index_select(0, idx).contiguous()
+            self.pos[r] = self.pos[r].index_select(0, idx).contiguous()
+
+
+class WindowKV(LayerKV):
+    """A sliding-window layer's cache: exactly the tokens its window can still see (window - 1)."""
+
+    def compress(self, q, k_new, new_valid, scale) -> None:
+        horizon = self.seen - (self.window - 1)  # positions below this are out of every future window
+        self.keep_rows([torch.nonzero(p >= horizon).squeeze(-1) for p in self.pos])
+
+
+@dataclass
+class KVPolicyParams:
+    """Parameters every eviction policy shares; policies extend this dataclass (fields start with kv_)."""
+
+    kv_sink: int = field(default=4, metadata={"help": "first tokens always kept (>= 0; Gemma-3 needs its first)"})
+    kv_recent: int = field(default=0, metadata={"help": "most recent tokens always kept (>= 0)"})
+
+    def __post_init__(self):
+        if self.kv_sink < 0:
+            raise ValueError(f"kv_sink must be >= 0, got {self.kv_sink}")
+        if self.kv_recent < 0:
+            raise ValueError(f"kv_recent must be >= 0, got {self.kv_recent}")
+
+
+class KVPolicy:
+    """A decoding-cache policy: builds each global layer's LayerKV. Registered with @register_policy."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "eviction", "quantisation", "channels", "lowrank" or "selection" (what kv_budget counts)
+    Params: ClassVar[type]
+    summary: ClassVar[str]
+
+    def __init__(self, budget: float | None, params=None, *, n_layers: int = 1):
+        if budget is not None and not 0 < budget <= 1:
+            raise ValueError(f"kv_budget must be in (0, 1], got {budget}")
+        self.budget = 1.0 if budget is None else float(budget)
+        self.params = self.Params() if params is None else params
+        self.n_layers = n_layers
+
+    def layer(self, layer_idx: int) -> LayerKV:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{self.name}(kv_budget={self.budget}, {self.params})"
+
+
+def keep_count(valid_tokens: int, budget: float) -> int:
+    """Tokens a row keeps under a token budget: ceil(budget * real tokens seen)."""
+    return min(valid_tokens, max(1, math.ceil(budget * valid_tokens)))
+
+
+def forced_mask(pos: torch.Tensor, first_pos: int, seen: int, sink: int, recent: int) -> torch.Tensor:
+    """[L] bool: the row's first `sink` real tokens and its `recent` latest positions."""
+    rank = torch.arange(pos.numel(), device=pos.device)
+    return (rank < sink) | (pos.long() >= seen - recent)
+
+
+class EvictingKV(LayerKV):
+    """A global layer that keeps, per row, its forced tokens plus its best-scoring others up to the budget.
+
+    Subclasses provide `token_scores(q, k_new, new_valid, scale) -> list of [L] scores per row`
+    (higher = keep) and may override `row_budgets` (per-head budgets) and when to compress.
+    """
+
+    def __init__(self, layer_idx: int, policy: KVPolicy, window: int | None = None):
+        super().__init__(layer_idx, window)
+        self.policy = policy
+        self.p = policy.params
+
+    def row_budgets(self) -> list[int]:
+        """Tokens each row keeps: the policy's fraction of the row's real tokens seen."""
+        return [
+            keep_count(int(self.valid_seen[r // self.Hkv]), self.policy.budget) for r in range(len(self.pos))
+        ]
+
+    def should_compress(self, Tq: int) -> bool:
+        return Tq > 1 or any(p.numel() > b for p, b in zip(self.pos, self.row_budgets(), strict=True))
+
+    def compress(self, q, k_new, new_valid, scale) -> None:
+        if self.policy.budget >= 1.0 or not self.should_compress(k_new.shape[2]):
+            return
+        budgets = self.row_budgets()
+        if all(p.numel() <= b for p, b in zip(self.pos, budgets, strict=True)):
+            return
+        scores = self.token_scores(q, k_new, new_valid, scale)
+        keep = []
+        for r, (p, s) in enumerate(zip(self.pos, scores, strict=True)):
+            n = min(budgets[r], p.numel())
+            forced = forced_mask(p, 0, self.seen, self.p.kv_sink, self.p.kv_recent)
+            s = torch.where(forced, torch.finfo(s.dtype).max, s)
+            keep.append(torch.topk(s, n).indices)
+        self.keep_rows(keep)
+        self.after_keep(keep)
+
+    def after_keep(self, keep: list[torch.Tensor]) -> None:
+        """Hook: keep per-token policy state (accumulated scores) aligned with the stored tokens."""
+
+    def token_scores(self, q, k_new, new_valid, scale) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def call_probs(self, q: torch.Tensor, new_valid, scale: float, start: int, end: int) -> torch.Tensor:
+        """Attention probabilities of this call's queries [start, end) over every stored token.
+
+        Call after `absorb` (the new tokens are stored). Returns [N, G, end - start, Lmax] with
+        rows padded (padding columns 0); each query sees the stored tokens at or before it, inside
+        the layer's window; padding queries give zero rows.
+        """
+        B, H, Tq, D = q.shape
+        G = H // self.Hkv
+        k, _, pos, valid = self.row_tensors()
+        qo = q[:, :, start:end].reshape(B * self.Hkv, G * (end - start), D).float()
+        scores = torch.bmm(qo, k.float().transpose(1, 2)) * scale  # [N, G*w, L]
+        q_pos = torch.arange(self.seen - Tq + start, self.seen - Tq + end, device=q.device).repeat(G)
+        allowed = valid[:, None, :] & (pos[:, None, :].long() <= q_pos[None, :, None])
+        if self.window is not None:
+            allowed &= q_pos[None, :, None] - pos[:, None, :].long() < self.window
+        if new_valid is not None:
+            qv = new_valid[:, None, start:end].expand(B, self.Hkv * G, end - start).reshape(B * self.Hkv, -1)
+            allowed &= qv[:, :, None]
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+        return probs.view(B * self.Hkv, G, end - start, -1)
+
+    def observation_probs(self, q: torch.Tensor, new_valid, scale: float, window: int) -> torch.Tensor:
+        """Attention probabilities of the last `window` queries of this call over every stored token."""
+        Tq = q.shape[2]
+        return self.call_probs(q, new_valid, scale, max(0, Tq - window), Tq)
+
+
+_POLICIES: dict[str, type[KVPolicy]] = {}
+
+
+def register_policy(name: str, *, kind: str, params: type, summary: str):
+    """Class decorator: register a KV-cache policy under `name`."""
+
+    def deco(cls):
+        if name in _POLICIES:
+            raise ValueError(f"KV policy {name!r} is registered twice")
+        for f in params.__dataclass_fields__:
+            if not f.startswith("kv_"):
+                raise ValueError(f"KV policy parameters must start with 'kv_' (so they never clash), got {f!r}")
+        cls.name, cls.kind, cls.Params, cls.summary = name, kind, params, summary
+        _POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def policy_names() -> list[str]:
+    return sorted(_POLICIES)
+
+
+def policy_class(name: str) -> type[KVPolicy]:
+    if name not in _POLICIES:
+        raise ValueError(f"unknown KV-cache policy {name!r}; choose from {', '.join(policy_names())}")
+    return _POLICIES[name]
+
+
+def make_policy(name: str, budget: float | None = None, n_layers: int = 1, **params) -> KVPolicy:
+    cls = policy_class(name)
+    fields = cls.Params.__dataclass_fields__
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for KV policy {name!r}; it takes {sorted(fields)}")
+    return cls(budget, cls.Params(**params), n_layers=n_layers)
+
+
+def describe_policy(name: str) -> dict[str, Any]:
+    cls = policy_class(name)
+    fields = cls.Params.__dataclass_fields__
+    defaults = cls.Params()
+    return {
+        "name": name,
+        "kind": cls.kind,
+        "summary": cls.summary,
+        "params": {f: getattr(defaults, f) for f in fields},
+        "help": {f: fields[f].metadata.get("help", "") for f in fields},
+    }

@@ -1,0 +1,228 @@
+"""KV-cache policies: exact when keeping everything, real storage when compressing, right positions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnsieve
+from attnsieve.cache import LayerKV, make_policy, policy_class, policy_names
+from attnsieve.cache.pyramidkv import layer_fractions
+from attnsieve.kernels import dense_attention
+
+from helpers import assert_close
+from tiny_models import MODELS, tiny_gemma3, tiny_llama
+
+POLICIES = policy_names()
+EVICTING = [n for n in POLICIES if policy_class(n).kind == "eviction"]
+
+
+def prompt(B=1, T=60, seed=0, pad=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    if pad:
+        ids[0, :pad] = 0
+        mask[0, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("arch", MODELS)
+def test_budget_keeping_everything_generates_exactly_as_dense(name, arch):
+    model = MODELS[arch]()
+    ids, mask = prompt(B=2, pad=7)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    with attnsieve.patched(model, "dense", kv=name, kv_budget=1.0):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_eviction_frees_memory_and_keeps_the_budget(name):
+    model = tiny_llama()
+    ids, _ = prompt(T=200)
+    with attnsieve.patched(model, "dense", kv=name, kv_budget=0.25) as p:
+        cache = model(ids, use_cache=True).cache
+    assert cache.get_seq_length() == 200  # tokens seen: generate's positions stay right
+    lengths = [row.numel() for layer in cache.layers for row in layer.kv.pos]
+    per_token = sum(layer.kv.keys[0].shape[-1] * 4 * 2 + 4 for layer in cache.layers)  # k + v fp32, int32 pos
+    assert sum(lengths) * per_token / len(cache.layers) == pytest.approx(cache.nbytes(), rel=0.05)
+    if name == "adakv":  # heads share the layer's budget unevenly
+        assert all(sum(r.numel() for r in layer.kv.pos) <= 2 * 50 for layer in cache.layers)
+    elif name != "pyramidkv":  # pyramidkv shares one budget unevenly across layers
+        assert max(lengths) <= math.ceil(0.25 * 200)
+    assert cache.nbytes() <= 0.27 * cache.dense_nbytes()
+    for layer in cache.layers:  # tensor sizes, not masks
+        assert [t.shape[0] for t in layer.kv.keys] == [r.numel() for r in layer.kv.pos]
+    assert p.stats.density("prefill") == pytest.approx(1.0)
+
+
+def test_sliding_layers_keep_exactly_their_window():
+    model = tiny_gemma3(sliding_window=24)
+    ids, _ = prompt(T=100)
+    with attnsieve.patched(model, "dense", kv="snapkv", kv_budget=0.5):
+        cache = model(ids, use_cache=True).cache
+    for layer in cache.layers:
+        pos = layer.kv.pos[0]
+        if layer.kv.window is not None:
+            assert pos.tolist() == list(range(100 - 23, 100))
+        else:
+            assert pos.numel() == 50 and pos[0] == 0  # the first token is always kept
+    assert cache.nbytes(compressed_only=True) <= 0.52 * cache.dense_nbytes(compressed_only=True)
+
+
+def test_decoding_over_an_evicted_cache_equals_dense_attention_over_the_kept_keys():
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, T, D = 2, 4, 2, 80, 16
+    q, k, v = torch.randn(B, H, T + 1, D, generator=g), torch.randn(B, Hkv, T + 1, D, generator=g), torch.randn(
+        B, Hkv, T + 1, D, generator=g
+    )
+    policy = make_policy("snapkv", 0.3, kv_window=8)
+    layer = policy.layer(0)
+
+    def exact(qq, kk, vv):
+        out, lse = dense_attention(qq, kk, vv, causal=True, scale=0.25)
+        return attnsieve.methods.AttnOutput(out, 0, lse=lse)
+
+    layer.attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], None, 0.25, exact)
+    kept = [p.long() for p in layer.pos]  # per row
+    out, _ = layer.attend(q[:, :, T:], k[:, :, T:], v[:, :, T:], None, 0.25, exact)
+    allowed = torch.zeros(B, Hkv, T + 1, dtype=torch.bool)
+    for r, p in enumerate(kept):
+        allowed[r // Hkv, r % Hkv, p] = True
+    allowed[:, :, T] = True
+    mask = allowed[:, :, None, :]  # [B, Hkv, 1, T+1]: per KV head, shared by its query heads
+    ref, _ = dense_attention(q[:, :, T:], k, v, causal=True, scale=0.25, mask=mask)
+    assert_close(out, ref)
+
+
+def test_streaming_keeps_sinks_and_the_most_recent_tokens():
+    model = tiny_llama()
+    ids, _ = prompt(T=100)
+    with attnsieve.patched(model, "dense", kv="streaming", kv_budget=0.2, kv_sink=4):
+        cache = model(ids, use_cache=True).cache
+    assert cache.layers[0].kv.pos[0].tolist() == [0, 1, 2, 3, *range(84, 100)]
+
+
+def test_snapkv_scores_equal_a_naive_computation():
+    g = torch.Generator().manual_seed(1)
+    B, H, Hkv, T, D, w = 1, 4, 2, 50, 8, 6
+    q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D)
+    layer = make_policy("snapkv", 0.4, kv_window=w, kv_kernel=3, kv_pooling="avg", kv_sink=1).layer(0)
+
+    def exact(qq, kk, vv):
+        out, lse = dense_attention(qq, kk, vv, causal=True, scale=0.3)
+        return attnsieve.methods.AttnOutput(out, 0, lse=lse)
+
+    layer.attend(q, k, v, None, 0.3, exact)
+    for h in range(Hkv):
+        s = torch.zeros(T)
+        for g_ in range(H // Hkv):
+            qh = q[0, h * (H // Hkv) + g_]
+            for i in range(T - w, T):
+                p = torch.softmax((qh[i] @ k[0, h, : i + 1].T) * 0.3, -1)
+                s[: i + 1] += p
+        s = torch.nn.functional.avg_pool1d(s[None, None], 3, 1, 1)[0, 0]
+        s[T - w :] = float("inf")
+        s[0] = float("inf")
+        want = torch.topk(s, 20).indices.sort().values
+        assert layer.pos[h].long().tolist() == want.tolist()
+
+
+def test_h2o_accumulated_scores_equal_column_sums():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 1, 40, 8, generator=g), torch.randn(1, 1, 40, 8)
+    layer = make_policy("h2o", 1.0).layer(0)  # budget 1: nothing evicted, scores still tracked
+    layer.policy.budget = 0.999  # compress runs, keeps all 40 (ceil)
+
+    def exact(qq, kk, vv):
+        out, lse = dense_attention(qq, kk, vv, causal=True, scale=0.35)
+        return attnsieve.methods.AttnOutput(out, 0, lse=lse)
+
+    layer.attend(q, k, v, None, 0.35, exact)
+    full = torch.softmax(
+        (q[0] @ k[0, 0].T * 0.35).masked_fill(~torch.ones(40, 40, dtype=torch.bool).tril(), float("-inf")), -1
+    )
+    assert_close(layer.acc[0], full.sum(dim=(0, 1)), atol=1e-5, rtol=1e-5)
+
+
+def test_adakv_gives_heads_different_lengths_stored_as_separate_tensors():
+    g = torch.Generator().manual_seed(3)
+    B, H, Hkv, T, D = 1, 2, 2, 120, 16
+    q, k, v = torch.randn(B, H, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g), torch.randn(B, Hkv, T, D)
+    k[0, 0, 40] *= 0  # head 0: one planted key takes all the attention of the window
+    q[0, 0] = 0
+    q[0, 0, :, 0] = 30.0
+    k[0, 0, 40, 0] = 30.0
+    layer = make_policy("adakv", 0.25, kv_window=4, kv_kernel=1).layer(0)
+
+    def exact(qq, kk, vv):
+        out, lse = dense_attention(qq, kk, vv, causal=True)
+        return attnsieve.methods.AttnOutput(out, 0, lse=lse)
+
+    layer.attend(q, k, v, None, D**-0.5, exact)
+    n0, n1 = layer.pos[0].numel(), layer.pos[1].numel()
+    assert n0 + n1 == 2 * 30 and n0 != n1
+    assert layer.keys[0].shape[0] == n0 and layer.keys[1].shape[0] == n1
+    assert 40 in layer.pos[0].tolist()
+
+
+def test_pyramid_budgets_shrink_with_depth_and_average_the_budget():
+    f = layer_fractions(0.2, 10, 20.0)
+    assert f == sorted(f, reverse=True)
+    assert sum(f) / 10 == pytest.approx(0.2)
+
+
+def test_chunked_prefill_keeps_kv_memory_near_the_budget_and_is_exact_at_budget_one():
+    model = tiny_llama()
+    ids, _ = prompt(T=240)
+    full = model(ids).logits[:, -1]
+    with attnsieve.patched(model, "dense", kv="snapkv", kv_budget=1.0) as p:
+        cache = p.new_cache()
+        for s in range(0, 240, 60):
+            out = model(ids[:, s : s + 60], cache=cache, use_cache=True)
+    assert_close(out.logits[:, -1], full, atol=1e-4, rtol=1e-4)
+    peak = 0
+    with attnsieve.patched(model, "dense", kv="snapkv", kv_budget=0.25) as p:
+        cache = p.new_cache()
+        for s in range(0, 240, 60):
+            model(ids[:, s : s + 60], cache=cache, use_cache=True)
+            peak = max(peak, cache.nbytes())
+    assert cache.get_seq_length() == 240
+    assert peak <= 0.3 * cache.dense_nbytes()
+
+
+def test_policy_errors_are_clear():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="need a KV-cache policy"):
+        attnsieve.patch(model, "dense", kv_budget=0.5)
+    with pytest.raises(ValueError, match="unknown KV-cache policy 'nope'"):
+        attnsieve.patch(model, "dense", kv="nope")
+    with pytest.raises(ValueError, match=r"kv_budget must be in \(0, 1\], got 1.5"):
+        attnsieve.patch(model, "dense", kv="snapkv", kv_budget=1.5)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        attnsieve.patch(model, "dense", kv="snapkv", kv_bits=4)
+    with pytest.raises(ValueError, match="kv_window must be >= 1"):
+        attnsieve.patch(model, "dense", kv="snapkv", kv_window=0)
+    assert model.config._attn_implementation == "sdpa"  # nothing left patched
+
+
+def test_sparse_prefill_method_combines_with_a_policy():
+    model = tiny_gemma3()
+    ids, _ = prompt(T=200)
+    with attnsieve.patched(model, "block-topk", density=0.3, block_size=16, kv="snapkv", kv_budget=0.3) as p:
+        out = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 205)
+    assert p.stats.density("prefill") < 0.6
+    assert p.stats.density("decode") is not None
+
+
+def test_layer_kv_base_class_keeps_everything():
+    layer = LayerKV(0)
+    k = torch.randn(1, 1, 10, 4)
+    layer.attend(k, k, k, None, 0.5, lambda q, kk, vv: attnsieve.methods.AttnOutput(*dense_attention(q, kk, vv)[:1], 0,
+                                                                                    lse=dense_attention(q, kk, vv)[1]))
+    assert layer.pos[0].tolist() == list(range(10))
