@@ -380,6 +380,77 @@ def bench_prefill_cmd(
     _print_json({"command": "bench prefill", "model": model, **r}, seed)
 
 
+@bench_app.command("decode")
+def bench_decode_cmd(
+    model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
+    kv: Annotated[str, typer.Option(help="KV-cache policy (attnsieve methods --kv lists them)")] = "snapkv",
+    kv_budget: Annotated[float | None, typer.Option(help="fraction of the dense cache kept, in (0, 1]")] = 0.25,
+    length: Annotated[int, typer.Option(help="prompt length in tokens")] = 4096,
+    steps: Annotated[int, typer.Option(help="decoding steps timed after the prefill")] = 32,
+    method: Annotated[str, typer.Option(help="prefill method (registered name)")] = "dense",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="method or policy parameter key=value")] = None,
+    seed: Annotated[int, typer.Option(help="random seed of the prompt")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
+):
+    """Decoding with a KV-cache policy against transformers' DynamicCache: ms per step and cache bytes."""
+    from attnsieve.cache import make_policy
+    from attnsieve.eval.bench import bench_decode
+    from attnsieve.methods import make, parse_params
+
+    sets = _parse_sets(set_ or [])
+    kv_sets = {k: v for k, v in sets.items() if k.startswith("kv_")}
+    params = parse_params(method, {k: v for k, v in sets.items() if not k.startswith("kv_")})
+    make(method, **params)
+    kv_params = _parse_policy_params(kv, kv_sets)
+    make_policy(kv, kv_budget, **kv_params)
+    limit = _model_context(model)
+    if not 64 <= length <= limit:
+        raise ValueError(f"--length must be in [64, {limit}] for this model, got {length}")
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    _threads(threads)
+
+    from attnsieve.models import load
+
+    with err.status(f"loading {model}"):
+        mdl, tok = load(model)
+    with err.status(f"prefill {length} tokens + {steps} steps: DynamicCache, then {kv}"):
+        r = bench_decode(mdl, tok, kv, kv_budget, length, steps=steps, method=method,
+                         params={**params, **kv_params}, seed=seed)
+    if not as_json:
+        table = Table("policy", "budget", "dense ms/step", "ms/step", "dense MB", "MB", "compressed layers",
+                      "tokens agree")
+        table.add_row(kv, str(kv_budget), f"{r['dense_ms']:.1f}", f"{r['ms']:.1f}", f"{r['dense_bytes'] / 2**20:.1f}",
+                      f"{r['bytes'] / 2**20:.1f}", f"{r['compressed_layers_ratio']:.3f}x",
+                      f"{r['token_agreement']:.2f}")
+        out.print(table)
+    _print_json({"command": "bench decode", "model": model, **r}, seed)
+
+
+def _parse_policy_params(kv: str, raw: dict[str, str]) -> dict:
+    """Typed policy parameters from --set kv_key=value strings."""
+    import dataclasses
+
+    from attnsieve.cache import policy_class
+
+    fields = {f.name: f for f in dataclasses.fields(policy_class(kv).Params)}
+    typed = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ValueError(f"unknown parameter {key!r} for KV policy {kv!r}; it takes {sorted(fields)}")
+        default = getattr(policy_class(kv).Params(), key)
+        if isinstance(default, bool):
+            typed[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            typed[key] = int(value)
+        elif isinstance(default, float):
+            typed[key] = float(value)
+        else:
+            typed[key] = value
+    return typed
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for bad input."""
     try:

@@ -93,3 +93,54 @@ def bench_prefill(model, tok, method: str, length: int, *, params: dict | None =
         "length": length, "method": method, "params": params or {}, "dense_s": dense_s, "exact_s": exact_s,
         "s": method_s, "speedup": dense_s / method_s, "exact_speedup": dense_s / exact_s, "density": density,
     }
+
+
+@torch.no_grad()
+def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, steps: int = 32,
+                 method: str = "dense", params: dict | None = None, seed: int = 0) -> dict:
+    """One prefill of `length` tokens, then `steps` greedy decoding steps; policy cache vs DynamicCache.
+
+    Both runs decode the same prompt in the same process; bytes are the tensors each cache holds
+    after the last step (for the policy: every row it really stores, metadata included).
+    """
+    from attnsieve.eval.tasks import make_passkey
+    from attnsieve.integrations.hf import patched
+
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    ids = make_passkey(tok, length, 0.5, seed).input_ids
+
+    def run():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        tokens = []
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = model(nxt, cache=cache, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(int(nxt))
+        return (time.perf_counter() - t0) / steps, cache, tokens
+
+    run_short = ids[:, : min(length, 256)]
+    model(run_short, use_cache=True, logits_to_keep=1)  # warm-up
+    dense_step, dense_cache, dense_tokens = run()
+    dense_bytes = sum(
+        (layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size())
+        for layer in dense_cache.layers
+    )
+    with patched(model, method, kv=kv, kv_budget=kv_budget, **(params or {})) as p:
+        step, cache, tokens = run()
+        stats = p.stats
+        decode_density = stats.density("decode")
+    agree = sum(a == b for a, b in zip(tokens, dense_tokens, strict=True)) / steps
+    return {
+        "length": length, "steps": steps, "kv": kv, "kv_budget": kv_budget, "method": method,
+        "params": params or {}, "dense_ms": 1000 * dense_step, "ms": 1000 * step,
+        "dense_bytes": dense_bytes, "bytes": cache.nbytes(),
+        "dense_bytes_compressed_layers": cache.dense_nbytes(compressed_only=True),
+        "bytes_compressed_layers": cache.nbytes(compressed_only=True),
+        "bytes_ratio": cache.nbytes() / dense_bytes,
+        "compressed_layers_ratio": cache.nbytes(compressed_only=True) / cache.dense_nbytes(compressed_only=True),
+        "token_agreement": agree, "decode_density": decode_density,
+    }
