@@ -255,6 +255,8 @@ def eval_cmd(
     seed: Annotated[int, typer.Option(help="random seed (task generation)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     ray: Annotated[str | None, typer.Option("--ray", help="Ray address, 'auto', or 'local' (ray extra)")] = None,
+    kv: Annotated[str | None, typer.Option(help="comma-separated KV-cache policies, each with every method")] = None,
+    kv_budget: Annotated[str | None, typer.Option(help="comma-separated KV budgets in (0, 1] for --kv")] = None,
 ):
     """Evaluate methods on long-context tasks: accuracy, fidelity to dense, time and memory."""
     from attnsieve.eval.runner import EvalSpec
@@ -267,12 +269,21 @@ def eval_cmd(
         lens = [int(x) for x in lengths.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
-    sets = {m: parse_params(m, kv) for m, kv in _parse_method_sets(set_ or []).items()}
+    from attnsieve.cache import policy_names
+
+    kvs = [x.strip() for x in kv.split(",") if x.strip()] if kv else None
+    raw_sets = _parse_method_sets(set_ or [])
+    kv_sets = {n: _parse_policy_params(n, raw_sets.pop(n)) for n in list(raw_sets) if n in policy_names()}
+    stray = sorted(set(kv_sets) - set(kvs or []))
+    if stray:
+        raise ValueError(f"--set names KV polic(ies) not being run: {', '.join(stray)}")
+    sets = {m: parse_params(m, vals) for m, vals in raw_sets.items()}
     spec = EvalSpec(
         model=model, methods=[m.strip() for m in methods.split(",") if m.strip()],
         tasks=[t.strip() for t in tasks.split(",") if t.strip()], lengths=lens, samples=samples, out=out_dir,
         densities=_float_list(density, "--density") if density else None, sets=sets, haystack=haystack,
-        seed=seed, command="attnsieve " + " ".join(sys.argv[1:]),
+        seed=seed, command="attnsieve " + " ".join(sys.argv[1:]), kv=kvs,
+        kv_budgets=_float_list(kv_budget, "--kv-budget") if kv_budget else None, kv_sets=kv_sets,
     )
     limit = _model_context(model)
     for n in lens:

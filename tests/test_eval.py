@@ -141,3 +141,20 @@ def test_ray_agrees_with_in_process(tmp_path, model, tok, monkeypatch):
         assert a[k]["kl"] == pytest.approx(b[k]["kl"], abs=1e-6)
         assert a[k]["top1_agree"] == b[k]["top1_agree"]
         assert json.dumps(a[k]["output"]) == json.dumps(b[k]["output"])
+
+
+def test_grid_with_kv_policies_reports_their_bytes_and_decode_time(tmp_path, model, tok):
+    rows = run_grid(model, tok, spec(tmp_path, methods=["dense"], tasks=["passkey"], samples=1, lengths=[400],
+                                     kv=["snapkv", "streaming"], kv_budgets=[0.25]))
+    by = {r["config"]: r for r in rows}
+    assert set(by) == {"dense", "dense+snapkv@0.25", "dense+streaming@0.25"}
+    dense = by["dense"]
+    for label in ("dense+snapkv@0.25", "dense+streaming@0.25"):
+        r = by[label]
+        assert r["kv"] == label.split("+")[1].split("@")[0] and r["kv_budget"] == 0.25
+        assert r["kv_cache_bytes"] < dense["kv_cache_bytes"]
+        assert r["decode_ms_per_token"] is not None
+    with pytest.raises(ValueError, match="--kv-budget needs --kv"):
+        spec(tmp_path, kv_budgets=[0.5])
+    with pytest.raises(ValueError, match="kv_budget must be in"):
+        spec(tmp_path, kv=["snapkv"], kv_budgets=[2.0])

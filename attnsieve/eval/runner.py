@@ -35,12 +35,40 @@ RESULTS = "results.jsonl"
 
 @dataclass(frozen=True)
 class MethodConfig:
-    label: str  # "dense", or "name[key=value,...]" listing the parameters set
+    label: str  # "dense", or "name[key=value,...]" listing the parameters set, "+policy@budget" with a KV policy
     method: str
     params: tuple[tuple[str, Any], ...]
+    kv: str | None = None  # decoding-cache policy (None: transformers' DynamicCache)
+    kv_budget: float | None = None
+    kv_params: tuple[tuple[str, Any], ...] = ()
 
     def make(self):
         return make(self.method, **dict(self.params))
+
+    def patch_kwargs(self) -> dict[str, Any]:
+        return {} if self.kv is None else {"kv": self.kv, "kv_budget": self.kv_budget, **dict(self.kv_params)}
+
+
+def with_policies(
+    configs: list[MethodConfig], kvs: list[str] | None, budgets: list[float] | None,
+    kv_sets: dict[str, dict[str, Any]] | None = None,
+) -> list[MethodConfig]:
+    """Each configuration as given (DynamicCache) plus, for every policy and budget, with that policy."""
+    from attnsieve.cache import make_policy
+
+    if budgets and not kvs:
+        raise ValueError("--kv-budget needs --kv POLICY[,POLICY]")
+    out = list(configs)
+    for kv in kvs or []:
+        params = (kv_sets or {}).get(kv, {})
+        for b in budgets or [None]:
+            make_policy(kv, b, **params)  # validate now, before any model work
+            items = tuple(sorted(params.items()))
+            extra = f"[{','.join(f'{k}={v}' for k, v in items)}]" if items else ""
+            for c in configs:
+                label = f"{c.label}+{kv}{extra}@{b if b is not None else 1.0}"
+                out.append(MethodConfig(label, c.method, c.params, kv, b, items))
+    return out
 
 
 def expand_configs(
@@ -81,6 +109,9 @@ class EvalSpec:
     haystack: str = "repeat"
     seed: int = 0
     command: str = ""
+    kv: list[str] | None = None  # KV-cache policies, each run with every method configuration
+    kv_budgets: list[float] | None = None
+    kv_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         known = [*TASKS, PPL]
@@ -92,7 +123,9 @@ class EvalSpec:
         for n in self.lengths:
             if n < 64:
                 raise ValueError(f"length must be >= 64 tokens, got {n}")
-        self.configs = expand_configs(self.methods, self.densities, self.sets)
+        self.configs = with_policies(
+            expand_configs(self.methods, self.densities, self.sets), self.kv, self.kv_budgets, self.kv_sets
+        )
 
     def inputs(self) -> list[tuple[str, int, int]]:
         return [(t, n, i) for t in self.tasks for n in self.lengths for i in range(self.samples)]
@@ -144,7 +177,7 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
         if tick:
             tick(f"{task} {length} #{i}: {cfg.label}")
         method = cfg.make()
-        with PeakRSS() as mem, patched(model, method) as p:
+        with PeakRSS() as mem, patched(model, method, **cfg.patch_kwargs()) as p:
             if sample is None:
                 ppl, prefill_s = _timed_ppl(model, ids)
                 gen = None
@@ -160,6 +193,7 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
             "density": p.stats.density(), "local_density": p.stats.local_density(),
             "prefill_s": prefill_s, "dense_prefill_s": stock_s, "prefill_ratio": prefill_s / stock_s,
             "estimate_s": p.stats.estimate_s(), "peak_mem_mb": mem.peak_mb,
+            "kv": cfg.kv, "kv_budget": cfg.kv_budget, "kv_params": dict(cfg.kv_params),
         }
         if sample is None:
             row.update(correct=None, ppl=ppl, dense_ppl=dense_ppl, kl=None, top1_agree=None,
