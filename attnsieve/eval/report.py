@@ -374,12 +374,15 @@ def write_report(rows: Sequence[dict], out_dir, command: str) -> Path:
     if not summary:
         md += ["No results.", ""]
     ppl_tasks = {t: ss for t, ss in tasks.items() if _is_ppl_task(ss)}
+    # runs with KV-cache policies also show what decoding keeps in memory and how fast it steps
+    kv_cols = [("KV bytes", "kv_cache_bytes"), ("decode ms/token", "decode_ms_per_token")] if any(
+        r.get("kv") for r in rows) else []
     for task, ss in tasks.items():
         if task in ppl_tasks:
             continue
         md += [f"### {task}", "", markdown_table(ss, [("config", "config"), *haystack, ("length", "length"),
                ("n", "n"), ("accuracy", "accuracy"), ("measured density", "density"),
-               ("prefill_ratio", "prefill_ratio"), ("KL", "kl"), ("top-1 agreement", "top1_agree")])]
+               ("prefill_ratio", "prefill_ratio"), ("KL", "kl"), ("top-1 agreement", "top1_agree"), *kv_cols])]
     for task, ss in ppl_tasks.items():
         md += [f"### Perplexity: {task}", "", markdown_table(ss, [("config", "config"), *haystack,
                ("length", "length"), ("n", "n"), ("ppl", "ppl"), ("dense ppl", "dense_ppl"),
