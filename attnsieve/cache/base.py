@@ -208,6 +208,7 @@ class KVPolicy:
         if budget is not None and not 0 < budget <= 1:
             raise ValueError(f"kv_budget must be in (0, 1], got {budget}")
         self.budget = 1.0 if budget is None else float(budget)
+        self.budget_given = budget is not None
         self.params = self.Params() if params is None else params
         self.n_layers = n_layers
 
