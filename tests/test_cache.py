@@ -258,3 +258,41 @@ def test_quantising_policies_at_8_bits_agree_with_dense_and_shrink_memory(name):
         stored = sum(int(n.sum()) for n in cache.stored_tokens().values())
         assert stored == 363 * len(cache.layers) * 2  # nothing evicted; the last token is never fed back
     assert errors[8] < errors[4] < errors[2] < 0.5
+
+
+@pytest.mark.parametrize("name", [n for n in POLICIES if policy_class(n).kind == "selection"])
+def test_selection_policies_read_about_their_budget_and_evict_nothing(name):
+    model = tiny_llama()
+    ids, _ = prompt(T=320)
+    with attnsieve.patched(model, "dense", kv=name, kv_budget=0.25) as p:
+        out = model.generate(ids, max_new_tokens=12, do_sample=False, return_dict_in_generate=True)
+    assert all(int(n.sum()) == 2 * 331 for n in out.cache.stored_tokens().values())  # everything kept
+    assert 0.2 <= p.stats.density("decode") <= 0.45
+
+
+def test_quest_step_equals_attention_over_each_heads_top_pages():
+    g = torch.Generator().manual_seed(5)
+    H, T, D, P = 2, 70, 8, 16
+    q, k, v = torch.randn(1, H, T + 1, D, generator=g), torch.randn(1, 1, T + 1, D, generator=g), torch.randn(
+        1, 1, T + 1, D, generator=g
+    )
+    layer = make_policy("quest", 0.5, kv_page=P).layer(0)
+
+    def exact(qq, kk, vv):
+        out, lse = dense_attention(qq, kk, vv, causal=True, scale=0.3)
+        return attnsieve.methods.AttnOutput(out, 0, lse=lse)
+
+    layer.attend(q[:, :, :T], k[:, :, :T], v[:, :, :T], None, 0.3, exact)
+    out, _ = layer.attend(q[:, :, T:], k[:, :, T:], v[:, :, T:], None, 0.3, exact)
+    for h in range(H):
+        qh = q[0, h, T]
+        kp = k[0, 0, : 64].view(4, P, D)
+        bound = (torch.maximum(qh * kp.amin(1), qh * kp.amax(1))).sum(-1)
+        pages = bound.topk(math.ceil(0.5 * T / P) - 1).indices
+        keep = torch.zeros(T + 1, dtype=torch.bool)
+        for pg in pages.tolist():
+            keep[pg * P : (pg + 1) * P] = True
+        keep[64:] = True  # the partial page and the new token
+        s = (k[0, 0][keep] @ qh) * 0.3
+        ref = torch.softmax(s, -1) @ v[0, 0][keep]
+        assert_close(out[0, h, 0], ref)
