@@ -97,6 +97,36 @@ def methods_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@app.command("policies")
+def policies_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the README's KV-policy table")] = False,
+):
+    """List the registered KV-cache policies (patch(kv=...), eval --kv, bench decode --kv)."""
+    from attnsieve.cache import describe_policy, policy_names
+
+    rows = [describe_policy(n) for n in policy_names()]
+    if as_json:
+        _print_json({"policies": rows}, None)
+        return
+    if markdown:
+        print(policies_markdown(rows))
+        return
+    table = Table("policy", "kind (what kv_budget counts)", "parameters (defaults)")
+    for r in rows:
+        table.add_row(r["name"], r["kind"], ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-")
+    out.print(table)
+
+
+def policies_markdown(rows: list[dict]) -> str:
+    """The KV-policy table of the README, generated from the registry."""
+    lines = ["| policy | kind | parameters (defaults) | what it does |", "|---|---|---|---|"]
+    for r in rows:
+        params = ", ".join(f"`{k}={v}`" for k, v in r["params"].items()) or "-"
+        lines.append(f"| `{r['name']}` | {r['kind']} | {params} | {r['summary']} |")
+    return "\n".join(lines)
+
+
 @app.command("generate")
 def generate_cmd(
     method: Annotated[str, typer.Option(help="registered method name (see `attnsieve methods`)")] = "dense",
@@ -394,7 +424,7 @@ def bench_prefill_cmd(
 @bench_app.command("decode")
 def bench_decode_cmd(
     model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
-    kv: Annotated[str, typer.Option(help="KV-cache policy (attnsieve methods --kv lists them)")] = "snapkv",
+    kv: Annotated[str, typer.Option(help="KV-cache policy (attnsieve policies lists them)")] = "snapkv",
     kv_budget: Annotated[float | None, typer.Option(help="fraction of the dense cache kept, in (0, 1]")] = 0.25,
     length: Annotated[int, typer.Option(help="prompt length in tokens")] = 4096,
     steps: Annotated[int, typer.Option(help="decoding steps timed after the prefill")] = 32,
@@ -451,12 +481,22 @@ def _parse_policy_params(kv: str, raw: dict[str, str]) -> dict:
         if key not in fields:
             raise ValueError(f"unknown parameter {key!r} for KV policy {kv!r}; it takes {sorted(fields)}")
         default = getattr(policy_class(kv).Params(), key)
-        if isinstance(default, bool):
+        if default is None:  # optional numeric parameters (kv_bits=None): the value's own type
+            for cast in (int, float):
+                try:
+                    typed[key] = cast(value)
+                    break
+                except ValueError:
+                    continue
+            else:
+                typed[key] = None if value.lower() == "none" else value
+        elif isinstance(default, bool):
             typed[key] = value.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            typed[key] = int(value)
-        elif isinstance(default, float):
-            typed[key] = float(value)
+        elif isinstance(default, (int, float)):
+            try:
+                typed[key] = type(default)(value)
+            except ValueError:
+                raise ValueError(f"{key} expects a {type(default).__name__}, got {value!r}") from None
         else:
             typed[key] = value
     return typed
