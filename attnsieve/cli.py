@@ -135,11 +135,14 @@ def generate_cmd(
     prompt: Annotated[str | None, typer.Option(help="prompt text")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help="file holding the prompt")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (>= 1)")] = 32,
+    kv: Annotated[str | None, typer.Option(help="KV-cache policy for decoding (see `attnsieve policies`)")] = None,
+    kv_budget: Annotated[float | None, typer.Option(help="fraction of the dense cache kept, in (0, 1]")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
 ):
     """Generate a greedy continuation with a method patched into the model's attention."""
+    from attnsieve.cache import make_policy
     from attnsieve.methods import make, parse_params
 
     if (prompt is None) == (prompt_file is None):
@@ -150,10 +153,18 @@ def generate_cmd(
         if not prompt_file.is_file():
             raise ValueError(f"--prompt-file {str(prompt_file)!r} does not exist")
         prompt = prompt_file.read_text()
-    params = parse_params(method, _parse_sets(set_ or []))
+    sets = _parse_sets(set_ or [])
+    kv_params = {k: v for k, v in sets.items() if k.startswith("kv_")}
+    if kv is None and (kv_params or kv_budget is not None):
+        raise ValueError("--kv-budget and kv_* parameters need --kv POLICY")
+    kv_params = _parse_policy_params(kv, kv_params) if kv else {}
+    if kv:
+        make_policy(kv, kv_budget, **kv_params)
+    params = parse_params(method, {k: v for k, v in sets.items() if not k.startswith("kv_")})
     method_obj = make(method, **params)  # validate before the slow model load
     _threads(threads)
     _seed(seed)
+    kv_kwargs = {} if kv is None else {"kv": kv, "kv_budget": kv_budget, **kv_params}
 
     from attnsieve.eval.generation import greedy
     from attnsieve.integrations.hf import patched
@@ -165,13 +176,14 @@ def generate_cmd(
     limit = mdl.config.get_text_config().max_position_embeddings
     if ids.input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({ids.input_ids.shape[1]} tokens) + {max_new_tokens} exceeds the context ({limit})")
-    with patched(mdl, method_obj) as p, err.status(f"generating with {method}"):
+    with patched(mdl, method_obj, **kv_kwargs) as p, err.status(f"generating with {method}"):
         gen = greedy(mdl, tok, ids.input_ids, max_new_tokens)
     summary = p.stats.summary()
     if as_json:
         _print_json(
             {"method": method, "params": params, "prompt_tokens": ids.input_ids.shape[1], "text": gen.text,
-             "prefill_s": gen.prefill_s, "decode_s": gen.decode_s, "density": summary["density"]},
+             "prefill_s": gen.prefill_s, "decode_s": gen.decode_s, "density": summary["density"],
+             "kv": kv, "kv_budget": kv_budget, "kv_params": kv_params, "kv_cache_bytes": gen.kv_cache_bytes},
             seed,
         )
     else:

@@ -87,3 +87,17 @@ def test_bench_kernel_json():
     fields = {"dense_s", "sparse_s", "speedup", "measured_density", "estimate_s", "versions", "threads", "seed"}
     assert fields <= doc.keys()
     assert 0 < doc["measured_density"] <= 1 and doc["speedup"] > 0
+
+
+def test_readme_policies_table_matches_registry():
+    from pathlib import Path
+
+    from attnsieve.cache import describe_policy, policy_names
+    from attnsieve.cli import policies_markdown
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("<!-- policies-table:start -->") + len("<!-- policies-table:start -->")
+    table = readme[start : readme.index("<!-- policies-table:end -->")].strip()
+    assert table == policies_markdown([describe_policy(n) for n in policy_names()]), (
+        "README policies table is stale: paste `python -m attnsieve policies --markdown`"
+    )
