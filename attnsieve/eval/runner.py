@@ -173,6 +173,7 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
         target = sample.meta.get("target", " " + ", ".join(sample.answers))
         ref = dense_reference(model, ids, encode(tok, target))
     rows, exact_s = [], None
+    fidelity_of: dict[tuple, dict] = {}  # a KV policy changes decoding only: prefill fidelity is shared
     for cfg in configs:
         if tick:
             tick(f"{task} {length} #{i}: {cfg.label}")
@@ -199,7 +200,10 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
             row.update(correct=None, ppl=ppl, dense_ppl=dense_ppl, kl=None, top1_agree=None,
                        layer_rel_err={}, mass_covered=None, decode_ms_per_token=None, kv_cache_bytes=None)
         else:
-            fid = method_fidelity(model, method, ref)
+            key = (cfg.method, cfg.params)
+            if key not in fidelity_of:
+                fidelity_of[key] = method_fidelity(model, method, ref)
+            fid = fidelity_of[key]
             row.update(
                 correct=score_contains(gen.text, sample.answers), output=gen.text, answers=sample.answers,
                 decode_ms_per_token=gen.decode_ms_per_token, kv_cache_bytes=gen.kv_cache_bytes, **fid,
