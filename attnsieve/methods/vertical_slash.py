@@ -185,44 +185,54 @@ def make_grid(Tq: int, Tk: int, bs: int, key_valid, window, B: int, device) -> _
 
 
 class _Choice:
-    """A chunk's ranked columns and diagonals; the support for any (columns, diagonals) counts."""
+    """A chunk's ranked columns and diagonals; the support and its cell count for any budget."""
 
     def __init__(self, vscore: torch.Tensor, sscore: torch.Tensor, grid: _Grid, j0: int, j1: int, bs: int):
-        self.v_val, self.v_pos = vscore.sort(dim=-1, descending=True)  # [B, H, Lv]
-        self.s_val, self.s_off = sscore.sort(dim=-1, descending=True)  # [B, H, Ls]
-        self.n_k, self.bs = grid.layout.n_k, bs
-        diff = grid.abs_qb[j0:j1, None] - torch.arange(self.n_k, device=vscore.device)[None, :]  # [nj, NK]
-        self.diff = torch.where(diff >= 0, diff, self.n_k)  # block offset of (query block, key block); n_k: none
-        self.allowed = grid.layout.allowed[:, None, j0:j1]  # [B, 1, nj, NK]
-        self.cellw = grid.cellw[:, None, j0:j1]  # [B, 1, nj, NK]
-        self.rows = grid.rows[:, None, j0:j1, None]  # [B, 1, nj, 1]
+        dev = vscore.device
+        n_k = grid.layout.n_k
+        v_val, self.v_pos = vscore.sort(dim=-1, descending=True)  # [B, H, Lv]
+        s_val, s_off = sscore.sort(dim=-1, descending=True)  # [B, H, Ls]
+        B, H, Ls = s_off.shape
+        self.v_ok = v_val > float("-inf")
+        self.v_blk = torch.where(self.v_ok, self.v_pos // bs, n_k)  # key block of each ranked column
+        # A diagonal at offset o covers block offsets floor(o / bs) and ceil(o / bs); `first` is the
+        # best rank of a diagonal covering each block offset, so the top ns cover {first < ns}.
+        rank = torch.arange(Ls, device=dev).expand(B, H, Ls)
+        rank = torch.where(s_val > float("-inf"), rank, Ls)
+        first = torch.full((B, H, n_k + 1), Ls, dtype=torch.long, device=dev)
+        first.scatter_reduce_(-1, (s_off // bs).clamp_max(n_k), rank, reduce="amin")
+        first.scatter_reduce_(-1, cdiv_t(s_off, bs).clamp_max(n_k), rank, reduce="amin")
+        first[..., n_k] = Ls  # slot n_k: "no block offset"
+        diff = grid.abs_qb[j0:j1, None] - torch.arange(n_k, device=dev)[None, :]  # [nj, NK]
+        diff = torch.where(diff >= 0, diff, n_k)
+        allowed = grid.layout.allowed[:, None, j0:j1]  # [B, 1, nj, NK]
+        self.first = first[:, :, diff].masked_fill(~allowed, Ls)  # [B, H, nj, NK] rank covering the block
+        self.cellw = grid.cellw[:, None, j0:j1]  # [B, 1, nj, NK] (zero where not allowed)
+        self.roww = grid.rows[:, None, j0:j1, None] * allowed  # [B, 1, nj, NK] rows a column adds cells to
+        self.n_k = n_k
 
     def blocks(self, ns: torch.Tensor) -> torch.Tensor:
         """[B, H, nj, NK] key blocks covered by the top-ns diagonals (ns: [B])."""
-        B, H, Ls = self.s_off.shape
-        take = (torch.arange(Ls, device=ns.device) < ns[:, None, None]) & (self.s_val > float("-inf"))
-        lo = torch.where(take, self.s_off // self.bs, self.n_k)
-        hi = torch.where(take, cdiv_t(self.s_off, self.bs).clamp_max(self.n_k), self.n_k)
-        offs = torch.zeros(B, H, self.n_k + 1, dtype=torch.bool, device=ns.device)
-        offs.scatter_(-1, lo, True).scatter_(-1, hi, True)
-        offs[..., self.n_k] = False
-        return offs[:, :, self.diff] & self.allowed
+        return self.first < ns[:, None, None, None]
 
     def columns(self, nv: torch.Tensor) -> torch.Tensor:
         """[B, H, Lv] key positions of the top-nv columns (-1 elsewhere), nv: [B]."""
-        Lv = self.v_pos.shape[-1]
-        take = (torch.arange(Lv, device=nv.device) < nv[:, None, None]) & (self.v_val > float("-inf"))
+        take = (torch.arange(self.v_pos.shape[-1], device=nv.device) < nv[:, None, None]) & self.v_ok
         return torch.where(take, self.v_pos, -1)
 
     def cells(self, nv: torch.Tensor, ns: torch.Tensor) -> torch.Tensor:
-        """[B] estimated cells (all heads) of the support with the top nv columns and ns diagonals."""
-        mask = self.blocks(ns)
-        cols = self.columns(nv)
-        B, H, _ = cols.shape
-        per_block = torch.zeros(B, H, self.n_k + 1, dtype=torch.float64, device=cols.device)
-        per_block.scatter_add_(-1, torch.where(cols >= 0, cols // self.bs, self.n_k), (cols >= 0).double())
-        uncovered = (~mask & self.allowed) * per_block[:, :, None, : self.n_k] * self.rows
-        return (mask * self.cellw).sum((1, 2, 3)) + uncovered.sum((1, 2, 3))
+        """[B] cells (all heads) of the support with the top nv columns and ns diagonals.
+
+        Blocks count their exact causal cells; a column outside the covered blocks adds one cell
+        per query row (columns lie before the chunk). Window edges count whole: calibration only.
+        """
+        covered = self.blocks(ns)
+        B, H, Lv = self.v_blk.shape
+        take = (torch.arange(Lv, device=nv.device) < nv[:, None, None]).double().expand(B, H, Lv)
+        per_block = torch.zeros(B, H, self.n_k + 1, dtype=torch.float64, device=nv.device)
+        per_block.scatter_add_(-1, self.v_blk, take)
+        uncovered = (self.roww * ~covered).sum(2)  # [B, H, NK] query rows per key block outside the blocks
+        return (covered * self.cellw).sum((1, 2, 3)) + (uncovered * per_block[..., : self.n_k]).sum((1, 2))
 
 
 def cdiv_t(a: torch.Tensor, b: int) -> torch.Tensor:
@@ -319,7 +329,7 @@ class VerticalSlash(Method):
         def nv_of(ns):
             return torch.round(ns.double() * ratio).long()
 
-        target = p.density * choice.cellw.sum((1, 2, 3)) * choice.s_val.shape[1]  # [B], all heads
+        target = p.density * choice.cellw.sum((1, 2, 3)) * choice.first.shape[1]  # [B], all heads
         lo = torch.ones(B, dtype=torch.long, device=dev)
         hi = torch.full((B,), L, dtype=torch.long, device=dev)
         while bool((lo < hi).any()):  # largest ns whose cells stay within the target
