@@ -33,6 +33,11 @@ Deviations:
   (its sink and local blocks only). Chunks are 64 tokens, not the paper's 512, so the lagged
   representative stays close to the queries it serves; scoring is one row per chunk against the
   earlier keys, O(Tq * Tk / block_size * D) per head, done in bounded row chunks.
+  Consequence: at the end of a prompt only the question's own queries look for the needle, and
+  no chunk-shared selection can use them causally; the first answer token comes from prefill
+  (decoding is exact here, not the paper's per-query selection). On a 4k passkey prompt with
+  Gemma 3 270M the key is found by a (leaky) selection with each chunk's last query but not by
+  the lagged one even at density 0.5, nor by the paper's own chunk mean at 0.2.
 - Voting is per KV group (each KV head gathers its own tokens); the reference sums over all
   heads of the layer. With one KV head (Gemma 3) the two coincide.
 - Scores use the post-RoPE keys the layer attends; the reference scores its pre-RoPE key cache
