@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from attnsieve.kernels import dense_attention
 from attnsieve.kernels.feature_maps import (
@@ -183,6 +185,29 @@ def test_chunked_kernel_equals_quadratic_reference(case):
     assert bool(torch.isfinite(res.out).all())
 
 
+@settings(deadline=None, max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+    Tk=st.integers(1, 90),
+    q_frac=st.sampled_from([1.0, 0.5, 0.1]),
+    chunk=st.sampled_from([1, 5, 16, 64]),
+    window=st.sampled_from([None, 1, 7, 30]),
+    per_head=st.booleans(),
+    skip=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_chunked_kernel_property(heads, Tk, q_frac, chunk, window, per_head, skip, seed):
+    H, Hkv = heads
+    Tq = max(1, int(Tk * q_frac))
+    fq, lq, fk, lk, v = random_features(1, H, Hkv, Tq, Tk, per_head_keys=per_head, seed=seed)
+    res = causal_feature_attention(fq, lq, fk, lk, v, window=window, chunk=chunk, skip_own_chunk=skip)
+    ref, ref_lse = quadratic_reference(fq, lq, fk, lk, v, window=window, skip_chunk=chunk if skip else None)
+    rows = torch.isfinite(ref_lse)
+    assert_close(res.out[rows], ref[rows], **F64)
+    assert_close(res.lse[rows], ref_lse[rows], **F64)
+    assert bool((res.lse[~rows] == -math.inf).all()) and bool((res.out[~rows] == 0).all())
+
+
 def test_chunked_kernel_survives_extreme_shifts():
     """Log shifts spanning +-2000 neither overflow nor underflow (fp32, compared in fp64 log space)."""
     fq, lq, fk, lk, v = random_features(1, 2, 1, 80, 80, shift_scale=700.0, seed=5)
@@ -281,6 +306,17 @@ def test_left_padding_is_never_seen(name):
     if name == "linear":  # position-free map: the padded row equals its unpadded run
         assert_close(padded[:, :, 20:], alone)
     assert bool(torch.isfinite(padded).all())
+
+
+@pytest.mark.parametrize("name", ["performer", "linear", "scatterbrain"])
+def test_bf16_inputs_run_in_fp32_and_keep_their_dtype(name):
+    q, k, v = qkv(T=100, seed=12)
+    params = {"chunk": 16} if name != "scatterbrain" else {"density": 0.3, "block_size": 16}
+    method = make(name, **params)
+    ref = method.prefill(q, k, v, ctx_for(q)).out
+    out = method.prefill(q.bfloat16(), k.bfloat16(), v.bfloat16(), ctx_for(q)).out
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 0.05
 
 
 # ---------------------------------------------------------------- nystrom

@@ -103,20 +103,23 @@ def support_feature_attention(
         blk = blk.clamp_min(0)
         b_i, s_i, j_i = idx // (Hs * n_q), (idx // n_q) % Hs, idx % n_q
         flat = ((b_i * Hkv + kv_of_s[s_i]) * n_k)[:, None] + blk  # [n, K]
-        kg = k_blocks.index_select(0, flat.reshape(-1)).view(n, K * bs, Fd)
-        vg = v_blocks.index_select(0, flat.reshape(-1)).view(n, K * bs, Dv)
-        lg = l_blocks.index_select(0, flat.reshape(-1)).view(n, K * bs)
+        # advanced indexing, not index_select: on CPU the latter is ~10x slower for rows of M floats
+        kg = k_blocks[flat.reshape(-1)].view(n, K * bs, Fd)
+        vg = v_blocks[flat.reshape(-1)].view(n, K * bs, Dv)
+        lg = l_blocks[flat.reshape(-1)].view(n, K * bs)
         k_pos = (blk[:, :, None] * bs + col_off).reshape(n, K * bs)
         q_pos = ((first_qb + j_i) * bs)[:, None] + row_off  # [n, R]
-        keep = slot_ok
+        qb = (first_qb + j_i)[:, None]  # [n, 1] grid index of each item's query block
+        keep = slot_ok & (blk <= qb)  # causal at block level; only the diagonal needs token masks
         if skip_diagonal:
-            keep = keep & (blk != (first_qb + j_i)[:, None])
+            keep = keep & (blk != qb)
         allowed = (keep.repeat_interleave(bs, dim=1) & valid[b_i[:, None], k_pos])[:, None, :]
         allowed = allowed & q_valid_pos[b_i[:, None], q_pos][:, :, None]  # [n, R, K * bs]
-        diff = q_pos[:, :, None] - k_pos[:, None, :]
-        allowed = allowed & (diff >= 0)
-        if window is not None:
-            allowed = allowed & (diff < window)
+        if window is not None or not skip_diagonal:
+            diff = (q_pos[:, :, None] - k_pos[:, None, :]).to(torch.int32)
+            allowed = allowed & (diff >= 0)
+            if window is not None:
+                allowed = allowed & (diff < window)
         if row_mask is not None:
             allowed = allowed & row_mask[idx].repeat_interleave(bs, dim=-1)
         le = lg[:, None, :].masked_fill(~allowed, NEG_INF)  # [n, R, K * bs]
