@@ -79,7 +79,10 @@ def test_prefill_then_cached_decode_equals_full_forward(arch):
     assert_close(torch.stack(steps[:-1], 1), full[:, 69:79], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", names())
+DECODER_METHODS = [n for n in names() if method_class(n).causal]  # non-causal methods refuse decoders
+
+
+@pytest.mark.parametrize("name", DECODER_METHODS)
 def test_generate_works_patched(name):
     model = tiny_gemma3()
     x = ids(120)
@@ -120,7 +123,7 @@ def test_left_padded_batch_rows_equal_batch_of_one(name):
     assert_close(batch[1, 60:], one_b[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in names() if n not in ("dense", "window")])
+@pytest.mark.parametrize("name", [n for n in DECODER_METHODS if n not in ("dense", "window")])
 def test_data_dependent_rows_are_independent_and_padding_unseen(name):
     model = tiny_gemma3()
     params = {**SMALL_BLOCKS[name], **({"density": 0.2} if "density" in describe(name)["params"] else {})}
@@ -235,3 +238,42 @@ def test_model_whose_every_layer_slides_runs_the_method_in_each_window():
     with attnsieve.patched(model, "block-topk", density=0.3, block_size=16) as p:
         logits(model, x)
     assert p.stats.density() < 0.8  # measured against each layer's window, not the causal triangle
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=512, attn_implementation="sdpa")
+    return BertModel(cfg).eval()
+
+
+def test_bidirectional_encoder_runs_dense_exactly_and_non_causal_methods():
+    model = tiny_bert()
+    x = ids(200)
+    mask = torch.ones(2, 200, dtype=torch.long)
+    x = torch.cat([x, ids(200, seed=3)])
+    mask[1, 150:] = 0  # right padding, as encoders use
+    with torch.no_grad():
+        ref = model(x, attention_mask=mask).last_hidden_state
+        with attnsieve.patched(model, "dense") as p:
+            out = model(x, attention_mask=mask).last_hidden_state
+        assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        assert p.stats.density() == 1.0
+        errs = []
+        for landmarks in (8, 50, 200):  # 200 = one landmark per token: Nystrom is exact up to its pinv iteration
+            with attnsieve.patched(model, "nystrom", num_landmarks=landmarks, pinv_iterations=20):
+                approx = model(x[:1], attention_mask=mask[:1]).last_hidden_state
+            errs.append(float((approx - ref[:1]).norm() / ref[:1].norm()))
+    assert errs[0] > errs[2] and errs[2] < 1e-3, errs  # (falling error on structured inputs: test_method_lowrank)
+    with pytest.raises(ValueError, match="causal method; this model's attention is bidirectional"):
+        attnsieve.patch(model, "block-topk")
+    with pytest.raises(ValueError, match="KV-cache policies are for decoders"):
+        attnsieve.patch(model, "dense", kv="snapkv")
+
+
+@pytest.mark.parametrize("name", [n for n in names() if not method_class(n).causal])
+def test_non_causal_methods_refuse_decoders_at_patch_time(name):
+    with pytest.raises(ValueError, match="non-causal"):
+        attnsieve.patch(tiny_llama(), name)

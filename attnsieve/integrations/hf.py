@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
 from attnsieve.cache import KVPolicy, make_policy
 from attnsieve.integrations.hf_cache import KV_KWARG, PolicyCache
@@ -138,8 +138,8 @@ class Patch:
 
 
 def _check_mask_function(mask_function, local_size) -> None:
-    """Accept only the masks attnsieve executes exactly: causal, or causal + sliding window."""
-    if mask_function is causal_mask_function:
+    """Accept only the masks attnsieve executes exactly: causal, causal + sliding window, bidirectional."""
+    if mask_function is causal_mask_function or mask_function is bidirectional_mask_function:
         return
     closure = getattr(mask_function, "__closure__", None) or ()
     parts = closure[0].cell_contents if closure else None
@@ -192,7 +192,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             raise ValueError(f"padding mask covers {key_valid.shape[1]} keys, expected {Tk}")
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    ctx = LayerContext(module.layer_idx, scale, window, key_valid)
+    causal = bool(getattr(module, "is_causal", True))
+    ctx = LayerContext(module.layer_idx, scale, window, key_valid, causal)
     cache_layer = kwargs.get(KV_KWARG)
     if cache_layer is not None:
         return _attention_with_policy_cache(rt, module, query, key, value, ctx, cache_layer.kv)
@@ -205,7 +206,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         res = rt.method.decode(query, key, value, ctx)
     else:
         res = rt.method.prefill(query, key, value, ctx)
-    exact = query.shape[1] * exact_cells(Tq, Tk, window=window, key_valid=key_valid)
+    exact = query.shape[1] * exact_cells(Tq, Tk, causal=causal, window=window, key_valid=key_valid)
     name = "exact" if rt.method is None else rt.method.name
     rt.stats.records.append(LayerRecord(module.layer_idx, rt.role, phase, name, res.cells, exact, res.estimate_s))
     return res.out.transpose(1, 2).contiguous(), None
@@ -284,10 +285,12 @@ def _refuse_unsupported(model, modules) -> None:
         raise ValueError("this model uses ALiBi position biases, which attnsieve's kernels do not add")
     if any(hasattr(m, "sinks") for m in modules.values()):
         raise ValueError("this model has learned attention-sink logits, which attnsieve's kernels do not add")
-    if getattr(text_cfg, "use_bidirectional_attention", False) or not all(
-        getattr(m, "is_causal", True) for m in modules.values()
-    ):
-        raise ValueError("attnsieve patches causal decoder attention only; this model has bidirectional layers")
+    causal = [bool(getattr(m, "is_causal", True)) for m in modules.values()]
+    if getattr(text_cfg, "use_bidirectional_attention", False) or (any(causal) and not all(causal)):
+        raise ValueError(
+            "attnsieve patches causal decoders and fully bidirectional encoders; this model mixes "
+            "causal and bidirectional layers"
+        )
     if not modules or not model._can_set_attn_implementation():
         raise ValueError(
             f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
@@ -340,6 +343,16 @@ def patch(
         if not isinstance(idx, int) or not 0 <= idx < n_layers:
             raise ValueError(f"layer index {idx!r} out of range [0, {n_layers - 1}]")
         overrides[idx] = _as_method(spec, {})
+    encoder = not any(bool(getattr(m, "is_causal", True)) for m in modules.values())
+    for m in [main, *overrides.values()]:
+        if encoder and not m.runs_bidirectional():
+            raise ValueError(f"{m.name} is a causal method; this model's attention is bidirectional")
+        if not encoder and not m.causal:
+            raise ValueError(
+                f"{m.name} is non-causal (it cannot mask the future); use it in a bidirectional encoder"
+            )
+    if encoder and kv is not None:
+        raise ValueError("KV-cache policies are for decoders; this model is a bidirectional encoder")
 
     n_global = sum(1 for i in range(n_layers) if layer_types[i] != "sliding_attention")
     policy = None if kv is None else make_policy(kv, kv_budget, n_layers=max(1, n_global), **kv_params)

@@ -46,6 +46,9 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Layer
     gqa = q.shape[1] != k.shape[1]
     mask = None
     causal = False
+    if not ctx.causal:  # bidirectional layer: every real key
+        mask = None if ctx.key_valid is None else ctx.key_valid[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=ctx.scale, enable_gqa=gqa)
     if ctx.key_valid is not None:
         q_pos, k_pos = torch.arange(Tk - Tq, Tk, device=q.device), torch.arange(Tk, device=q.device)
         mask = token_mask(q_pos, k_pos, causal=True, window=None)[None, None] & ctx.key_valid[:, None, None, :]
@@ -67,7 +70,7 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Laye
         res = local_attention(q, k, v, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid)
         return AttnOutput(res.out, res.cells, lse=res.lse)
     out = sdpa_attention(q, k, v, ctx)
-    cells = q.shape[1] * exact_cells(Tq, Tk, key_valid=ctx.key_valid)
+    cells = q.shape[1] * exact_cells(Tq, Tk, causal=ctx.causal, key_valid=ctx.key_valid)
     return AttnOutput(out, cells)
 
 
@@ -82,6 +85,12 @@ class Method:
     summary: ClassVar[str]
     # Parameters under which the method must equal dense attention (None: it has no such setting).
     exact_params: ClassVar[dict | None] = None
+    # Whether the method can run in bidirectional (encoder) layers; non-causal methods always can.
+    bidirectional: ClassVar[bool] = False
+
+    @classmethod
+    def runs_bidirectional(cls) -> bool:
+        return cls.bidirectional or not cls.causal
 
     def __init__(self, params=None):
         self.params = self.Params() if params is None else params

@@ -26,6 +26,7 @@ class DenseParams:
     summary="Exact attention (fused SDPA; sliding-window layers as true local attention).",
 )
 class Dense(Method):
+    bidirectional = True
     exact_params = {}  # degenerate setting: equals dense attention
 
     def prefill(self, q, k, v, ctx):

@@ -72,7 +72,7 @@ def head_decays(decay: str, gamma: float, heads: int) -> torch.Tensor | None:
 
 @register(
     "linear",
-    family="low-rank",
+    family="lowrank",
     phases=("prefill",),
     params=LinearParams,
     summary="Linear attention (elu+1 / relu / hedgehog maps, optional decay), chunked as Lightning Attention.",

@@ -48,7 +48,7 @@ class NystromParams:
 
 @register(
     "nystrom",
-    family="low-rank",
+    family="lowrank",
     phases=("prefill",),
     causal=False,
     params=NystromParams,

@@ -82,7 +82,7 @@ def favor_qk(q, k, scale: float, nb_features: int | None, seed: int, layer: int,
 
 @register(
     "performer",
-    family="low-rank",
+    family="lowrank",
     phases=("prefill",),
     params=PerformerParams,
     summary="Performer FAVOR+: positive orthogonal random features, causal chunked prefix sums.",

@@ -17,7 +17,7 @@ from attnsieve.methods.base import Method
 _REGISTRY: dict[str, type[Method]] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 
-FAMILIES = ("exact", "sparse", "low-rank", "sparse+low-rank", "kv")
+FAMILIES = ("exact", "sparse", "hashing", "clustering", "lowrank", "hybrid")
 PHASES = ("prefill", "decode")
 
 

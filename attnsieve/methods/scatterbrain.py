@@ -120,7 +120,7 @@ def earlier_chunk_keys(Tq: int, Tk: int, bs: int, window: int | None, key_valid,
 
 @register(
     "scatterbrain",
-    family="sparse+low-rank",
+    family="hybrid",
     phases=("prefill",),
     params=ScatterbrainParams,
     summary="Scatterbrain: an inner sparse support computed exactly + FAVOR+ estimate off the support.",
