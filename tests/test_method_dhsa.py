@@ -174,14 +174,22 @@ def test_selects_the_chunk_the_queries_point_at():
 
 @pytest.mark.parametrize("density", [0.1, 0.2, 0.4])
 @pytest.mark.parametrize("instruction_tokens", [0, 64])
-def test_measured_density_lands_near_target(density, instruction_tokens):
+@pytest.mark.parametrize("T", [2048, 4096])
+def test_measured_density_lands_near_target(density, instruction_tokens, T):
     g = torch.Generator().manual_seed(3)
-    T = 4096
     q, k, v = (torch.randn(1, n, T, 16, generator=g) for n in (2, 1, 1))
     method = make("dhsa", density=density, instruction_tokens=instruction_tokens)
     res = method.prefill(q, k, v, LayerContext(0, 0.25))
     measured = res.cells / (2 * exact_cells(T, T))
     assert 0.9 * density <= measured <= 1.1 * density, measured
+
+
+def test_density_keeps_the_dense_tail_only_when_it_fits():
+    g = torch.Generator().manual_seed(4)
+    for T, kept in [(4096, True), (2048, False)]:  # at 2k the tail, own and first blocks exceed 0.1
+        q, k = (torch.randn(1, n, T, 16, generator=g) for n in (2, 1))
+        blocks, _ = make("dhsa", density=0.1).plan(q, k, LayerContext(0, 0.25))
+        assert bool(blocks[0, -1].all()) == kept, T
 
 
 @pytest.mark.parametrize(

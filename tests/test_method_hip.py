@@ -18,15 +18,17 @@ from helpers import assert_close, masked_dense_reference
 def naive_tree_search(qr, keys, lo, hi, K, b_k, representative):
     """HiP's pruning for one item, written as a plain recursion over lists of (start, size) chunks.
 
-    Returns (sorted unit indices, representatives scored).
+    Units are the b_k-token blocks [u * b_k, (u + 1) * b_k) meeting [lo, hi), counted from u0 = lo // b_k.
+    Returns (sorted absolute unit indices, representatives scored).
     """
-    n = -(-(hi - lo) // b_k) if hi > lo else 0
+    u0 = lo // b_k
+    n = -(-hi // b_k) - u0 if hi > lo else 0
     if n <= K:
-        return list(range(n)), 0
+        return [u0 + u for u in range(n)], 0
 
     def score(start, size):
-        u = start + (size // 2 if representative == "center" else 0)
-        toks = [t for t in range(lo + u * b_k, lo + (u + 1) * b_k) if t < hi]
+        u = u0 + start + (size // 2 if representative == "center" else 0)
+        toks = [t for t in range(u * b_k, (u + 1) * b_k) if lo <= t < hi]
         return float((qr @ keys[toks].T).max())
 
     def refine(chunks, scored):
@@ -43,7 +45,7 @@ def naive_tree_search(qr, keys, lo, hi, K, b_k, representative):
 
     chunks = [(n * i // K, n * (i + 1) // K - n * i // K) for i in range(K)]
     chunks, scored = refine(chunks, 0)
-    return sorted(s for s, _ in chunks), scored
+    return sorted(u0 + s for s, _ in chunks), scored
 
 
 @pytest.mark.parametrize("K,b_k", [(4, 1), (7, 2), (5, 3)], ids=lambda x: str(x))

@@ -48,8 +48,8 @@ def lagged_queries(
     if pick.numel() == 0:
         pick = torch.tensor([bs - 1], device=q.device)
     S = pick.numel()
-    prev_q = torch.cat([qg.new_zeros(B, H, 1, bs, D), qg[:, :, :-1]], dim=2)[:, :, :, pick]  # [B, H, NQ, S, D]
-    prev_ok = torch.cat([real.new_zeros(B, 1, bs), real[:, :-1]], dim=1)[:, :, pick]  # [B, NQ, S]
+    prev_q = F.pad(qg[:, :, :-1, pick], (0, 0, 0, 0, 1, 0))  # [B, H, NQ, S, D] block j holds block j - 1's rows
+    prev_ok = F.pad(real[:, :-1, pick], (0, 0, 1, 0))  # [B, NQ, S]
     has_prev = prev_ok.any(-1)  # [B, NQ]
 
     own_row = real.to(torch.int8).argmax(-1)  # [B, NQ] first real row of the block itself

@@ -5,8 +5,8 @@ each chunk is summarised by its mean key scaled by sqrt(chunk length), each quer
 pooled queries, and the chunk-to-chunk similarity, upsampled to every token of a chunk, ranks the
 tokens a query block attends (highest-scoring chunks first, until the token budget is spent) on top
 of a few global tokens and its own block. Xiong, Zou, Fekri and Cho, "Long-Context Modeling with
-Dynamic Hierarchical Sparse Attention for On-Device LLMs", NeurIPS 2025 workshop / ICML 2026
-(arXiv:2510.24606); details from the reference implementation (xiongsiheng/DHSA, `legacy/utils`).
+Dynamic Hierarchical Sparse Attention for On-Device LLMs", NeurIPS 2025 (arXiv:2510.24606); details
+from the reference implementation of that version (xiongsiheng/DHSA, `legacy/utils`).
 
 Hyperparameters:
 - `token_budget` (1024, the reference NIAH runs up to 8k): key tokens per query block, the global
@@ -20,7 +20,8 @@ Hyperparameters:
   least the first block is kept and the rest shrinks with the budget, as in the reference where
   the global tokens take slots of the budget).
 - `instruction_tokens` (64): the last queries of a call attend densely (the reference's
-  "instruction" part, whole query blocks); 0 disables it.
+  "instruction" part, whole query blocks); 0 disables it. With `density`, it is dropped when the
+  target is below the floor it sets together with the own and first blocks (short inputs, low density).
 - `length_norm` (True): scale pooled queries and chunk means by sqrt(length) ("avgpool_norm").
 
 Deviations from the paper, and why:
@@ -53,10 +54,10 @@ import torch
 import torch.nn.functional as F
 
 from attnsieve.kernels import BlockSupport, block_sparse_attention, merge, token_gather_attention
-from attnsieve.methods._lagged import lagged_queries, real_query_rows
+from attnsieve.methods._lagged import real_query_rows
 from attnsieve.methods.base import AttnOutput, Method
 from attnsieve.methods.registry import register
-from attnsieve.methods.selection import block_layout, forced_blocks
+from attnsieve.methods.selection import block_layout, forced_blocks, grid_queries
 
 
 @dataclass
@@ -102,7 +103,14 @@ def split_budget(budget: int, bs: int, global_tokens: int) -> tuple[int, int]:
 
 def _prefix(x: torch.Tensor) -> torch.Tensor:
     """Exclusive prefix sums along dim 1: out[:, t] = x[:, :t].sum(1)."""
-    return F.pad(x.cumsum(1), (0, 0) * (x.dim() - 2) + (1, 0))
+    out = x.new_zeros(x.shape[0], x.shape[1] + 1, *x.shape[2:])
+    torch.cumsum(x, 1, out=out[:, 1:])
+    return out
+
+
+def _masked(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, C] with padding rows zeroed (x itself when there is no padding)."""
+    return x if valid is None else x * valid.to(x.device, x.dtype)[..., None]
 
 
 def chunk_boundaries(k: torch.Tensor, key_valid: torch.Tensor | None, bs: int, w: int) -> torch.Tensor:
@@ -115,24 +123,40 @@ def chunk_boundaries(k: torch.Tensor, key_valid: torch.Tensor | None, bs: int, w
     """
     B, Hkv, Tk, D = k.shape
     n_k = -(-Tk // bs)
-    valid = torch.ones(B, Tk, device=k.device) if key_valid is None else key_valid.to(k.device, torch.float32)
-    x = k.float().permute(0, 2, 1, 3).reshape(B, Tk, Hkv * D) * valid[..., None]  # [B, Tk, Hkv*D]
+    dev = k.device
+    valid = torch.ones(B, Tk, device=dev) if key_valid is None else key_valid.to(dev, torch.float32)
+    x = _masked(k.float().permute(0, 2, 1, 3).reshape(B, Tk, Hkv * D), key_valid)  # [B, Tk, Hkv*D]
     P, C = _prefix(x), _prefix(valid)  # [B, Tk + 1, Hkv*D], [B, Tk + 1]
-    c = torch.arange(n_k, device=k.device)[:, None] * bs + 1 + torch.arange(bs - w, device=k.device)  # [NK, bs-w]
-    ok = (c >= w) & (c + w <= Tk)
-    cc = c.clamp(w, max(w, Tk - w)).clamp_max(Tk).flatten()
-    a, z = (cc - w).clamp_min(0), (cc + w).clamp_max(Tk)
-    n_left, n_right = C[:, cc] - C[:, a], C[:, z] - C[:, cc]  # [B, NK * (bs - w)] real keys per side
-    left = (P[:, cc] - P[:, a]) / n_left.clamp_min(1)[..., None]
-    right = (P[:, z] - P[:, cc]) / n_right.clamp_min(1)[..., None]
-    has = (n_left > 0) & (n_right > 0)
-    score = 1 - F.cosine_similarity(left, right, dim=-1, eps=1e-6)  # [B, NK * (bs - w)]
-    score = score.masked_fill(~has, float("-inf")).view(B, n_k, bs - w)
-    score = score.masked_fill(~ok, float("-inf"))
-    best = score.argmax(-1)  # first maximum
-    bnd = torch.gather(c.expand(B, -1, -1), 2, best[..., None])[..., 0]
-    fallback = torch.clamp((torch.arange(n_k, device=k.device) + 1) * bs, max=Tk)
-    return torch.where(ok.any(-1)[None] & torch.isfinite(score.amax(-1)), bnd, fallback)
+    score = torch.full((B, n_k * bs + 1), float("-inf"), device=dev)  # score[:, c] of gap c
+    if Tk >= 2 * w:  # gaps c = w .. Tk - w have full windows
+        mid = slice(w, Tk - w + 1)
+        left = P[:, mid] - P[:, : Tk - 2 * w + 1]
+        right = P[:, 2 * w :] - P[:, mid]
+        n_left, n_right = C[:, mid] - C[:, : Tk - 2 * w + 1], C[:, 2 * w :] - C[:, mid]
+        cos = F.cosine_similarity(left, right, dim=-1, eps=1e-6)  # means or sums: same cosine
+        score[:, mid] = torch.where((n_left > 0) & (n_right > 0), 1 - cos, float("-inf"))
+    cand = score[:, 1:].view(B, n_k, bs)[..., : bs - w]  # gaps m * bs + 1 .. (m + 1) * bs - w
+    best = cand.argmax(-1)  # first maximum
+    m = torch.arange(n_k, device=dev)
+    bnd = m * bs + 1 + best
+    fallback = torch.clamp((m + 1) * bs, max=Tk)
+    return torch.where(torch.isfinite(cand.amax(-1)), bnd, fallback)
+
+
+def pooled_lagged_queries(q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Tensor | None, length_norm: bool):
+    """[B, NQ, D] query representative of each block: block j - 1's real queries pooled over heads
+    and rows (mean, times sqrt(rows) with length_norm), or block j's own first real query when block
+    j - 1 holds none (see `_lagged.py`)."""
+    qm = q.float().mean(1, keepdim=True)  # [B, 1, Tq, D] queries averaged over heads
+    qg, _ = grid_queries(qm, Tk, bs)  # [B, 1, NQ, bs, D]
+    qg = qg[:, 0]
+    real = real_query_rows(q, Tk, bs, key_valid)  # [B, NQ, bs]
+    n = real.sum(-1).float()  # [B, NQ]
+    mean = (qg * real[..., None]).sum(2) / n.clamp_min(1)[..., None]  # [B, NQ, D]
+    rep = mean * n.sqrt()[..., None] if length_norm else mean
+    prev, prev_n = F.pad(rep[:, :-1], (0, 0, 1, 0)), F.pad(n[:, :-1], (1, 0))
+    own = torch.gather(qg, 2, real.to(torch.int8).argmax(-1)[..., None, None].expand(-1, -1, 1, qg.shape[-1]))[:, :, 0]
+    return torch.where(prev_n[..., None] > 0, prev, own)
 
 
 def chunk_scores(q, k, ctx, bs, bnd, length_norm):
@@ -149,8 +173,8 @@ def chunk_scores(q, k, ctx, bs, bnd, length_norm):
     first = (Tk - Tq) // bs
     n_q = n_k - first
     valid = torch.ones(B, Tk, device=dev) if ctx.key_valid is None else ctx.key_valid.to(dev, torch.float32)
-    km = k.float().mean(1) * valid[..., None]  # [B, Tk, D] keys averaged over heads
-    P, C = _prefix(km), _prefix(valid)
+    km = _masked(k[:, 0].float() if k.shape[1] == 1 else k.float().mean(1), ctx.key_valid)  # keys over heads
+    P, C = _prefix(km), _prefix(valid)  # [B, Tk + 1, D], [B, Tk + 1]
 
     def summary(s, e):  # s, e: [B, X] token ranges -> [B, X, D] length-normalised means
         idx_s, idx_e = s.clamp(0, Tk), e.clamp(0, Tk)
@@ -166,11 +190,7 @@ def chunk_scores(q, k, ctx, bs, bnd, length_norm):
     tail_s = start[:, g.clamp_max(n_k - 1)]  # [B, NQ] start of the chunk cut at g * bs
     tail, n_tail = summary(tail_s, (g * bs).expand(B, -1))
 
-    reps, ok = lagged_queries(q.float(), Tk, bs, ctx.key_valid)  # [B, H, NQ, bs, D], [B, NQ, bs]
-    n_rows = ok.sum(-1, keepdim=True).float()  # [B, NQ, 1]
-    qrep = (reps.mean(1) * ok[..., None]).sum(2) / n_rows.clamp_min(1)  # [B, NQ, D]
-    if length_norm:
-        qrep = qrep * n_rows.sqrt()
+    qrep = pooled_lagged_queries(q, Tk, bs, ctx.key_valid, length_norm)  # [B, NQ, D]
 
     scores = qrep @ chunk.transpose(1, 2)  # [B, NQ, NK]
     tail_score = (qrep * tail).sum(-1)  # [B, NQ]
@@ -221,16 +241,16 @@ def select_tokens(scores, span_s, span_e, lo, hi, n_sel):
 class DHSA(Method):
     exact_params = {"density": 1.0}  # every candidate token is kept: exact attention
 
-    def _rows(self, q, Tk, key_valid):
+    def _rows(self, q, Tk, key_valid, instruction_tokens):
         """(real query rows [B, NQ, bs], dense-tail blocks [B, NQ]) of this call."""
         bs = self.params.block_size
         rows = real_query_rows(q, Tk, bs, key_valid)
         first = (Tk - q.shape[2]) // bs
         pos = (first * bs + torch.arange(rows.shape[1] * bs, device=q.device)).view(-1, bs)
-        tail = (rows & (pos >= Tk - self.params.instruction_tokens)).any(-1)
+        tail = (rows & (pos >= Tk - instruction_tokens)).any(-1)
         return rows, tail
 
-    def _cells(self, rows, tail, first, fr, sink_blk, budget) -> float:
+    def _density(self, rows, tail, first, fr, sink_blk, budget) -> float:
         """Measured density expected for a token budget, from positions alone."""
         bs = self.params.block_size
         n_global, n_sel = split_budget(budget, bs, self.params.global_tokens)
@@ -245,27 +265,39 @@ class DHSA(Method):
         cells = torch.where(tail[..., None], exact, own + glob + cand.clamp_max(n_sel))
         return float((cells * rows).sum()) / max(1.0, float((exact * rows).sum()))
 
-    def budget(self, q, Tk, key_valid, layout) -> int:
+    def budget(self, q, Tk, key_valid, layout) -> tuple[int, int]:
+        """(token budget per query block, instruction tokens) for this call.
+
+        With `density`, the budget whose expected measured density is nearest the target; the dense
+        instruction tail is kept only when the target leaves room for it.
+        """
         p = self.params
+        top = Tk + p.block_size * (2 + -(-p.global_tokens // p.block_size))  # keeps every candidate
         if p.density is None:
-            return p.token_budget
+            return p.token_budget, p.instruction_tokens
         if p.density >= 1:
-            return Tk + p.block_size * (2 + -(-p.global_tokens // p.block_size))
-        rows, tail = self._rows(q, Tk, key_valid)
+            return top, p.instruction_tokens
         fr = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
         if key_valid is not None:
             fr = key_valid.to(torch.int8).argmax(-1)
-        lo, hi = 1, Tk + p.block_size * (2 + -(-p.global_tokens // p.block_size))
+        rows, tail = self._rows(q, Tk, key_valid, p.instruction_tokens)
+
+        def density(b):
+            return self._density(rows, tail, layout.first_qb, fr, layout.sink, b)
+
+        instruction = p.instruction_tokens
+        if instruction and density(1) > p.density:
+            instruction = 0
+            tail = torch.zeros_like(tail)
+        lo, hi = 1, top
         while lo < hi:  # largest budget whose expected density stays within the target
             mid = (lo + hi + 1) // 2
-            if self._cells(rows, tail, layout.first_qb, fr, layout.sink, mid) <= p.density:
+            if density(mid) <= p.density:
                 lo = mid
             else:
                 hi = mid - 1
-        nxt = min(lo + 1, Tk + p.block_size * (2 + -(-p.global_tokens // p.block_size)))
-        d_lo = self._cells(rows, tail, layout.first_qb, fr, layout.sink, lo)
-        d_hi = self._cells(rows, tail, layout.first_qb, fr, layout.sink, nxt)
-        return lo if abs(d_lo - p.density) <= abs(d_hi - p.density) else nxt
+        nxt = min(lo + 1, top)
+        return (lo if abs(density(lo) - p.density) <= abs(density(nxt) - p.density) else nxt), instruction
 
     def plan(self, q, k, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(blocks [B, NQ, NK] every head attends, tokens [B, NQ, M] shared by all heads, or None)."""
@@ -276,13 +308,16 @@ class DHSA(Method):
         dev = q.device
         layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, dev)
         n_q, first = layout.n_q, layout.first_qb
-        n_global, n_sel = split_budget(self.budget(q, Tk, ctx.key_valid, layout), bs, p.global_tokens)
-        rows, tail = self._rows(q, Tk, ctx.key_valid)
+        budget, instruction = self.budget(q, Tk, ctx.key_valid, layout)
+        n_global, n_sel = split_budget(budget, bs, p.global_tokens)
+        rows, tail = self._rows(q, Tk, ctx.key_valid, instruction)
         has_rows = rows.any(-1)  # [B, NQ]
 
         # Candidates of block g: keys after the global blocks (and inside the window) before g * bs.
         g = torch.arange(first, first + n_q, device=dev)[None, :]
         lo = ((layout.sink[:, None] + n_global) * bs).expand(B, n_q)
+        if ctx.key_valid is not None:  # never spend the budget on left padding
+            lo = torch.maximum(lo, ctx.key_valid.to(dev, torch.int8).argmax(-1)[:, None])
         if ctx.window is not None:
             lo = torch.maximum(lo, torch.clamp(g * bs, min=Tk - Tq) - ctx.window + 1)
         hi = torch.maximum(g * bs, lo)

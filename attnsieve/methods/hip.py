@@ -35,6 +35,12 @@ Deviations from the paper, and why:
   selected units and the sink run through the token-gather kernel and merge exactly with it.
 - The reference keeps the first layers dense and reuses masks across decoding steps; both are
   left to per-layer overrides (`layers=`) and decoding stays exact.
+
+Known limit (measured on gemma3-270m, 4k passkey over a repeated filler): a key unit scores its max
+over a block's 32 sampled queries, so when only the last few queries (the question) point at a
+needle, the filler queries lift every unit to the needle's level and the search misses it; this
+holds with the block's own queries too (no lag), so it is the paper's block-max scoring, not the
+causal fix.
 """
 
 from __future__ import annotations
@@ -91,23 +97,21 @@ class HipParams:
             raise ValueError(f"representative must be 'center' or 'first', got {self.representative!r}")
 
 
-def _score_units(q_items, keys_flat, base, lo, hi, units, valid, b_k, Tk, buf=None):
+def _score_units(q_items, key_units, base, lo, hi, units, valid, b_k, buf):
     """Max over an item's representative queries and a unit's keys of q . k: [N, U] (-inf if invalid).
 
-    q_items [N, R, D] (every row a real query); keys_flat [S * Tk, D]; base = seq * Tk, lo, hi [N];
-    units, valid [N, U].
+    q_items [N, R, D] (every row a real query); key_units [S * Tu, b_k * D] (unit u of sequence s is
+    row s * Tu + u); base = s * Tu, lo, hi [N] token range; units (absolute), valid [N, U].
     """
     N, U = units.shape
-    tok = lo[:, None, None] + units[..., None] * b_k + torch.arange(b_k, device=units.device)  # [N, U, b_k]
-    ok = valid[..., None] & (tok < hi[:, None, None])
-    flat = (base[:, None, None] + tok.clamp(0, Tk - 1)).view(-1)
-    if buf is None or buf.numel() < flat.numel() * keys_flat.shape[1]:
-        buf = keys_flat.new_empty(flat.numel() * keys_flat.shape[1])
-    kg = buf[: flat.numel() * keys_flat.shape[1]].view(-1, keys_flat.shape[1])
-    torch.index_select(keys_flat, 0, flat, out=kg)  # gathered into a reused buffer
-    kg = kg.view(N, U * b_k, -1)  # [N, U * b_k, D]
-    s = torch.bmm(q_items, kg.transpose(1, 2)).amax(1).view(N, U, b_k)  # max over the queries
-    return s.masked_fill_(~ok, float("-inf")).amax(-1)
+    D = q_items.shape[-1]
+    tok = units[..., None] * b_k + torch.arange(b_k, device=units.device)  # [N, U, b_k]
+    ok = valid[..., None] & (tok >= lo[:, None, None]) & (tok < hi[:, None, None])
+    rows = (base[:, None] + units.clamp_min(0)).view(-1)
+    kg = buf[: rows.numel() * b_k * D].view(rows.numel(), b_k * D)
+    torch.index_select(key_units, 0, rows, out=kg)  # gathered into a reused buffer
+    s = torch.bmm(kg.view(N, U * b_k, D), q_items.transpose(1, 2)).amax(-1)  # [N, U * b_k] max over queries
+    return s.view(N, U, b_k).masked_fill_(~ok, float("-inf")).amax(-1)
 
 
 def hierarchical_topk(
@@ -125,55 +129,59 @@ def hierarchical_topk(
     """HiP's tree search for every item at once: the k best key units of each item's range.
 
     An item is one query block of one support head: representative queries q_items [N, R, D] with
-    q_ok [N, R], a key sequence keys[seq[i]] ([S, Tk, D]) and a token range [lo, hi) cut into units
-    of b_k tokens. Returns (units [N, k_units] unit indices ascending, -1 unused; representatives
-    scored). Items with at most k_units units keep them all and score nothing.
+    q_ok [N, R], a key sequence keys[seq[i]] ([S, Tk, D]) and a token range [lo, hi). Key units are
+    the b_k-token blocks [u * b_k, (u + 1) * b_k) that meet the range (tokens outside it never
+    count). Returns (units [N, k_units]: absolute unit indices ascending, -1 unused;
+    representatives scored). Items with at most k_units units keep them all and score nothing.
     """
-    N = q_items.shape[0]
+    N, R, D = q_items.shape
+    S, Tk = keys.shape[0], keys.shape[1]
     dev = q_items.device
-    n = torch.div((hi - lo).clamp_min(0) + b_k - 1, b_k, rounding_mode="floor")  # [N] units in range
     K = k_units
+    u0 = torch.div(lo, b_k, rounding_mode="floor")
+    n = torch.where(hi > lo, torch.div(hi + b_k - 1, b_k, rounding_mode="floor") - u0, 0)  # [N] units met
     slot = torch.arange(K, device=dev)
-    out = torch.where(slot < n[:, None], slot.expand(N, K), torch.full((N, K), -1, device=dev))
+    out = torch.where(slot < n[:, None], u0[:, None] + slot, torch.full((N, K), -1, device=dev))
     search = torch.nonzero(n > K).squeeze(-1)
-    scored = 0
     if search.numel() == 0:
-        return out, scored
+        return out, 0
+    # Longest ranges first: they need the most halvings, so the items still searching are a prefix.
+    search = search[torch.argsort(n[search], descending=True, stable=True)]
+    qs, oks = q_items[search], q_ok[search]
+    first_ok = oks.to(torch.int8).argmax(-1)  # padding rows repeat a real query: a plain max ignores them
+    qs = torch.where(oks[..., None], qs, qs[torch.arange(qs.shape[0], device=dev), first_ok][:, None])
+    Tu = -(-Tk // b_k)
+    kp = torch.nn.functional.pad(keys, (0, 0, 0, Tu * b_k - Tk)) if Tu * b_k != Tk else keys
+    key_units = kp.reshape(S * Tu, b_k * D)
+    base, lo_s, hi_s, u0_s = seq[search] * Tu, lo[search], hi[search], u0[search]
     ns = n[search][:, None]
-    start = torch.div(ns * slot, K, rounding_mode="floor")  # [A, K] the k initial chunks
+    start = torch.div(ns * slot, K, rounding_mode="floor")  # [A, K] the k initial chunks (relative units)
     size = torch.div(ns * (slot + 1), K, rounding_mode="floor") - start
-    R, D = q_items.shape[1], q_items.shape[2]
-    Tk = keys.shape[1]
-    keys_flat = keys.reshape(-1, D)
-    # Padding rows repeat the item's first real query, so a plain max over rows ignores them.
-    first_ok = q_ok.to(torch.int8).argmax(-1)
-    q_items = torch.where(q_ok[..., None], q_items, q_items[torch.arange(N, device=dev), first_ok][:, None])
-    per_item = 2 * K * b_k * (R + D)
-    step = max(1, chunk_elems // per_item)
+    step = max(1, chunk_elems // (2 * K * b_k * (R + D)))
     buf = keys.new_empty(min(search.numel(), step) * 2 * K * b_k * D)
+    scored = 0
     while True:
-        active = torch.nonzero((size > 1).any(-1)).squeeze(-1)
-        if active.numel() == 0:
+        active = (size > 1).any(-1)
+        if not bool(active.any()):
             break
-        s, z = start[active], size[active]
+        A = int(torch.nonzero(active)[-1]) + 1  # items after the last active one are done
+        z = size[:A]
         zl = torch.div(z + 1, 2, rounding_mode="floor")
-        c_start = torch.stack([s, s + zl], -1).flatten(1)  # [A, 2K] the halves
+        c_start = torch.stack([start[:A], start[:A] + zl], -1).flatten(1)  # [A, 2K] the halves
         c_size = torch.stack([zl, z - zl], -1).flatten(1)
         valid = c_size > 0
         rep = c_start + (torch.div(c_size, 2, rounding_mode="floor") if representative == "center" else 0)
-        items = search[active]
         score = torch.empty(c_start.shape, device=dev)
-        for a in range(0, items.numel(), step):
-            b = min(a + step, items.numel())
-            it = items[a:b]
+        for a in range(0, A, step):
+            b = min(a + step, A)
             score[a:b] = _score_units(
-                q_items[it], keys_flat, seq[it] * Tk, lo[it], hi[it], rep[a:b], valid[a:b], b_k, Tk, buf
+                qs[a:b], key_units, base[a:b], lo_s[a:b], hi_s[a:b], u0_s[a:b, None] + rep[a:b], valid[a:b], b_k, buf
             )
-        scored += int(valid.sum())
+        scored += int((valid & active[:A, None]).sum())  # finished items in the prefix change nothing
         keep = score.topk(K, dim=-1).indices  # every chunk has a non-empty half, so >= K are valid
-        start[active] = torch.gather(c_start, 1, keep)
-        size[active] = torch.gather(c_size, 1, keep)
-    out[search] = start.sort(-1).values
+        start[:A] = torch.gather(c_start, 1, keep)
+        size[:A] = torch.gather(c_size, 1, keep)
+    out[search] = u0_s[:, None] + start.sort(-1).values
     return out, scored
 
 
@@ -302,8 +310,9 @@ class Hip(Method):
             reps, ok, k.float().reshape(B * Hkv, Tk, D), seq.reshape(-1), lo_i, hi_i,
             max(1, mask_k // b_k), b_k, p.representative,
         )
-        tok = lo_i[:, None, None] + units[..., None] * b_k + torch.arange(b_k, device=dev)  # [N, K, b_k]
-        tok = torch.where((units[..., None] >= 0) & (tok < hi_i[:, None, None]), tok, -1).flatten(1)
+        tok = units[..., None] * b_k + torch.arange(b_k, device=dev)  # [N, K, b_k]
+        inside = (units[..., None] >= 0) & (tok >= lo_i[:, None, None]) & (tok < hi_i[:, None, None])
+        tok = torch.where(inside, tok, -1).flatten(1)
         tok = tok.view(B, Hs, n_q, -1)
         if p.sink:
             sink = fr[:, None, :, None] + torch.arange(p.sink, device=dev)  # [B, 1, 1, sink]
