@@ -1,0 +1,350 @@
+"""DHSA: dynamic hierarchical sparse attention, chunk-level similarity upsampled to token selection.
+
+The keys are cut into variable-length chunks at the positions where the key stream changes most;
+each chunk is summarised by its mean key scaled by sqrt(chunk length), each query block by its
+pooled queries, and the chunk-to-chunk similarity, upsampled to every token of a chunk, ranks the
+tokens a query block attends (highest-scoring chunks first, until the token budget is spent) on top
+of a few global tokens and its own block. Xiong, Zou, Fekri and Cho, "Long-Context Modeling with
+Dynamic Hierarchical Sparse Attention for On-Device LLMs", NeurIPS 2025 (arXiv:2510.24606); details
+from the reference implementation of that version (xiongsiheng/DHSA, `legacy/utils`).
+
+Hyperparameters:
+- `token_budget` (1024, the reference NIAH runs up to 8k): key tokens per query block, the global
+  and local tokens included.
+- `density`: when set, overrides `token_budget` with the budget whose measured density lands
+  near it (global and local blocks and the dense tail count inside it); 1.0 is exact attention.
+- `block_size` (64): query block, key block of the kernel, and the mean chunk length (one chunk
+  boundary per key block, as the reference's chunk count L / block_size).
+- `boundary_window` (4): keys on each side of a candidate boundary (the reference predictor's window).
+- `global_tokens` (128): first tokens every block attends (whole blocks; with a small budget at
+  least the first block is kept and the rest shrinks with the budget, as in the reference where
+  the global tokens take slots of the budget).
+- `instruction_tokens` (64): the last queries of a call attend densely (the reference's
+  "instruction" part, whole query blocks); 0 disables it. With `density`, it is dropped when the
+  target is below the floor it sets together with the own and first blocks (short inputs, low density).
+- `length_norm` (True): scale pooled queries and chunk means by sqrt(length) ("avgpool_norm").
+
+Deviations from the paper, and why:
+- Boundaries: the paper predicts them with a trained predictor (a window encoder, feature fusion,
+  MLP) whose weights are not available here; we use its training-free core: the cosine
+  dissimilarity between the mean keys of the `boundary_window` keys left and right of a gap
+  (heads concatenated, as the predictor's input). The reference keeps the top L / block_size gaps
+  of the whole sequence (with NMS), a global ranking through which later tokens would move earlier
+  boundaries; we keep the most dissimilar gap of each key block instead (same chunk count,
+  variable lengths from 1 to about 2 blocks), choosing among gaps whose right window ends inside
+  the block, so a boundary depends only on keys of its own block and before.
+- Causality: query block j ranks only chunks that end before block j (the chunk that straddles
+  its start is cut there and summarised from its known part) and is represented by the pooled
+  queries of block j - 1 (its own first query for the first block of a call, `_lagged.py`); the
+  reference pools block j's own queries and scores keys inside it. Its own block is always kept,
+  where the reference keeps its 64 most recent keys.
+- Scores use queries and keys averaged over heads, one selection for all heads (as the reference);
+  the reference shares boundaries and masks across layers, we recompute them per layer.
+- Execution: the global blocks, the diagonal block and dense-tail blocks run in the block kernel;
+  the selected tokens (whole chunks, the last one partly, earliest tokens first) run in the
+  token-gather kernel; the two parts are disjoint and merge exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from attnsieve.kernels import BlockSupport, block_sparse_attention, merge, token_gather_attention
+from attnsieve.methods._lagged import real_query_rows
+from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods.registry import register
+from attnsieve.methods.selection import block_layout, forced_blocks, grid_queries
+
+
+@dataclass
+class DHSAParams:
+    token_budget: int = field(
+        default=1024, metadata={"help": "key tokens per query block, global and local included (>= 1)"}
+    )
+    density: float | None = field(
+        default=None, metadata={"help": "target measured density in (0, 1]; overrides token_budget when set"}
+    )
+    block_size: int = field(default=64, metadata={"help": "query/key block and mean chunk length (16..512)"})
+    boundary_window: int = field(
+        default=4, metadata={"help": "keys each side of a candidate chunk boundary (1..block_size/2)"}
+    )
+    global_tokens: int = field(default=128, metadata={"help": "first tokens every query block attends (>= 0)"})
+    instruction_tokens: int = field(
+        default=64, metadata={"help": "last queries of a call that attend densely (>= 0, 0 disables)"}
+    )
+    length_norm: bool = field(default=True, metadata={"help": "scale chunk and query means by sqrt(length)"})
+
+    def __post_init__(self):
+        if self.token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {self.token_budget}")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if not 16 <= self.block_size <= 512:
+            raise ValueError(f"block_size must be in [16, 512], got {self.block_size}")
+        if not 1 <= self.boundary_window <= self.block_size // 2:
+            raise ValueError(f"boundary_window must be in [1, {self.block_size // 2}], got {self.boundary_window}")
+        if self.global_tokens < 0:
+            raise ValueError(f"global_tokens must be >= 0, got {self.global_tokens}")
+        if self.instruction_tokens < 0:
+            raise ValueError(f"instruction_tokens must be >= 0, got {self.instruction_tokens}")
+
+
+def split_budget(budget: int, bs: int, global_tokens: int) -> tuple[int, int]:
+    """(global blocks, selected tokens) of a per-block token budget; the own block comes first."""
+    if global_tokens == 0:
+        return 0, max(0, budget - bs)
+    n_global = min(-(-global_tokens // bs), max(1, (budget - bs) // bs))
+    return n_global, max(0, budget - bs * (1 + n_global))
+
+
+def _prefix(x: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums along dim 1: out[:, t] = x[:, :t].sum(1)."""
+    out = x.new_zeros(x.shape[0], x.shape[1] + 1, *x.shape[2:])
+    torch.cumsum(x, 1, out=out[:, 1:])
+    return out
+
+
+def _masked(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, C] with padding rows zeroed (x itself when there is no padding)."""
+    return x if valid is None else x * valid.to(x.device, x.dtype)[..., None]
+
+
+def chunk_boundaries(k: torch.Tensor, key_valid: torch.Tensor | None, bs: int, w: int) -> torch.Tensor:
+    """[B, NK] start of the chunk that begins inside each key block (one boundary per block).
+
+    A gap c (a chunk starts at c) scores 1 - cos(mean k[c - w : c], mean k[c : c + w]) over real keys,
+    heads concatenated; block m's boundary is its highest-scoring gap c in [m * bs + 1, (m + 1) * bs - w]
+    (first on ties), so it uses only keys before (m + 1) * bs. A block with no candidate gap gets
+    min((m + 1) * bs, Tk).
+    """
+    B, Hkv, Tk, D = k.shape
+    n_k = -(-Tk // bs)
+    dev = k.device
+    valid = torch.ones(B, Tk, device=dev) if key_valid is None else key_valid.to(dev, torch.float32)
+    x = _masked(k.float().permute(0, 2, 1, 3).reshape(B, Tk, Hkv * D), key_valid)  # [B, Tk, Hkv*D]
+    P, C = _prefix(x), _prefix(valid)  # [B, Tk + 1, Hkv*D], [B, Tk + 1]
+    score = torch.full((B, n_k * bs + 1), float("-inf"), device=dev)  # score[:, c] of gap c
+    if Tk >= 2 * w:  # gaps c = w .. Tk - w have full windows
+        mid = slice(w, Tk - w + 1)
+        left = P[:, mid] - P[:, : Tk - 2 * w + 1]
+        right = P[:, 2 * w :] - P[:, mid]
+        n_left, n_right = C[:, mid] - C[:, : Tk - 2 * w + 1], C[:, 2 * w :] - C[:, mid]
+        cos = F.cosine_similarity(left, right, dim=-1, eps=1e-6)  # means or sums: same cosine
+        score[:, mid] = torch.where((n_left > 0) & (n_right > 0), 1 - cos, float("-inf"))
+    cand = score[:, 1:].view(B, n_k, bs)[..., : bs - w]  # gaps m * bs + 1 .. (m + 1) * bs - w
+    best = cand.argmax(-1)  # first maximum
+    m = torch.arange(n_k, device=dev)
+    bnd = m * bs + 1 + best
+    fallback = torch.clamp((m + 1) * bs, max=Tk)
+    return torch.where(torch.isfinite(cand.amax(-1)), bnd, fallback)
+
+
+def pooled_lagged_queries(q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Tensor | None, length_norm: bool):
+    """[B, NQ, D] query representative of each block: block j - 1's real queries pooled over heads
+    and rows (mean, times sqrt(rows) with length_norm), or block j's own first real query when block
+    j - 1 holds none (see `_lagged.py`)."""
+    qm = q.float().mean(1, keepdim=True)  # [B, 1, Tq, D] queries averaged over heads
+    qg, _ = grid_queries(qm, Tk, bs)  # [B, 1, NQ, bs, D]
+    qg = qg[:, 0]
+    real = real_query_rows(q, Tk, bs, key_valid)  # [B, NQ, bs]
+    n = real.sum(-1).float()  # [B, NQ]
+    mean = (qg * real[..., None]).sum(2) / n.clamp_min(1)[..., None]  # [B, NQ, D]
+    rep = mean * n.sqrt()[..., None] if length_norm else mean
+    prev, prev_n = F.pad(rep[:, :-1], (0, 0, 1, 0)), F.pad(n[:, :-1], (1, 0))
+    own = torch.gather(qg, 2, real.to(torch.int8).argmax(-1)[..., None, None].expand(-1, -1, 1, qg.shape[-1]))[:, :, 0]
+    return torch.where(prev_n[..., None] > 0, prev, own)
+
+
+def chunk_scores(q, k, ctx, bs, bnd, length_norm):
+    """Chunk-level similarity of every query block with every chunk it may rank.
+
+    Returns (scores [B, NQ, NK], span_start [B, NQ, NK], span_end [B, NQ, NK]): chunk m spans
+    [bnd[m - 1], bnd[m]) (bnd[-1] = 0); for query block g chunk g is cut at g * bs (its known part)
+    and chunks after g are not candidates (score -inf, empty span).
+    """
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dev = q.device
+    n_k = bnd.shape[1]
+    first = (Tk - Tq) // bs
+    n_q = n_k - first
+    valid = torch.ones(B, Tk, device=dev) if ctx.key_valid is None else ctx.key_valid.to(dev, torch.float32)
+    km = _masked(k[:, 0].float() if k.shape[1] == 1 else k.float().mean(1), ctx.key_valid)  # keys over heads
+    P, C = _prefix(km), _prefix(valid)  # [B, Tk + 1, D], [B, Tk + 1]
+
+    def summary(s, e):  # s, e: [B, X] token ranges -> [B, X, D] length-normalised means
+        idx_s, idx_e = s.clamp(0, Tk), e.clamp(0, Tk)
+        tot = torch.gather(P, 1, idx_e[..., None].expand(-1, -1, D))
+        tot = tot - torch.gather(P, 1, idx_s[..., None].expand(-1, -1, D))
+        n = (torch.gather(C, 1, idx_e) - torch.gather(C, 1, idx_s)).clamp_min(0)
+        rep = tot / n.clamp_min(1)[..., None]
+        return (rep * n.sqrt()[..., None] if length_norm else rep), n
+
+    start = F.pad(bnd[:, :-1], (1, 0))  # [B, NK]
+    chunk, n_chunk = summary(start, bnd)
+    g = torch.arange(first, first + n_q, device=dev)  # [NQ] grid index of each query block
+    tail_s = start[:, g.clamp_max(n_k - 1)]  # [B, NQ] start of the chunk cut at g * bs
+    tail, n_tail = summary(tail_s, (g * bs).expand(B, -1))
+
+    qrep = pooled_lagged_queries(q, Tk, bs, ctx.key_valid, length_norm)  # [B, NQ, D]
+
+    scores = qrep @ chunk.transpose(1, 2)  # [B, NQ, NK]
+    tail_score = (qrep * tail).sum(-1)  # [B, NQ]
+    m = torch.arange(n_k, device=dev)[None, None, :]
+    gg = g[None, :, None]
+    scores = torch.where(m == gg, tail_score[..., None], scores)
+    span_s = start[:, None, :].expand(B, n_q, n_k)
+    span_e = torch.where(m == gg, (gg * bs).expand(B, -1, n_k), bnd[:, None, :].expand(B, n_q, n_k))
+    n = torch.where(m == gg, n_tail[..., None], n_chunk[:, None, :].expand(B, n_q, n_k))
+    live = (m <= gg) & (n > 0)
+    scores = scores.masked_fill(~live, float("-inf"))
+    span_e = torch.where(live, span_e, span_s)
+    return scores, span_s, span_e
+
+
+def select_tokens(scores, span_s, span_e, lo, hi, n_sel):
+    """Top tokens of each query block by upsampled chunk score: [B, NQ, M] positions, -1 unused.
+
+    A token scores its chunk's score; candidates are tokens in [lo, hi) (per block, [B, NQ]);
+    each block keeps its n_sel ([B, NQ]) best, whole chunks in score order (stable: earlier chunk,
+    then earlier token, on ties), which equals a top-k over the token-level score matrix without
+    building it.
+    """
+    cs = torch.maximum(span_s, lo[..., None])
+    ce = torch.minimum(span_e, hi[..., None])
+    length = (ce - cs).clamp_min(0)
+    length = torch.where(torch.isfinite(scores), length, 0)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    length = torch.gather(length, -1, order)
+    cs = torch.gather(cs, -1, order)
+    cum = length.cumsum(-1)  # [B, NQ, NK]
+    n_sel = torch.minimum(n_sel, cum[..., -1])
+    M = int(n_sel.max()) if n_sel.numel() else 0
+    slot = torch.arange(M, device=scores.device).expand(*scores.shape[:2], M).contiguous()
+    rank = torch.searchsorted(cum, slot, right=True).clamp_max(scores.shape[-1] - 1)
+    before = torch.gather(cum - length, -1, rank)
+    pos = torch.gather(cs, -1, rank) + slot - before
+    return torch.where(slot < n_sel[..., None], pos, -1)
+
+
+@register(
+    "dhsa",
+    family="sparse",
+    phases=("prefill",),
+    params=DHSAParams,
+    summary="DHSA: variable-length key chunks, sqrt-length-normalised summaries, chunk scores upsampled to tokens.",
+)
+class DHSA(Method):
+    exact_params = {"density": 1.0}  # every candidate token is kept: exact attention
+
+    def _rows(self, q, Tk, key_valid, instruction_tokens):
+        """(real query rows [B, NQ, bs], dense-tail blocks [B, NQ]) of this call."""
+        bs = self.params.block_size
+        rows = real_query_rows(q, Tk, bs, key_valid)
+        first = (Tk - q.shape[2]) // bs
+        pos = (first * bs + torch.arange(rows.shape[1] * bs, device=q.device)).view(-1, bs)
+        tail = (rows & (pos >= Tk - instruction_tokens)).any(-1)
+        return rows, tail
+
+    def _density(self, rows, tail, first, fr, sink_blk, budget) -> float:
+        """Measured density expected for a token budget, from positions alone."""
+        bs = self.params.block_size
+        n_global, n_sel = split_budget(budget, bs, self.params.global_tokens)
+        g = torch.arange(first, first + rows.shape[1], device=rows.device)[None, :, None]
+        p = g * bs + torch.arange(bs, device=rows.device)
+        fr = fr[:, None, None]
+        g_end = torch.maximum((sink_blk[:, None, None] + n_global) * bs, fr)
+        exact = p - fr + 1
+        own = p - torch.maximum(g * bs, fr) + 1
+        glob = (torch.minimum(g_end, g * bs) - fr).clamp_min(0)
+        cand = (g * bs - g_end).clamp_min(0)
+        cells = torch.where(tail[..., None], exact, own + glob + cand.clamp_max(n_sel))
+        return float((cells * rows).sum()) / max(1.0, float((exact * rows).sum()))
+
+    def budget(self, q, Tk, key_valid, layout) -> tuple[int, int]:
+        """(token budget per query block, instruction tokens) for this call.
+
+        With `density`, the budget whose expected measured density is nearest the target; the dense
+        instruction tail is kept only when the target leaves room for it.
+        """
+        p = self.params
+        top = Tk + p.block_size * (2 + -(-p.global_tokens // p.block_size))  # keeps every candidate
+        if p.density is None:
+            return p.token_budget, p.instruction_tokens
+        if p.density >= 1:
+            return top, p.instruction_tokens
+        fr = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+        if key_valid is not None:
+            fr = key_valid.to(torch.int8).argmax(-1)
+        rows, tail = self._rows(q, Tk, key_valid, p.instruction_tokens)
+
+        def density(b):
+            return self._density(rows, tail, layout.first_qb, fr, layout.sink, b)
+
+        instruction = p.instruction_tokens
+        if instruction and density(1) > p.density:
+            instruction = 0
+            tail = torch.zeros_like(tail)
+        lo, hi = 1, top
+        while lo < hi:  # largest budget whose expected density stays within the target
+            mid = (lo + hi + 1) // 2
+            if density(mid) <= p.density:
+                lo = mid
+            else:
+                hi = mid - 1
+        nxt = min(lo + 1, top)
+        return (lo if abs(density(lo) - p.density) <= abs(density(nxt) - p.density) else nxt), instruction
+
+    def plan(self, q, k, ctx) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(blocks [B, NQ, NK] every head attends, tokens [B, NQ, M] shared by all heads, or None)."""
+        p = self.params
+        B, H, Tq, D = q.shape
+        Tk = k.shape[2]
+        bs = p.block_size
+        dev = q.device
+        layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, dev)
+        n_q, first = layout.n_q, layout.first_qb
+        budget, instruction = self.budget(q, Tk, ctx.key_valid, layout)
+        n_global, n_sel = split_budget(budget, bs, p.global_tokens)
+        rows, tail = self._rows(q, Tk, ctx.key_valid, instruction)
+        has_rows = rows.any(-1)  # [B, NQ]
+
+        # Candidates of block g: keys after the global blocks (and inside the window) before g * bs.
+        g = torch.arange(first, first + n_q, device=dev)[None, :]
+        lo = ((layout.sink[:, None] + n_global) * bs).expand(B, n_q)
+        if ctx.key_valid is not None:  # never spend the budget on left padding
+            lo = torch.maximum(lo, ctx.key_valid.to(dev, torch.int8).argmax(-1)[:, None])
+        if ctx.window is not None:
+            lo = torch.maximum(lo, torch.clamp(g * bs, min=Tk - Tq) - ctx.window + 1)
+        hi = torch.maximum(g * bs, lo)
+        full = tail | ~has_rows | (hi - lo <= n_sel)  # blocks that keep every candidate (or have no query)
+        blocks = (forced_blocks(layout, n_global, 1) | (layout.allowed & full[..., None])) & has_rows[..., None]
+        if bool(full.all()):
+            return blocks, None
+        bnd = chunk_boundaries(k, ctx.key_valid, bs, p.boundary_window)
+        scores, span_s, span_e = chunk_scores(q, k, ctx, bs, bnd, p.length_norm)
+        want = torch.where(full, 0, torch.full_like(hi, n_sel))
+        return blocks, select_tokens(scores, span_s, span_e, lo, hi, want)
+
+    def prefill(self, q, k, v, ctx):
+        t0 = time.perf_counter()
+        blocks, tokens = self.plan(q, k, ctx)
+        B, Hkv = k.shape[:2]
+        bs = self.params.block_size
+        support = BlockSupport.from_mask(blocks[:, None].expand(B, Hkv, *blocks.shape[1:]), bs)
+        estimate_s = time.perf_counter() - t0
+        res = block_sparse_attention(
+            q, k, v, support, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid
+        )
+        if tokens is None or tokens.shape[-1] == 0:
+            return AttnOutput(res.out, res.cells, estimate_s, res.lse)
+        tokens = tokens[:, None].expand(B, Hkv, *tokens.shape[1:])
+        tok = token_gather_attention(
+            q, k, v, tokens, bs, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid
+        )
+        out, lse = merge(res.out, res.lse, tok.out, tok.lse)
+        return AttnOutput(out, res.cells + tok.cells, estimate_s, lse)

@@ -1,0 +1,219 @@
+"""HiP: the vectorised tree search against a naive recursion, its cost, its selection and execution."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attnsieve.kernels import block_grid, dense_attention, exact_cells
+from attnsieve.methods import LayerContext, make
+from attnsieve.methods._lagged import lagged_queries
+from attnsieve.methods.hip import hierarchical_topk
+
+from helpers import assert_close, masked_dense_reference
+
+
+def naive_tree_search(qr, keys, lo, hi, K, b_k, representative):
+    """HiP's pruning for one item, written as a plain recursion over lists of (start, size) chunks.
+
+    Units are the b_k-token blocks [u * b_k, (u + 1) * b_k) meeting [lo, hi), counted from u0 = lo // b_k.
+    Returns (sorted absolute unit indices, representatives scored).
+    """
+    u0 = lo // b_k
+    n = -(-hi // b_k) - u0 if hi > lo else 0
+    if n <= K:
+        return [u0 + u for u in range(n)], 0
+
+    def score(start, size):
+        u = u0 + start + (size // 2 if representative == "center" else 0)
+        toks = [t for t in range(u * b_k, (u + 1) * b_k) if lo <= t < hi]
+        return float((qr @ keys[toks].T).max())
+
+    def refine(chunks, scored):
+        if all(size == 1 for _, size in chunks):
+            return chunks, scored
+        halves = []
+        for start, size in chunks:
+            left = (size + 1) // 2
+            for s, z in ((start, left), (start + left, size - left)):
+                if z > 0:
+                    halves.append((score(s, z), s, z))
+        halves.sort(key=lambda h: -h[0])
+        return refine([(s, z) for _, s, z in halves[:K]], scored + len(halves))
+
+    chunks = [(n * i // K, n * (i + 1) // K - n * i // K) for i in range(K)]
+    chunks, scored = refine(chunks, 0)
+    return sorted(u0 + s for s, _ in chunks), scored
+
+
+@pytest.mark.parametrize("K,b_k", [(4, 1), (7, 2), (5, 3)], ids=lambda x: str(x))
+@pytest.mark.parametrize("representative", ["center", "first"])
+def test_vectorised_tree_search_equals_naive_recursion(K, b_k, representative):
+    g = torch.Generator().manual_seed(K * 10 + b_k)
+    N, R, D, Tk = 7, 5, 8, 300
+    q = torch.randn(N, R, D, generator=g, dtype=torch.float64)
+    q_ok = torch.rand(N, R, generator=g) < 0.7
+    q_ok[:, 2] = True
+    keys = torch.randn(2, Tk, D, generator=g, dtype=torch.float64)
+    seq = torch.tensor([0, 1, 0, 1, 0, 1, 0])
+    lo = torch.tensor([0, 5, 17, 0, 100, 3, 50])
+    hi = torch.tensor([300, 299, 20, 1, 287, 3 + K * b_k, 251])  # long, tiny, empty-ish, exactly K units
+    units, scored = hierarchical_topk(q, q_ok, keys, seq, lo, hi, K, b_k, representative)
+    total = 0
+    for i in range(N):
+        want, n_scored = naive_tree_search(q[i][q_ok[i]], keys[seq[i]], int(lo[i]), int(hi[i]), K, b_k, representative)
+        got = [int(u) for u in units[i] if u >= 0]
+        assert got == want, f"item {i}"
+        total += n_scored
+    assert scored == total
+
+
+def test_scored_representatives_grow_as_t_log_t():
+    """Each query block scores at most 2k representatives per halving, and halvings grow as log T."""
+    bs, K, b_k, D, R = 64, 16, 2, 16, 4
+    counts = {}
+    for T in (1024, 2048, 4096, 8192):
+        g = torch.Generator().manual_seed(T)
+        n_q = T // bs
+        q = torch.randn(n_q, R, D, generator=g)
+        keys = torch.randn(1, T, D, generator=g)
+        lo = torch.zeros(n_q, dtype=torch.long)
+        hi = torch.arange(n_q) * bs  # the causal range before each query block
+        ok, seq = torch.ones(n_q, R, dtype=torch.bool), torch.zeros(n_q, dtype=torch.long)
+        _, counts[T] = hierarchical_topk(q, ok, keys, seq, lo, hi, K, b_k)
+        bound = n_q * 2 * K * math.ceil(math.log2(T / (K * b_k)))
+        assert counts[T] <= bound, (T, counts[T], bound)
+    # T log T: more than linear (the log factor), far below the quadratic growth of scoring every key.
+    for T in (1024, 2048, 4096):
+        assert 2.0 < counts[2 * T] / counts[T] < 2.0 * (1 + 1.5 / math.log2(T / (K * b_k))), counts
+    n_keys = {T: sum(j * bs // b_k for j in range(T // bs)) for T in counts}
+    assert counts[8192] / counts[1024] < 0.25 * n_keys[8192] / n_keys[1024]
+
+
+def test_lagged_representatives_precede_their_block():
+    q = torch.randn(1, 2, 70, 4)
+    reps, ok = lagged_queries(q, 70, 16, None, stride=2)  # grid blocks of 16, queries 0..69
+    assert reps.shape == (1, 2, 5, 8, 4)
+    assert not ok[0, 0, 1:].any() and ok[0, 0, 0]  # first block: its own first query only
+    assert_close(reps[0, :, 0, 0], q[0, :, 0])
+    assert_close(reps[0, :, 3], q[0, :, 33:48:2])  # block 3 uses block 2's odd rows
+    assert ok[0, 4].tolist() == [True] * 8  # block 4 (queries 64..69) uses block 3 (48..63)
+    valid = torch.ones(1, 70, dtype=torch.bool)
+    valid[0, :20] = False  # left padding: block 1 has its previous block all padding
+    reps, ok = lagged_queries(q, 70, 16, valid, stride=1)
+    assert ok[0, 1].tolist() == [True] + [False] * 15
+    assert_close(reps[0, :, 1, 0], q[0, :, 20])  # falls back to its own first real query
+
+
+def implied_mask(band, tokens, H, Tq, Tk, bs, window=None, key_valid=None):
+    """[B, H, Tq, Tk] bool mask of the band blocks plus the listed tokens (slow and obvious)."""
+    B = band.shape[0]
+    first, n_q, n_k = block_grid(Tq, Tk, bs)
+    mask = torch.zeros(B, H, Tq, Tk, dtype=torch.bool)
+    Hs = tokens.shape[1] if tokens is not None else H
+    for b in range(B):
+        for i in range(Tq):
+            p = Tk - Tq + i
+            j = p // bs - first
+            for t in range(p + 1):
+                if window is not None and p - t >= window:
+                    continue
+                if key_valid is not None and not (key_valid[b, t] and key_valid[b, p]):
+                    continue
+                if band[b, j, t // bs]:
+                    mask[b, :, i, t] = True
+            if tokens is None:
+                continue
+            for h in range(H):
+                for t in tokens[b, h * Hs // H, j].tolist():
+                    if t < 0 or t > p or (window is not None and p - t >= window):
+                        continue
+                    if key_valid is not None and not (key_valid[b, t] and key_valid[b, p]):
+                        continue
+                    mask[b, h, i, t] = True
+    return mask
+
+
+@pytest.mark.parametrize("heads,per_head", [((4, 1), True), ((4, 2), False), ((2, 2), True)], ids=str)
+@pytest.mark.parametrize("window", [None, 70], ids=["global", "win70"])
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
+def test_executed_attention_equals_masked_dense(heads, per_head, window, padded):
+    H, Hkv = heads
+    T, bs = 230, 16
+    g = torch.Generator().manual_seed(H + Hkv + (window or 0))
+    q, k, v = (torch.randn(2, n, T, 16, generator=g) for n in (H, Hkv, Hkv))
+    valid = torch.ones(2, T, dtype=torch.bool)
+    if padded:
+        valid[1, :41] = False
+    kv = valid if padded else None
+    method = make("hip", mask_k=24, block_size=bs, block_size_k=3, window=20, sink=5, per_head=per_head)
+    ctx = LayerContext(0, 0.25, window, kv)
+    band, tokens = method.plan(q, k, ctx)
+    assert tokens is not None and tokens.shape[1] == (H if per_head else Hkv)
+    res = method.prefill(q, k, v, ctx)
+    mask = implied_mask(band, tokens, H, T, T, bs, window, kv)
+    ref, _ = masked_dense_reference(q, k, v, mask, scale=0.25)
+    real = valid[:, None, :, None]
+    assert_close(torch.where(real, res.out, 0), torch.where(real, ref, 0), atol=1e-5, rtol=1e-4)
+    assert res.cells == int(mask.sum())
+    # every query keeps its own block; every scored key precedes the query block
+    T_idx = torch.arange(T)
+    assert mask[:, :, T_idx, T_idx][valid[:, None].expand(-1, H, -1)].all()
+
+
+def test_finds_a_planted_key_block():
+    """Keys aligned with the late queries far back in the context are found and attended.
+
+    HiP rests on attention locality (a chunk's representative stands for its neighbours), so the
+    planted keys rise smoothly over ~40 tokens, as real attention peaks do, instead of one
+    hard-edged token that no representative would sample.
+    """
+    g = torch.Generator().manual_seed(6)
+    T, D = 2048, 64
+    q = torch.randn(1, 4, T, D, generator=g)
+    k, v = torch.randn(1, 1, T, D, generator=g), torch.randn(1, 1, T, D, generator=g)
+    q = q[:, :, :1] + 0.3 * q  # neighbouring queries are correlated, as in real models
+    bump = torch.exp(-((torch.arange(T) - 600.0) / 8) ** 2)
+    k = k + 10 * bump[:, None] * q[:, :, -1:].mean(1, keepdim=True)
+    method = make("hip", density=0.2, block_size=32)
+    ctx = LayerContext(0, D**-0.5)
+    _, tokens = method.plan(q, k, ctx)
+    for h in range(4):  # the last query block of every head holds the peak
+        assert set(range(592, 609)) <= set(tokens[0, h, -1].tolist()), h
+    res = method.prefill(q, k, v, ctx)
+    ref, _ = dense_attention(q, k, v)
+    err = (res.out[:, :, -1] - ref[:, :, -1]).norm() / ref[:, :, -1].norm()
+    assert err < 0.05, float(err)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.2, 0.4])
+def test_measured_density_lands_near_target(density):
+    g = torch.Generator().manual_seed(3)
+    T = 2048
+    q, k, v = (torch.randn(1, n, T, 16, generator=g) for n in (2, 1, 1))
+    res = make("hip", density=density, block_size=32).prefill(q, k, v, LayerContext(0, 0.25))
+    measured = res.cells / (2 * exact_cells(T, T))
+    assert 0.85 * density <= measured <= 1.15 * density + 0.01, measured
+
+
+def test_default_budget_scales_nothing_and_covers_short_inputs():
+    """Without `density` the paper's k = 512 applies; an input shorter than it is attended exactly."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, n, 500, 16, generator=g) for n in (2, 1, 1))
+    method = make("hip")
+    assert method.budget(q, 500, None) == (1 + 256 // 64, 512)
+    res = method.prefill(q, k, v, LayerContext(0, 0.25))
+    ref, _ = dense_attention(q, k, v, scale=0.25)
+    assert_close(res.out, ref)
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("mask_k", 0), ("density", 1.5), ("block_size", 8), ("block_size_k", 0), ("block_stride_q", 0),
+     ("window", -1), ("sink", -1), ("representative", "last")],
+)
+def test_bad_parameters_raise_value_error_naming_the_value(key, value):
+    with pytest.raises(ValueError, match=key):
+        make("hip", **{key: value})
