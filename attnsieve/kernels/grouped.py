@@ -91,26 +91,28 @@ def grouped_attention(
     group_len = (gk < K).sum(-1).reshape(-1)  # [N*G]
     gk = torch.where(gk < K, gk, -1).reshape(N * G, S)
 
-    m = torch.full((N * R,), float("-inf"), dtype=acc, device=dev)  # running max of pair lse
-    ssum = torch.zeros(N * R, dtype=acc, device=dev)
-    accum = torch.zeros(N * R, Dv, dtype=acc, device=dev)
+    # Running per-row state, with one extra dump row that absorbs the padding rows of tiles.
+    m = torch.full((N * R + 1,), float("-inf"), dtype=acc, device=dev)  # running max of pair lse
+    ssum = torch.zeros(N * R + 1, dtype=acc, device=dev)
+    accum = torch.zeros(N * R + 1, Dv, dtype=acc, device=dev)
     cells = torch.zeros((), dtype=torch.int64, device=dev)
 
     keep = group_len[pair_group] > 0
     pair_row, pair_group = pair_row[keep], pair_group[keep]
+    one_pair_per_row = pair_row.numel() == torch.unique(pair_row).numel()
     if pair_row.numel():
         order = torch.argsort(pair_group, stable=True)
         pr, pg = pair_row[order], pair_group[order]
         counts = torch.bincount(pg, minlength=N * G)  # pairs per group
-        first = torch.cumsum(counts, 0) - counts  # first sorted pair of each group
         n_tiles = (counts + row_tile - 1) // row_tile
-        tile_group = torch.repeat_interleave(torch.arange(N * G, device=dev), n_tiles)  # [nT]
-        tile_rank = torch.arange(tile_group.numel(), device=dev) - torch.repeat_interleave(
-            torch.cumsum(n_tiles, 0) - n_tiles, n_tiles
-        )
-        slot = first[tile_group, None] + tile_rank[:, None] * row_tile + torch.arange(row_tile, device=dev)
-        end = (first + counts)[tile_group, None]
-        tile_rows = torch.where(slot < end, pr[slot.clamp_max(pr.numel() - 1)], -1)  # [nT, C]
+        tile_start = torch.cumsum(n_tiles, 0) - n_tiles  # first tile of each group
+        pos = torch.arange(pr.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[pg]  # rank in group
+        tile_id = tile_start[pg] + pos // row_tile
+        n_all = int(n_tiles.sum())
+        tile_rows = torch.full((n_all, row_tile), N * R, dtype=torch.long, device=dev)  # N * R: dump row
+        tile_rows[tile_id, pos % row_tile] = pr
+        tile_group = torch.empty(n_all, dtype=torch.long, device=dev)
+        tile_group[tile_id] = pg
         by_len = torch.argsort(group_len[tile_group], stable=True)  # short groups first
         tile_group, tile_rows = tile_group[by_len], tile_rows[by_len]
         lens = group_len[tile_group].tolist()
@@ -122,9 +124,8 @@ def grouped_attention(
         def tile_elems(s_len: int) -> int:  # scores and masks, gathered keys/values, query rows
             return row_tile * s_len * (4 + n_tags) + s_len * (D + Dv) + row_tile * (D + Dv)
 
-        start, n_all = 0, len(lens)
+        start = 0
         zero, ninf = torch.zeros((), dtype=acc, device=dev), torch.full((), float("-inf"), dtype=acc, device=dev)
-        one_pair_per_row = pair_row.numel() == torch.unique(pair_row).numel()
         while start < n_all:
             lo, hi = start + 1, n_all  # largest stop whose tiles fit in chunk_elems (lens ascending)
             while lo < hi:
@@ -136,29 +137,31 @@ def grouped_attention(
             stop = lo
             s_b = lens[stop - 1]
             tg, rows = tile_group[start:stop], tile_rows[start:stop]  # [t], [t, C]
+            t = stop - start
             n_i = tg // G
-            keys = gk[tg, :s_b]  # [t, Sb]
+            keys = gk.index_select(0, tg)[:, :s_b]  # [t, Sb]
             slot_ok = keys >= 0
-            kidx = n_i[:, None] * K + keys.clamp_min(0)
-            row_ok = rows >= 0
-            ridx = rows.clamp_min(0)
+            kidx = (n_i[:, None] * K + keys.clamp_min(0)).reshape(-1)
+            row_ok = rows < N * R
+            ridx = rows.clamp_max(N * R - 1).reshape(-1)
             allowed = slot_ok[:, None, :] & row_ok[:, :, None]  # [t, C, Sb]
             if key_ok is not None:
-                allowed &= key_ok.reshape(-1)[kidx][:, None, :]
+                allowed &= key_ok.reshape(-1).index_select(0, kidx).view(t, 1, s_b)
             if causal or window is not None:
-                diff = q_pos.reshape(-1)[ridx][:, :, None] - k_pos.reshape(-1)[kidx][:, None, :]
+                diff = (q_pos.reshape(-1).index_select(0, ridx).view(t, row_tile, 1)
+                        - k_pos.reshape(-1).index_select(0, kidx).view(t, 1, s_b))
                 if causal:
                     allowed &= diff >= 0
                 if window is not None:
                     allowed &= diff < window
             if q_tags is not None:
-                qt = q_tags.reshape(N * R, -1)[ridx]  # [t, C, T]
-                kt = k_tags.reshape(N * K, -1)[kidx]  # [t, Sb, T]
-                allowed &= ~(qt[:, :, None, :] == kt[:, None, :, :]).any(-1)
+                qt = q_tags.reshape(N * R, -1).index_select(0, ridx).view(t, row_tile, 1, -1)
+                kt = k_tags.reshape(N * K, -1).index_select(0, kidx).view(t, 1, s_b, -1)
+                allowed &= ~(qt == kt).any(-1)
             cells += allowed.sum()
-            qi = q_flat[ridx].to(acc)
-            kg = k_flat[kidx].to(acc)
-            vg = v_flat[kidx].to(acc)
+            qi = q_flat.index_select(0, ridx).view(t, row_tile, D).to(acc)
+            kg = k_flat.index_select(0, kidx).view(t, s_b, D).to(acc)
+            vg = v_flat.index_select(0, kidx).view(t, s_b, Dv).to(acc)
             empty = ~allowed.any(-1)  # [t, C]
             if fused:
                 bias = torch.where(allowed, zero, ninf)[:, None]
@@ -169,18 +172,22 @@ def grouped_attention(
             else:
                 scores = torch.bmm(qi, kg.transpose(1, 2)).mul_(scale).masked_fill_(~allowed, float("-inf"))
                 o, l = softmax_with_lse(scores, vg)
-            live = (row_ok & ~empty).reshape(-1)
-            r_live, l_live, o_live = rows.reshape(-1)[live], l.reshape(-1)[live], o.reshape(-1, Dv)[live]
+            # Rows that saw no key keep their state: send them to the dump row as well.
+            dest = torch.where(row_ok & ~empty, rows, N * R).reshape(-1)
+            l, o = l.reshape(-1).to(acc), o.reshape(-1, Dv).to(acc)
             if one_pair_per_row:  # each row's only partial result: write it
-                m[r_live], ssum[r_live], accum[r_live] = l_live.to(acc), 1.0, o_live.to(acc)
+                m.index_copy_(0, dest, l)
+                ssum.index_fill_(0, dest, 1.0)
+                accum.index_copy_(0, dest, o)
             else:
-                _accumulate(m, ssum, accum, r_live, l_live, o_live)
+                _accumulate(m, ssum, accum, dest, l, o)
             start = stop
 
-    finite = ssum > 0
-    out = torch.where(finite[:, None], accum / ssum.clamp_min(torch.finfo(acc).tiny)[:, None], 0.0)
-    lse = torch.where(finite, m + torch.log(ssum.clamp_min(torch.finfo(acc).tiny)), float("-inf"))
-    return GroupedResult(out.view(N, R, Dv).to(q.dtype), lse.view(N, R), int(cells))
+    m, ssum, accum = m[:-1], ssum[:-1], accum[:-1]
+    if not one_pair_per_row:  # rows never written stay 0 with lse -inf
+        accum.div_(ssum.clamp_min(torch.finfo(acc).tiny)[:, None])
+        m = m + torch.log(ssum)
+    return GroupedResult(accum.view(N, R, Dv).to(q.dtype), m.view(N, R), int(cells))
 
 
 def _accumulate(m, ssum, accum, rows, lse, out):

@@ -50,18 +50,24 @@ def _leaf(Tk: int, levels: int) -> int:
 
 def leaf_attention(q, k, v, split: CausalSplit, *, scale, key_valid, window) -> SparseResult:
     """Exact causal attention inside every leaf (block diagonal), on the block-sparse kernel."""
+    return diagonal_attention(q, k, v, split.leaf if split.levels else None, scale=scale, key_valid=key_valid,
+                              window=window)
+
+
+def diagonal_attention(q, k, v, seg_len: int | None, *, scale, key_valid, window) -> SparseResult:
+    """Exact causal attention inside consecutive segments of `seg_len` positions (None: one segment).
+
+    seg_len must be a multiple of ALIGN; the segments run as a block-diagonal support.
+    """
     B, Tq, Tk = q.shape[0], q.shape[2], k.shape[2]
     Hkv = k.shape[1]
-    if split.levels == 0:
-        bs = 64
-    else:
-        bs = next(b for b in (64, 32, 16) if split.leaf % b == 0)
+    bs = 64 if seg_len is None else next(b for b in (64, 32, 16) if seg_len % b == 0)
     layout = block_layout(Tq, Tk, bs, key_valid, window, B, q.device)
     allowed = layout.allowed  # [B, NQ, NK]
-    if split.levels:
-        per_leaf = split.leaf // bs
+    if seg_len is not None:
+        per_seg = seg_len // bs
         qb = torch.arange(layout.first_qb, layout.first_qb + layout.n_q, device=q.device)
-        start = (qb // per_leaf) * per_leaf  # first key block of each query block's leaf
+        start = (qb // per_seg) * per_seg  # first key block of each query block's segment
         allowed = allowed & (torch.arange(layout.n_k, device=q.device)[None, :] >= start[:, None])[None]
     support = BlockSupport.from_mask(allowed[:, None].expand(B, Hkv, layout.n_q, layout.n_k), bs)
     return block_sparse_attention(q, k, v, support, causal=True, window=window, scale=scale, key_valid=key_valid)
@@ -188,23 +194,30 @@ def generator(seed: int, *salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(s)
 
 
-def predicted_density(Tq: int, Tk: int, min_seq_len: int, cost: Callable[[torch.Tensor], torch.Tensor]) -> float:
+def predicted_density(Tq: int, Tk: int, min_seq_len: int, cost: Callable[[int], float]) -> float:
     """Cells the split computes / exact causal cells, from shapes only (no padding, no window).
 
-    cost(nk) gives the cells one query computes in a hashed quadrant with nk keys.
+    cost(nk) gives the cells one query computes in a hashed quadrant with nk keys. Closed forms
+    over the query positions [Tk - Tq, Tk), so the density search costs no tensor work.
     """
     split = causal_split(Tk, min_seq_len)
-    pos = torch.arange(Tk - Tq, Tk, dtype=torch.float64)
-    total = float((pos + 1).sum())
+    first = Tk - Tq
+
+    def tri(n: int, period: int) -> int:  # sum over p < n of (p mod period) + 1
+        full, rest = divmod(n, period)
+        return full * period * (period + 1) // 2 + rest * (rest + 1) // 2
+
+    def second_halves(n: int, w: int) -> int:  # positions p < n with p mod 2w >= w
+        full, rest = divmod(n, 2 * w)
+        return full * w + max(0, rest - w)
+
+    total = Tk * (Tk + 1) // 2 - first * (first + 1) // 2
     leaf = split.leaf if split.levels else Tk
-    cells = float((pos - torch.div(pos, leaf, rounding_mode="floor") * leaf + 1).sum())
+    cells = float(tri(Tk, leaf) - tri(first, leaf))
     for level in range(split.levels):
         w = split.leaf << level
-        seg_start = torch.div(pos, 2 * w, rounding_mode="floor") * 2 * w
-        second = pos - seg_start >= w
-        nk = torch.full_like(pos, float(w))
-        per = nk if w < min_seq_len else torch.minimum(nk, cost(nk))
-        cells += float((per * second).sum())
+        per = w if w < min_seq_len else min(w, cost(w))
+        cells += per * (second_halves(Tk, w) - second_halves(first, w))
     return cells / total
 
 

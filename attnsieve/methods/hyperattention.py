@@ -88,10 +88,10 @@ class HyperAttentionParams:
 def quadrant_cost(block_size: int, sample_size: int):
     """Expected cells per query of a hashed quadrant with nk keys: its block plus kept samples."""
 
-    def cost(nk: torch.Tensor) -> torch.Tensor:
-        blk = torch.clamp(nk, max=block_size)
-        residual = torch.where(nk > block_size, sample_size * (1 - block_size / nk), torch.zeros_like(nk))
-        return blk + residual
+    def cost(nk: int) -> float:
+        if nk <= block_size:
+            return float(nk)
+        return block_size + sample_size * (1 - block_size / nk)
 
     return cost
 

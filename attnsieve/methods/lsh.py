@@ -13,7 +13,7 @@ paper, 64; here the number of query rows batched per key cluster, which only aff
 `min_seq_len` (exact below, as in HyperAttention's causal split; 1024 = 2 * n_hashes *
 k_cluster_size, below which hashing saves little), `seed` (projections), `density` (when set,
 overrides min_seq_len and, if even the smallest exact leaves overshoot, halves k_cluster_size
-down to 8, then n_hashes, then k_cluster_size again, choosing from the shapes alone the setting
+down to 16, then n_hashes, then k_cluster_size again, choosing from the shapes alone the setting
 whose predicted density is nearest the target; measured density counts the distinct keys each
 query attends, so keys repeated across rounds lower it below the prediction).
 
@@ -87,17 +87,18 @@ def budget(p: LSHParams, Tq: int, Tk: int) -> tuple[int, int, int]:
     """(min_seq_len, n_hashes, k_cluster_size) the call runs with.
 
     With `density`, the exact leaves shrink first; while even the smallest overshoot, the
-    clusters halve down to 8 keys, then the rounds halve down to 1, then the clusters again.
+    clusters halve down to 16 keys, then the rounds halve down to 1, then the clusters again
+    (small clusters run far below the kernel's efficiency, so rounds go first).
     """
     if p.density is None:
         return p.min_seq_len, p.n_hashes, p.k_cluster_size
     n, kcs = p.n_hashes, p.k_cluster_size
     while True:
         cap = n * kcs
-        m, pred = min_seq_len_for_density(p.density, Tq, Tk, lambda nk, cap=cap: torch.clamp(nk, max=cap))
+        m, pred = min_seq_len_for_density(p.density, Tq, Tk, lambda nk, cap=cap: min(nk, cap))
         if pred <= 1.2 * p.density or (n == 1 and kcs == 1):
             return m, n, kcs
-        if kcs > 8:
+        if kcs > 16:
             kcs //= 2
         elif n > 1:
             n //= 2
