@@ -31,7 +31,8 @@ Deviations, and why:
   query head and quadrant, shared by the batch rows; never from the data, so no token (or other
   batch row) influences another's samples.
 - Buckets are visited in reflected Gray order (adjacent buckets differ in one hyperplane), as
-  the paper describes; the reference indexes the Gray sequence by bucket id, its inverse.
+  the paper describes; the reference sorts by the Gray code of the bucket id, whose order is
+  not a one-bit path beyond two hyperplanes.
 - Left padding: padding keys sort last and are never attended nor sampled; the sample weight
   uses the quadrant's real keys. On a sliding layer keys beyond the window are masked.
 """
