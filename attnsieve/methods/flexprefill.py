@@ -58,8 +58,8 @@ from attnsieve.methods.base import AttnOutput, Method
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, grid_queries
 
-# Bisection steps when calibrating gamma to a density target.
-CALIBRATION_STEPS = 18
+# Points per calibration grid (a coarse scan of gamma in [0, 1], then a fine one inside the crossing step).
+CALIBRATION_POINTS = 33
 
 
 @dataclass
@@ -310,42 +310,51 @@ class FlexPrefill(Method):
         jabs = torch.arange(a, e, device=dev)
         off = jabs[:, None] - torch.arange(n_k, device=dev)[None, :]  # [n, NK] block diagonal of each key block
         in_range = (off >= 0) & (off < nb)
-        off_idx = off.clamp(0, nb - 1).reshape(1, 1, -1).expand(B, H, -1)
-        base = (forced[:, None, ja:je] & layout.allowed[:, None, ja:je])
+        base = (forced[:, None, None, ja:je] & layout.allowed[:, None, None, ja:je])  # [B, 1, 1, n, NK]
+        allowed = layout.allowed[:, None, None, ja:je]
 
-        def select(gamma):  # gamma [B] -> (blocks, sel_v)
-            g = gamma[:, None, None].expand(B, H, 1).contiguous()
-            kv = (torch.searchsorted(cv, g)[..., 0] + 1).clamp_min(min_tok).clamp_max(max_tok)
-            ks = (torch.searchsorted(cs, g)[..., 0] + 1).clamp_min(min_tok).clamp_max(max_tok)
-            kv = torch.where(qa, min_tok, kv).clamp_max(n_real)
-            ks = torch.where(qa, min_tok, ks)
+        def select(gamma):  # gamma [B, P] -> (blocks [B, H, P, n, NK], sel_v [B, H, P, s_c])
+            P = gamma.shape[1]
+            g = gamma[:, None, :].expand(B, H, P).contiguous()
+            kv = (torch.searchsorted(cv, g) + 1).clamp_min(min_tok).clamp_max(max_tok)  # [B, H, P]
+            ks = (torch.searchsorted(cs, g) + 1).clamp_min(min_tok).clamp_max(max_tok)
+            kv = torch.where(qa[..., None], min_tok, kv).clamp_max(n_real[..., None])
+            ks = torch.where(qa[..., None], min_tok, ks)
             ks_blk = (ks + bs - 1) // bs  # slash offsets -> block diagonals
-            diag = rank_s < ks_blk[..., None]  # [B, H, nb] chosen block diagonals
-            slash_mask = torch.gather(diag, -1, off_idx).view(B, H, -1, n_k) & in_range
-            blocks = base | (slash_mask & layout.allowed[:, None, ja:je])
-            sel_v = (rank_v < kv[..., None]) & real
+            diag = rank_s[:, :, None] < ks_blk[..., None]  # [B, H, P, nb] chosen block diagonals
+            off_idx = off.clamp(0, nb - 1).reshape(1, 1, 1, -1).expand(B, H, P, -1)
+            slash_mask = torch.gather(diag, -1, off_idx).view(B, H, P, -1, n_k) & in_range
+            blocks = base | (slash_mask & allowed)
+            sel_v = (rank_v[:, :, None] < kv[..., None]) & real[:, :, None]
             return blocks, sel_v
 
         if d_c is None:
             gamma = torch.full((B,), p.gamma, device=dev)
-            return *select(gamma), gamma
+            blocks, sel_v = select(gamma[:, None])
+            return blocks[:, :, 0], sel_v[:, :, 0], gamma
 
         vs = (~qa).to(torch.float64)  # [B, H]
-        want = d_c * grid.exact[:, ja:je].sum(-1).double() * vs.sum(-1)  # cells allowed to the VS heads
+        want = d_c * grid.exact[:, ja:je].sum(-1).double() * vs.sum(-1)  # [B] cells allowed to the VS heads
 
-        def cells(gamma):
+        def cells(gamma):  # [B, P] -> cells of the VS heads [B, P]
+            P = gamma.shape[1]
             blocks, sel_v = select(gamma)
-            counts = torch.nn.functional.pad(sel_v.view(B, H, nb, bs).sum(-1), (0, n_k - nb))[:, :, None]
-            per_head = (grid.block_cells(blocks, ja) + grid.token_cells(counts, blocks, ja)).sum(-1).double()
-            return (per_head * vs).sum(-1)
+            counts = torch.nn.functional.pad(sel_v.view(B, H, P, nb, bs).sum(-1), (0, n_k - nb))
+            bm = blocks.reshape(B, H * P, -1, n_k)
+            per = grid.block_cells(bm, ja) + grid.token_cells(counts.reshape(B, H * P, 1, n_k), bm, ja)
+            return (per.sum(-1).view(B, H, P).double() * vs[..., None]).sum(1)
 
-        lo, hi = torch.zeros(B, device=dev), torch.ones(B, device=dev)
-        for _ in range(CALIBRATION_STEPS):
-            mid = 0.5 * (lo + hi)
-            under = cells(mid) <= want
-            lo, hi = torch.where(under, mid, lo), torch.where(under, hi, mid)
-        gamma = torch.where((cells(hi) - want).abs() < (cells(lo) - want).abs(), hi, lo)
-        return *select(gamma), gamma
+        # Cells grow with gamma: scan a coarse grid, then a fine grid inside the bracketing step.
+        steps = torch.linspace(0, 1, CALIBRATION_POINTS, device=dev)
+        coarse = steps.expand(B, -1)
+        below = (cells(coarse) <= want[:, None]).sum(-1) - 1  # last coarse point within the target
+        lo = coarse.gather(1, below.clamp(0, CALIBRATION_POINTS - 1)[:, None])
+        hi = coarse.gather(1, (below + 1).clamp(0, CALIBRATION_POINTS - 1)[:, None])
+        fine = lo + (hi - lo) * steps
+        best = (cells(fine) - want[:, None]).abs().argmin(-1)
+        gamma = fine.gather(1, best[:, None])[:, 0]
+        blocks, sel_v = select(gamma[:, None])
+        return blocks[:, :, 0], sel_v[:, :, 0], gamma
 
     def _query_aware_blocks(self, qbar, q_has, kbar, has_key, layout, forced, ja, je, a, d_c, Hkv, G, scale):
         """Per query block j, key blocks before j ranked by the pooled query of block j - 1: [B, H, n, NK]."""
