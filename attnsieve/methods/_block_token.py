@@ -58,32 +58,36 @@ def run_blocks_and_tokens(
     if tokens is None or not bool((tokens >= 0).any()):
         return res.out, res.lse, res.cells
     tok = drop_covered(tokens, support)
-    used = (tok >= 0).sum(-1).amax((0, 1)).tolist()  # [NQ] longest list of each query block
-    if not any(used):
+    if not bool((tok >= 0).any()):
         return res.out, res.lse, res.cells
-    # The kernel pads every list to the longest one; lists usually grow along the sequence, so run it on
-    # runs of query blocks whose lengths stay within a factor of two (each run is a shorter prefill call:
-    # its queries against the keys up to its end).
-    Tq, Tk, bs = q.shape[2], k.shape[2], support.block_size
-    first = (Tk - Tq) // bs
-    out_parts, lse_parts, cells = [], [], res.cells
-    for ja, je in _runs(used):
-        lo, hi = max(Tk - Tq, (first + ja) * bs), min(Tk, (first + je) * bs)  # positions of the run's queries
-        if max(used[ja:je]) == 0:
-            out_parts.append(torch.zeros_like(res.out[:, :, lo - (Tk - Tq) : hi - (Tk - Tq)]))
-            lse_parts.append(torch.full_like(res.lse[:, :, lo - (Tk - Tq) : hi - (Tk - Tq)], float("-inf")))
-            continue
-        kv_run = None if ctx.key_valid is None else ctx.key_valid[:, :hi]
-        run_tok = tok[:, :, ja:je]
-        run_tok = compact_tokens(torch.where(run_tok < hi, run_tok, -1))  # later keys are never attended anyway
-        part = token_gather_attention(
-            q[:, :, lo - (Tk - Tq) : hi - (Tk - Tq)], k[:, :, :hi], v[:, :, :hi], run_tok,
-            bs, causal=True, window=ctx.window, scale=ctx.scale, key_valid=kv_run,
-        )
-        out_parts.append(part.out)
-        lse_parts.append(part.lse)
-        cells += part.cells
-    out, lse = merge(res.out, res.lse, torch.cat(out_parts, 2), torch.cat(lse_parts, 2))
+    # The kernel pads every list to the longest one. Lists differ a lot between heads and usually grow
+    # along the sequence, so run it per support head, on runs of query blocks whose lengths stay within
+    # a factor of two (each run is a shorter prefill call: its queries against the keys up to its end).
+    B, H, Tq, _ = q.shape
+    Hkv, Tk, bs = k.shape[1], k.shape[2], support.block_size
+    Hs = tok.shape[1]
+    Gs, first, lead = H // Hs, (Tk - Tq) // bs, Tk - Tq
+    out = torch.zeros_like(res.out)
+    lse = torch.full_like(res.lse, float("-inf"))
+    cells = res.cells
+    for s in range(Hs):
+        heads, kvh = slice(s * Gs, (s + 1) * Gs), s * Hkv // Hs
+        used = (tok[:, s] >= 0).sum(-1).amax(0).tolist()  # [NQ] longest list of each query block
+        for ja, je in _runs(used):
+            if max(used[ja:je]) == 0:
+                continue
+            lo, hi = max(lead, (first + ja) * bs), min(Tk, (first + je) * bs)  # positions of the run's queries
+            run_tok = tok[:, s : s + 1, ja:je]
+            run_tok = compact_tokens(torch.where(run_tok < hi, run_tok, -1))  # later keys are never attended
+            part = token_gather_attention(
+                q[:, heads, lo - lead : hi - lead], k[:, kvh : kvh + 1, :hi], v[:, kvh : kvh + 1, :hi], run_tok,
+                bs, causal=True, window=ctx.window, scale=ctx.scale,
+                key_valid=None if ctx.key_valid is None else ctx.key_valid[:, :hi],
+            )
+            out[:, heads, lo - lead : hi - lead] = part.out
+            lse[:, heads, lo - lead : hi - lead] = part.lse
+            cells += part.cells
+    out, lse = merge(res.out, res.lse, out, lse)
     return out, lse, cells
 
 
