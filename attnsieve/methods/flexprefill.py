@@ -43,6 +43,12 @@ Deviations from the paper, and why:
 - `density`: gamma is calibrated per (batch row, chunk) on the vertical-slash heads from that chunk's estimate,
   and query-aware rows keep density-sized top-k blocks; each chunk's target carries over what earlier chunks
   over- or under-spent, so the whole layer lands near the target without using later tokens.
+
+Cost and a consequence of the leak-free estimate: the estimate scores about last_q * Tk * chunks / 2 cells (a
+fifth of the causal cells at 4k with the defaults, against the paper's last_q * Tk). A question at the very end
+of a prompt cannot steer the keys its own chunk keeps: on a 4k pass-key prompt the retrieval heads put ~17% of
+the question's attention on the needle but ~0% of the attention of the queries before the last chunk, so at
+density 0.2 the needle is not selected for the final position and the pass key is not retrieved.
 """
 
 from __future__ import annotations
