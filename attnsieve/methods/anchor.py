@@ -1,0 +1,231 @@
+"""AnchorAttention: keep the key columns (stripes) whose pooled-query score comes within `theta` of an anchor.
+
+Every query computes its initial block and local window exactly; the largest of those scores is its anchor
+(initial tokens and the local window hold the maxima of most attention rows). Queries pooled per block then
+score every other key, and a key is kept, as a stripe shared by a group of query blocks, where its pooled score
+is at most `theta` below the pooled anchor. Zhang et al., "AnchorAttention: Difference-Aware Sparse Attention
+with Stripe Granularity", EMNLP 2025 (arXiv:2505.23520).
+
+Hyperparameters:
+- `theta`: score difference to the anchor within which a key is kept (paper 12, in nats of the scaled score).
+- `step`: query blocks per group sharing one stripe list; the initial region and the local window are one
+  group long. Paper: 16 blocks of 128 (2048 tokens) at 128k; None scales it by Tk / 131072 (at least 1).
+- `density`: when set, overrides `theta`: theta is calibrated per group so the measured density lands near it.
+- `block_size`: tokens per query block of the pooled estimate and per key block of the exact part (paper 128).
+
+Execution: the initial region (the first group of real keys) and the local window (from the start of the
+query's group to the query) run on the block kernel; stripes run on the token-gather kernel; the parts cover
+disjoint keys and merge through their log-sum-exp. The paper reuses the online-softmax state of its anchor pass
+for the initial + local part; here the anchors (row maxima) are computed in a separate score-only pass, which is
+reported as estimation time, because the shared block kernel returns a log-sum-exp, not a row maximum.
+
+Deviations from the paper, and why:
+- No causal leak. The paper pools a block's own queries and anchors and shares the union of a group's choices
+  with all of that group's queries, so a late token changes which keys earlier queries see. Here the stripes
+  of group g are chosen by the pooled queries and pooled anchors of group g - 1 (lagged by one group; all of it
+  lies before group g starts). Groups 0 and 1 have only their initial region and local window, as group 0 does
+  in the paper.
+- The stripe candidates are all real keys between the initial region and the group's start (the reference
+  scans from the second block to one block before the group, overlapping its initial region); here the
+  initial region, stripes and local window never overlap, so no key is counted twice.
+- `density`: per (batch row, group), theta is set to the largest value whose stripes (over all heads) fit the
+  group's share of the target cells, carrying over what earlier groups over- or under-spent.
+
+A consequence of the lag: a question at the very end of a prompt cannot steer the stripes of its own group (on a
+4k pass-key prompt the needle gets ~17% of the question's attention in the retrieval heads but ~0.5% of the
+previous block's), so at density 0.2 the needle is not among the final group's stripes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from attnsieve.kernels import BlockSupport
+from attnsieve.methods._block_token import PAPER_CONTEXT, GridCells, mask_to_list, run_blocks_and_tokens
+from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods.registry import register
+from attnsieve.methods.selection import block_layout, grid_queries
+
+# Largest number of score elements one step of the anchor pass may hold (~64 MB fp32).
+ANCHOR_CHUNK_ELEMS = 1 << 24
+PAPER_STEP = 16
+
+
+@dataclass
+class AnchorParams:
+    theta: float = field(
+        default=12.0, metadata={"help": "keep keys whose pooled score is within theta of the pooled anchor (> 0)"}
+    )
+    step: int | None = field(
+        default=None, metadata={"help": "query blocks per stripe group (1..64; None: 16 at 128k, scaled by Tk)"}
+    )
+    density: float | None = field(
+        default=None, metadata={"help": "target measured density in (0, 1]; overrides theta when set"}
+    )
+    block_size: int = field(default=128, metadata={"help": "tokens per query/key block (16..512; paper 128)"})
+
+    def __post_init__(self):
+        if not self.theta > 0:
+            raise ValueError(f"theta must be > 0, got {self.theta}")
+        if self.step is not None and not 1 <= self.step <= 64:
+            raise ValueError(f"step must be in [1, 64] blocks or None, got {self.step}")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if not 16 <= self.block_size <= 512:
+            raise ValueError(f"block_size must be in [16, 512], got {self.block_size}")
+
+
+@dataclass
+class AnchorPlan:
+    """What AnchorAttention decided for one call (the support plus what the tests inspect)."""
+
+    support: BlockSupport  # initial region + local window blocks per [B, H, NQ]
+    tokens: torch.Tensor | None  # [B, H, NQ, M] stripe key positions (-1 unused)
+    anchors: torch.Tensor | None  # [B, H, Tq] row maximum over the initial region and local window
+    step: int  # query blocks per group
+    theta: list  # per group: [B] theta used (None where the group had no stripe candidates)
+
+
+def scaled_step(step: int | None, Tk: int) -> int:
+    return step if step is not None else max(1, min(PAPER_STEP, round(PAPER_STEP * Tk / PAPER_CONTEXT)))
+
+
+@register(
+    "anchor",
+    family="sparse",
+    phases=("prefill",),
+    params=AnchorParams,
+    summary="AnchorAttention: stripes whose pooled score is within theta of the initial/local anchor.",
+)
+class Anchor(Method):
+    exact_params = {"density": 1.0}  # degenerate setting: equals dense attention
+
+    def prefill(self, q, k, v, ctx):
+        t0 = time.perf_counter()
+        plan = self.plan(q, k, ctx)
+        estimate_s = time.perf_counter() - t0
+        out, lse, cells = run_blocks_and_tokens(q, k, v, plan.support, plan.tokens, ctx)
+        return AttnOutput(out, cells, estimate_s, lse)
+
+    def plan(self, q, k, ctx) -> AnchorPlan:
+        p = self.params
+        B, H, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        G = H // Hkv
+        bs, dev = p.block_size, q.device
+        S = scaled_step(p.step, Tk)
+        layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, dev)
+        fq, n_q, n_k = layout.first_qb, layout.n_q, layout.n_k
+        if p.density is not None and p.density >= 1:
+            full = layout.allowed[:, None].expand(B, H, n_q, n_k)
+            return AnchorPlan(BlockSupport.from_mask(full, bs), None, None, S, [])
+
+        # Exact part: the initial region (first group of real keys) and the local window (own group so far).
+        kb = torch.arange(n_k, device=dev)
+        jabs = torch.arange(fq, fq + n_q, device=dev)
+        sink = layout.sink[:, None, None]  # [B, 1, 1]
+        init = (kb >= sink) & (kb < sink + S)  # [B, 1, NK]
+        local = (kb[None, :] >= (jabs[:, None] // S) * S) & (kb[None, :] <= jabs[:, None])  # [NQ, NK]
+        exact_part = (init | local[None]) & layout.allowed  # [B, NQ, NK]
+        support = BlockSupport.from_mask(exact_part[:, None].expand(B, H, n_q, n_k), bs)
+
+        grid = GridCells.build(Tq, Tk, bs, ctx.key_valid, B, dev)
+        valid = grid.real_key  # [B, NK * bs]
+        anchors = self._anchors(q, k, valid, layout, S, ctx)  # [B, H, NQ, bs] on the grid
+        qg, rows = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D], [NQ, bs]
+        qreal = rows[None] & valid.view(B, n_k, bs)[:, fq:]  # [B, NQ, bs]
+        n_real = qreal.sum(-1)  # [B, NQ]
+        qbar = (qg * qreal[:, None, :, :, None]).sum(3) / n_real[:, None, :, None].clamp_min(1)  # [B, H, NQ, D]
+        abar = torch.where(qreal[:, None], anchors, 0.0).sum(-1) / n_real[:, None].clamp_min(1)  # [B, H, NQ]
+        usable = n_real > 0  # [B, NQ] blocks whose pooled query exists
+
+        kf = k.float()
+        G_tok = S * bs
+        init_end = (layout.sink + S) * bs  # [B] first key after the initial region
+        fixed = grid.block_cells(exact_part[:, None], 0)[:, 0] * H  # [B, NQ] cells of the exact part, all heads
+        n_groups_first, n_groups_end = fq // S, -(-n_k // S)
+        spent = torch.zeros(B, dtype=torch.float64, device=dev)
+        exact_so_far = torch.zeros(B, dtype=torch.float64, device=dev)
+        lists: list[tuple[int, int, torch.Tensor]] = []
+        thetas = []
+        for g in range(n_groups_first, n_groups_end):
+            ja, je = max(g * S, fq) - fq, min((g + 1) * S, n_k) - fq  # this call's query blocks of group g
+            exact_so_far += grid.exact[:, ja:je].sum(-1).double() * H
+            spent += fixed[:, ja:je].sum(-1).double()
+            la, le = (g - 1) * S - fq, g * S - fq  # lagged blocks: group g - 1
+            start = g * G_tok  # stripes lie before the group's start
+            cand = (torch.arange(start, device=dev)[None] >= init_end[:, None]) & valid[:, :start]  # [B, start]
+            la = max(la, 0)
+            if g < 2 or le <= 0 or la >= le or not bool(cand.any()):
+                thetas.append(None)
+                continue
+            # margin_t = min over lagged blocks of (pooled anchor - pooled score); key t is kept when <= theta.
+            scores = (qbar[:, :, la:le].reshape(B, Hkv, G, -1, D) @ kf[:, :, None, :start].transpose(-1, -2))
+            margin = abar[:, :, la:le, None] - scores.view(B, H, le - la, start) * ctx.scale
+            margin = margin.masked_fill(~usable[:, None, la:le, None], float("inf")).amin(2)  # [B, H, start]
+            margin = margin.masked_fill(~cand[:, None], float("inf"))
+            rows_g = grid.rows[:, ja:je].sum(-1).double()  # [B] query rows that see every stripe of the group
+            if p.density is None:
+                theta = torch.full((B,), p.theta, device=dev)
+            else:
+                budget = p.density * exact_so_far - spent  # cells left for this group's stripes
+                n_keep = torch.floor(budget / rows_g.clamp_min(1)).clamp_min(0).long()  # stripes over all heads
+                flat = margin.reshape(B, -1)  # [B, H * start]
+                n_keep = torch.minimum(n_keep, torch.isfinite(flat).sum(-1))
+                theta = torch.full((B,), float("-inf"), device=dev)
+                for b in range(B):  # theta = the n_keep-th smallest margin of the row
+                    if n_keep[b] > 0:
+                        theta[b] = flat[b].kthvalue(int(n_keep[b])).values
+            sel = margin <= theta[:, None, None]  # [B, H, start]
+            thetas.append(theta)
+            spent += rows_g * sel.sum((1, 2)).double()
+            lists.append((ja, je, mask_to_list(sel)))
+
+        tokens = None
+        if lists:
+            width = max(t.shape[-1] for _, _, t in lists)
+            tokens = torch.full((B, H, n_q, width), -1, dtype=torch.long, device=dev)
+            for ja, je, t in lists:
+                tokens[:, :, ja:je, : t.shape[-1]] = t[:, :, None]
+        anchors_q = anchors.reshape(B, H, -1)[:, :, (Tk - Tq) - fq * bs :][:, :, :Tq]
+        return AnchorPlan(support, tokens, anchors_q, S, thetas)
+
+    def _anchors(self, q, k, valid, layout, S, ctx) -> torch.Tensor:
+        """Row maximum of the scaled scores over the initial region and local window: [B, H, NQ, bs] (-inf: none)."""
+        p = self.params
+        B, H, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        G, bs = H // Hkv, p.block_size
+        fq, n_q, n_k = layout.first_qb, layout.n_q, layout.n_k
+        dev = q.device
+        qg, _ = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D]
+        qg = qg.view(B, Hkv, G, n_q, bs, D)
+        kp = torch.nn.functional.pad(k.float(), (0, 0, 0, n_k * bs - Tk)).view(B, Hkv, n_k, bs, D)
+        jabs = torch.arange(fq, fq + n_q, device=dev)
+        # Key blocks per query block: S initial blocks from the sink, then S blocks from the group start
+        # (duplicates and blocks after the query do not change a maximum; causality masks the latter).
+        slots = torch.arange(S, device=dev)
+        init_blocks = layout.sink[:, None, None] + slots  # [B, 1, S]
+        local_blocks = ((jabs // S) * S)[None, :, None] + slots  # [1, NQ, S]
+        blocks = torch.cat([init_blocks.expand(B, n_q, S), local_blocks.expand(B, n_q, S)], -1).clamp_max(n_k - 1)
+        out = torch.full((B, H, n_q, bs), float("-inf"), device=dev)
+        step = max(1, ANCHOR_CHUNK_ELEMS // (H * bs * 2 * S * bs))
+        row_pos = torch.arange(bs, device=dev)
+        col_pos = torch.arange(bs, device=dev)
+        for s in range(0, n_q, step):
+            e = min(s + step, n_q)
+            blk = blocks[:, s:e]  # [B, n, 2S]
+            kg = torch.stack([kp[b][:, blk[b]] for b in range(B)])  # [B, Hkv, n, 2S, bs, D]
+            kg = kg.view(B, Hkv, 1, e - s, 2 * S * bs, D)
+            scores = (qg[:, :, :, s:e] @ kg.transpose(-1, -2)) * ctx.scale  # [B, Hkv, G, n, bs, 2S*bs]
+            k_pos = (blk[..., None] * bs + col_pos).reshape(B, e - s, 1, -1)  # [B, n, 1, 2S*bs]
+            q_pos = (jabs[s:e, None] * bs + row_pos)[None, :, :, None]  # [1, n, bs, 1]
+            ok = (k_pos <= q_pos) & torch.gather(valid, 1, k_pos.reshape(B, -1)).view(B, e - s, 1, -1)
+            if ctx.window is not None:
+                ok = ok & (q_pos - k_pos < ctx.window)
+            scores = scores.masked_fill(~ok[:, None, None], float("-inf"))
+            out[:, :, s:e] = scores.amax(-1).view(B, H, e - s, bs)
+        return out
