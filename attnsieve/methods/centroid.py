@@ -77,7 +77,7 @@ class CentroidParams:
 
 @register(
     "centroid",
-    family="sparse",
+    family="clustering",
     phases=("prefill",),
     params=CentroidParams,
     summary="RetroInfer tripartite attention: exact top clusters + centroid estimate of the next (chunked, leak-free).",

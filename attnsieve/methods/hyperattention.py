@@ -111,7 +111,7 @@ def budget(p: HyperAttentionParams, Tq: int, Tk: int) -> tuple[int, int, int]:
 
 @register(
     "hyperattention",
-    family="sparse",
+    family="hashing",
     phases=("prefill",),
     params=HyperAttentionParams,
     summary="HyperAttention: sortLSH blocks + sampled residual, causal by recursive split (leak-free matching).",

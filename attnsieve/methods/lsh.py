@@ -108,7 +108,7 @@ def budget(p: LSHParams, Tq: int, Tk: int) -> tuple[int, int, int]:
 
 @register(
     "lsh",
-    family="sparse",
+    family="hashing",
     phases=("prefill",),
     params=LSHParams,
     summary="SMYRF: asymmetric LSH clusters, n_hashes rounds deduplicated, causal by recursive split.",

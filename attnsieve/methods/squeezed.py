@@ -113,7 +113,7 @@ def calibrated_threshold(cal_scores, cal_rows, count, frac):
 
 @register(
     "squeezed",
-    family="sparse",
+    family="clustering",
     phases=("prefill",),
     params=SqueezedParams,
     summary="Squeezed Attention: k-means key clusters kept by a calibrated centroid threshold (chunked, leak-free).",
