@@ -100,37 +100,51 @@ def token_gather_attention(
     q_valid[:, Tk - Tq : Tk] = valid[:, Tk - Tq :]
 
     N = B * Hs * n_q
-    tok = tokens.reshape(N, M)
-    rmask = None if row_mask is None else row_mask.reshape(N, R, M)
+    # Valid slots first in every list, then items ordered by list length, so each chunk gathers
+    # only as many keys as its longest list (lists of very different lengths cost no padding).
+    tok, perm = tokens.reshape(N, M).sort(dim=-1, descending=True)
+    rmask = None
+    if row_mask is not None:
+        rmask = torch.gather(row_mask.reshape(N, R, M), 2, perm[:, None, :].expand(N, R, M))
+    counts = (tok >= 0).sum(-1)
+    order = torch.argsort(counts, stable=True)
+    counts_sorted = counts[order].tolist()
     kv_of_s = torch.arange(Hs, device=dev) * Hkv // Hs
     row_off = torch.arange(R, device=dev) % bs
     out_items = torch.zeros(N, R, Dv, dtype=acc, device=dev)
     lse_items = torch.full((N, R), float("-inf"), dtype=acc, device=dev)
     cells = torch.zeros((), dtype=torch.int64, device=dev)
-    step = max(1, chunk_elems // max(1, M * (R + D + Dv)))
-    for s in range(0, N, step):
-        e = min(s + step, N)
-        idx = torch.arange(s, e, device=dev)
-        t = tok[s:e]  # [n, M]
+    start = next((i for i, c in enumerate(counts_sorted) if c > 0), N)
+    while start < N:
+        # as many items as fit the element budget at this width, halved while the widest does not fit
+        step = max(1, chunk_elems // max(1, counts_sorted[start] * (R + D + Dv)))
+        end = min(N, start + step)
+        while end > start + 1 and (end - start) * counts_sorted[end - 1] * (R + D + Dv) > chunk_elems:
+            end = start + max(1, (end - start) // 2)
+        mw = counts_sorted[end - 1]
+        idx = order[start:end]
+        t = tok[idx, :mw]  # [n, mw]
+        n = end - start
         ok = t >= 0
         tc = t.clamp_min(0)
         b_i, s_i, j_i = idx // (Hs * n_q), (idx // n_q) % Hs, idx % n_q
         flat = ((b_i * Hkv + kv_of_s[s_i]) * Tk)[:, None] + tc
-        kg = k_flat.index_select(0, flat.reshape(-1)).view(e - s, M, D).to(acc)
-        vg = v_flat.index_select(0, flat.reshape(-1)).view(e - s, M, Dv).to(acc)
+        kg = k_flat[flat.reshape(-1)].view(n, mw, D).to(acc)
+        vg = v_flat[flat.reshape(-1)].view(n, mw, Dv).to(acc)
         q_pos = ((first_qb + j_i) * bs)[:, None] + row_off  # [n, R]
         allowed = (ok & valid[b_i[:, None], tc])[:, None, :] & q_valid[b_i[:, None], q_pos][:, :, None]
-        diff = q_pos[:, :, None] - tc[:, None, :]  # [n, R, M]
+        diff = q_pos[:, :, None] - tc[:, None, :]  # [n, R, mw]
         if causal:
             allowed &= diff >= 0
         if window is not None:
             allowed &= diff < window
         if rmask is not None:
-            allowed &= rmask[s:e]
+            allowed &= rmask[idx, :, :mw]
         cells += allowed.sum()
-        scores = torch.bmm(q_items[s:e].to(acc), kg.transpose(1, 2)).mul_(scale)
+        scores = torch.bmm(q_items[idx].to(acc), kg.transpose(1, 2)).mul_(scale)
         scores.masked_fill_(~allowed, float("-inf"))
-        out_items[s:e], lse_items[s:e] = softmax_with_lse(scores, vg)
+        out_items[idx], lse_items[idx] = softmax_with_lse(scores, vg)
+        start = end
 
     out = out_items.view(B, Hs, n_q, Gs, bs, Dv).transpose(2, 3).reshape(B, H, n_q * bs, Dv)
     lse = lse_items.view(B, Hs, n_q, Gs, bs).transpose(2, 3).reshape(B, H, n_q * bs)
