@@ -37,7 +37,7 @@ class SkipResult:
     out: torch.Tensor  # [B, H, Tq, Dv]
     lse: torch.Tensor  # [B, H, Tq] log-sum-exp of the scores kept in the softmax
     cells: int  # query-key cells whose scores were computed (every cell of the exact layer)
-    skipped_cells: int  # of those, cells whose exponentials and value products were skipped
+    skipped_cells: int  # of those, cells the skip rule removed from the softmax (all heads, batch rows)
     skipped_per_batch: torch.Tensor  # [B] int64, skipped cells of each batch row (all heads)
     gap_hist: torch.Tensor | None  # [B, n_edges + 1] cell-weighted histogram of the gaps
 

@@ -105,6 +105,14 @@ def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(x / scale[..., None]).clamp_(-top, top).to(torch.int8), scale
 
 
+def int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int8 [m, k] x int8 [k, n]: torch's int8 GEMM on CPU (int32 out); elsewhere a float32 product,
+    exact for these integers while k <= 1040 (CUDA's int8 GEMM has shape constraints)."""
+    if a.device.type == "cpu":
+        return torch._int_mm(a, b)
+    return a.float() @ b.float()
+
+
 class RunningMeans:
     """Means of the real queries (per head) and keys (per KV head) before any absolute position."""
 
@@ -240,7 +248,7 @@ class Sale(SparseMethod):
             for h in range(Hkv):
                 rows = qq[b, h * G : (h + 1) * G].reshape(G * n * bs, D)
                 # The quadratic low-bit part: int8 x int8 -> int32 over every (row, key) of the chunk.
-                acc = torch._int_mm(rows, kq[b, h].t()).view(G, n * bs, kend)
+                acc = int_matmul(rows, kq[b, h].t()).view(G, n * bs, kend)
                 acc = torch.mul(acc, sk[b, h])  # dequantise: int32 -> float in the same pass
                 torch.addcmul(qmk[b, h, :, None, :], acc, sq[b, h * G : (h + 1) * G, :, None], out=acc)
                 if need_mask:  # padding keys, and candidate blocks at the window's far edge
