@@ -277,3 +277,18 @@ def test_bidirectional_encoder_runs_dense_exactly_and_non_causal_methods():
 def test_non_causal_methods_refuse_decoders_at_patch_time(name):
     with pytest.raises(ValueError, match="non-causal"):
         attnsieve.patch(tiny_llama(), name)
+
+
+def test_measured_density_counts_every_batch_row_and_skip_rules_are_reported():
+    model = tiny_llama()
+    x = torch.cat([ids(130), ids(130, seed=4)])
+    with attnsieve.patched(model, "dense") as p:
+        logits(model, x)
+    assert p.stats.density() == 1.0
+    with attnsieve.patched(model, "block-topk", density=1.0, block_size=16) as p:
+        logits(model, x)
+    assert p.stats.density() == pytest.approx(1.0)
+    with attnsieve.patched(model, "blasst", density=0.3, block_size=16) as p:
+        logits(model, x)
+    assert p.stats.density() == pytest.approx(1.0)  # every score is computed
+    assert 0 < p.stats.skipped_fraction() < 1

@@ -39,6 +39,7 @@ class LayerRecord:
     cells: int  # query-key cells computed
     exact_cells: int  # cells the exact layer computes
     estimate_s: float
+    skipped_cells: int = 0  # cells scored but whose exp / value product a skip rule dropped (BLASST)
 
 
 @dataclass
@@ -58,6 +59,12 @@ class Stats:
     def density(self, phase: str = "prefill") -> float | None:
         """Cell-weighted measured density over the layers the method replaces (exact layers excluded)."""
         return self._ratio("method", phase)
+
+    def skipped_fraction(self, phase: str = "prefill") -> float | None:
+        """Share of the method's computed cells whose exponentials and value products were skipped."""
+        rs = [r for r in self.records if r.role == "method" and r.phase == phase]
+        cells = sum(r.cells for r in rs)
+        return sum(r.skipped_cells for r in rs) / cells if cells else None
 
     def local_density(self, phase: str = "prefill") -> float | None:
         """Measured density of the sliding-window layers (1.0 when they run exact local attention)."""
@@ -79,6 +86,7 @@ class Stats:
         return {
             "density": self.density(),
             "local_density": self.local_density(),
+            "skipped_fraction": self.skipped_fraction(),
             "estimate_s": self.estimate_s(),
             "per_layer_density": self.per_layer(),
         }
@@ -206,9 +214,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         res = rt.method.decode(query, key, value, ctx)
     else:
         res = rt.method.prefill(query, key, value, ctx)
-    exact = query.shape[1] * exact_cells(Tq, Tk, causal=causal, window=window, key_valid=key_valid)
+    exact = query.shape[1] * exact_cells(Tq, Tk, causal=causal, window=window, key_valid=key_valid,
+                                         batch=query.shape[0])
     name = "exact" if rt.method is None else rt.method.name
-    rt.stats.records.append(LayerRecord(module.layer_idx, rt.role, phase, name, res.cells, exact, res.estimate_s))
+    rt.stats.records.append(
+        LayerRecord(module.layer_idx, rt.role, phase, name, res.cells, exact, res.estimate_s, res.skipped_cells)
+    )
     return res.out.transpose(1, 2).contiguous(), None
 
 
@@ -235,14 +246,15 @@ def _attention_with_policy_cache(rt: LayerRuntime, module, query, key, value, ct
         if res is None or (kv.seen > 0 and res.lse is None):
             out, lse = dense_attention(q, k, v, causal=True, window=ctx.window, scale=ctx.scale,
                                        key_valid=ctx.key_valid)
-            cells = q.shape[1] * exact_cells(q.shape[2], k.shape[2], window=ctx.window, key_valid=ctx.key_valid)
+            cells = q.shape[1] * exact_cells(q.shape[2], k.shape[2], window=ctx.window, key_valid=ctx.key_valid,
+                                             batch=q.shape[0])
             res = AttnOutput(out, cells, lse=lse)
         estimate_s = res.estimate_s
         return res
 
     out, cells = kv.attend(query, key, value, ctx.key_valid, ctx.scale, new_attention)
     H = query.shape[1]
-    exact = H * exact_cells(Tq, Tq, window=ctx.window, key_valid=ctx.key_valid)
+    exact = H * exact_cells(Tq, Tq, window=ctx.window, key_valid=ctx.key_valid, batch=query.shape[0])
     if past_real is not None:
         q_real = torch.full((query.shape[0],), Tq) if ctx.key_valid is None else ctx.key_valid.sum(-1).cpu()
         if ctx.window is None:

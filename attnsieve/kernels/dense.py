@@ -106,14 +106,17 @@ def exact_cells(
     causal: bool = True,
     window: int | None = None,
     key_valid: torch.Tensor | None = None,
+    batch: int = 1,
 ) -> int:
     """Number of query-key cells the exact layer computes (the denominator of measured density).
+
+    Per head, summed over the batch: `key_valid` [B, Tk] gives the rows, else `batch` unpadded rows.
 
     Only real queries and real keys count: with padding, query i is real when key Tk - Tq + i is.
     Computed in O(B * Tk) from a prefix sum, never from a Tq x Tk mask.
     """
     if key_valid is None:
-        key_valid = torch.ones(1, Tk, dtype=torch.bool)
+        key_valid = torch.ones(batch, Tk, dtype=torch.bool)
     kv = key_valid.to(torch.int64).cpu()
     csum = torch.nn.functional.pad(kv.cumsum(-1), (1, 0))  # csum[:, j] = valid keys in [0, j)
     q_pos = torch.arange(Tk - Tq, Tk)

@@ -70,7 +70,7 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Laye
         res = local_attention(q, k, v, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid)
         return AttnOutput(res.out, res.cells, lse=res.lse)
     out = sdpa_attention(q, k, v, ctx)
-    cells = q.shape[1] * exact_cells(Tq, Tk, causal=ctx.causal, key_valid=ctx.key_valid)
+    cells = q.shape[1] * exact_cells(Tq, Tk, causal=ctx.causal, key_valid=ctx.key_valid, batch=q.shape[0])
     return AttnOutput(out, cells)
 
 
