@@ -27,15 +27,16 @@ def low_rank_keys(B, Hkv, T, D, rank, seed):
     return torch.randn(B, Hkv, T, rank, generator=g) @ basis + 0.05 * torch.randn(B, Hkv, T, D, generator=g) + 1.0
 
 
-def test_basis_spans_the_top_eigenvectors_of_the_key_covariance():
+def test_basis_spans_the_top_right_singular_vectors_of_the_centred_keys():
     k = low_rank_keys(1, 1, 80, 12, 5, 0)[0, 0]
     mu, P = principal_basis(k, 4)
     assert_close(mu, k.mean(0))
     assert_close(P.T @ P, torch.eye(4), atol=1e-5, rtol=1e-5)
-    cov = (k - k.mean(0)).T @ (k - k.mean(0))
-    _, vecs = torch.linalg.eigh(cov.double())  # ascending eigenvalues
-    top = vecs[:, -4:].float()
+    _, _, vh = torch.linalg.svd((k - k.mean(0)).double(), full_matrices=False)  # rows by decreasing variance
+    top = vh[:4].T.float()
     assert_close(P @ P.T, top @ top.T, atol=1e-4, rtol=1e-4)  # the same subspace (signs and order aside)
+    _, few = principal_basis(k[:3], 8)  # fewer keys than the rank: still 8 orthonormal directions
+    assert_close(few.T @ few, torch.eye(8), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_equals_dense_attention_over_the_keys_projection():
@@ -53,8 +54,8 @@ def test_attention_equals_dense_attention_over_the_keys_projection():
         b, h = divmod(r_, Hkv)
         kk = k[b, h, :T]
         mu = kk.mean(0)
-        _, vecs = torch.linalg.eigh(((kk - mu).T @ (kk - mu)).double())
-        P = vecs[:, -r:].float()
+        _, _, vh = torch.linalg.svd((kk - mu).double(), full_matrices=False)
+        P = vh[:r].T.float()
         proj[b, h, : T + 1] = mu + (k[b, h, : T + 1] - mu) @ P @ P.T
     ref, _ = dense_attention(q[:, :, T + 1 :], proj, v, causal=True, scale=SCALE)  # the new key itself is exact
     assert_close(out, ref, atol=1e-4, rtol=1e-4)

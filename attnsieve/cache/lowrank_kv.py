@@ -43,10 +43,11 @@ def principal_basis(k: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
 
     With fewer than r keys the remaining columns complete an orthonormal basis arbitrarily.
     """
-    kf = k.float()
+    kf = k.double()
     mu = kf.mean(0)
-    _, _, vh = torch.linalg.svd(kf - mu, full_matrices=True)  # vh [D, D], rows by decreasing variance
-    return mu.to(k.dtype), vh[:r].T.contiguous().to(k.dtype)
+    c = kf - mu
+    _, vecs = torch.linalg.eigh(c.T @ c)  # [D, D] orthonormal, ascending variance: a D x D problem, any n
+    return mu.to(k.dtype), vecs[:, -r:].flip(-1).contiguous().to(k.dtype)
 
 
 class LowRankKVLayer(ReducedKeyKV):

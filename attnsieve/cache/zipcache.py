@@ -103,6 +103,7 @@ class ZipCacheLayer(LayerKV):
         self.budget = budget  # a byte budget overrides the salient ratio (set from the cache's dtype)
         self.residual, self.probe_ratio = residual, probe_ratio
         self.parts: list[list[Part]] = []  # per row, quantised groups
+        self.scratch: dict[int, tuple | None] = {}  # per row, this call's dequantised parts (transient)
         self.acc: list[torch.Tensor] = []  # per row, attention the decoding queries gave each tail token
         self.seen_by: list[torch.Tensor] = []  # per row, how many decoding queries saw each tail token
         self.err_num = 0.0
@@ -128,11 +129,20 @@ class ZipCacheLayer(LayerKV):
         return torch.tensor(n).view(self.B, self.Hkv)
 
     def row_keys(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row r's keys, values and positions as attention sees them: dequantised parts, then the tail."""
-        deq = [p.dequantize() for p in self.parts[r]]
-        k = torch.cat([*(d[0] for d in deq), self.keys[r]])
-        v = torch.cat([*(d[1] for d in deq), self.values[r]])
-        return k, v, torch.cat([*(p.pos for p in self.parts[r]), self.pos[r]])
+        """Row r's keys, values and positions as attention sees them: dequantised parts, then the tail.
+
+        The dequantised parts are kept only until this call's `compress` ends (attention and the
+        saliency update share them), never between calls.
+        """
+        if r not in self.scratch:
+            deq = [p.dequantize() for p in self.parts[r]]
+            self.scratch[r] = (torch.cat([d[0] for d in deq]), torch.cat([d[1] for d in deq]),
+                               torch.cat([p.pos for p in self.parts[r]])) if deq else None
+        parts = self.scratch[r]
+        if parts is None:
+            return self.keys[r], self.values[r], self.pos[r]
+        return (torch.cat([parts[0], self.keys[r]]), torch.cat([parts[1], self.values[r]]),
+                torch.cat([parts[2], self.pos[r]]))
 
     def row_tensors(self):
         if not any(self.parts):
@@ -171,6 +181,12 @@ class ZipCacheLayer(LayerKV):
         return chosen[real[chosen]]
 
     def compress(self, q, k_new, new_valid, scale):
+        try:
+            self.update(q, k_new, new_valid, scale)
+        finally:
+            self.scratch.clear()  # no dequantised copy outlives the call
+
+    def update(self, q, k_new, new_valid, scale):
         Tq = k_new.shape[2]
         for r in range(len(self.keys)):
             b = r // self.Hkv
@@ -206,6 +222,7 @@ class ZipCacheLayer(LayerKV):
             self.err_num += float((kd.float() - km.float()).pow(2).sum() + (vd.float() - vm.float()).pow(2).sum())
             self.err_den += float(km.float().pow(2).sum() + vm.float().pow(2).sum())
             self.parts[r].append(part)
+        self.scratch.pop(r, None)
         self.keys[r], self.values[r], self.pos[r] = k[:0], v[:0], pos[:0]
         self.acc[r], self.seen_by[r] = self.acc[r][:0], self.seen_by[r][:0]
 
