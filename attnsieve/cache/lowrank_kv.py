@@ -46,7 +46,12 @@ def principal_basis(k: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor
     kf = k.double()
     mu = kf.mean(0)
     c = kf - mu
-    _, vecs = torch.linalg.eigh(c.T @ c)  # [D, D] orthonormal, ascending variance: a D x D problem, any n
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a D x D problem gains nothing from threads; threaded LAPACK stalls on busy CPUs
+    try:
+        _, vecs = torch.linalg.eigh(c.T @ c)  # [D, D] orthonormal, ascending variance, whatever n is
+    finally:
+        torch.set_num_threads(threads)
     return mu.to(k.dtype), vecs[:, -r:].flip(-1).contiguous().to(k.dtype)
 
 
