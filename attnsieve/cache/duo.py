@@ -17,10 +17,11 @@ model and prompt length; the retrieval heads are the top fraction of all compres
 ranked across layers, as the paper's deployment does.
 
 Parameters: `kv_budget` = fraction of KV heads kept whole (kind "heads"); `kv_retrieval_ratio`
-overrides it (without either: 0.5, the paper's GQA setting); `kv_sink` (64) and `kv_recent` (256)
-as the paper; `kv_calibration` = the dict `calibrate_duo` returns, its JSON file, or a model
-name/path whose cached calibration is used (the longest length). A ratio below 1 without a
-calibration raises a ValueError saying how to calibrate (a policy cannot see the model).
+overrides it (without either: 0.5, the paper's GQA setting); `kv_sink` (128) and `kv_recent` (256)
+as the reference code's released head patterns; `kv_calibration` = the dict `calibrate_duo`
+returns, its JSON file, or a model name/path whose cached calibration is used (the longest
+length). A ratio below 1 without a calibration raises a ValueError saying how to calibrate (a
+policy cannot see the model).
 Ratio 1.0 keeps every head whole: exactly the dense cache. The memory kept is about
 ratio + (1 - ratio) * (kv_sink + kv_recent) / tokens of the dense cache.
 """
@@ -52,7 +53,7 @@ DEFAULT_RATIO = 0.5  # the paper's retrieval-head ratio for GQA models
 
 @dataclass
 class DuoParams(KVPolicyParams):
-    kv_sink: int = field(default=64, metadata={"help": "first tokens kept by streaming heads (>= 0)"})
+    kv_sink: int = field(default=128, metadata={"help": "first tokens kept by streaming heads (>= 0)"})
     kv_recent: int = field(default=256, metadata={"help": "latest tokens kept by streaming heads (>= 0)"})
     kv_retrieval_ratio: float | None = field(
         default=None, metadata={"help": "fraction of KV heads kept whole, [0, 1]; overrides kv_budget (else 0.5)"}

@@ -4,17 +4,18 @@ A token's saliency is its accumulated attention divided by the number of queries
 (the normalised attention score: plain accumulation favours early tokens, which more queries see).
 At prefill it is estimated from probe queries (the last 5% and a random 5% of the call's queries);
 the top `kv_salient_ratio` of each KV head's tokens are quantised at `kv_bits_high` bits and the
-others at `kv_bits_low`. Keys are quantised per channel (over the tokens of each precision group)
-and values with channel-separable token-wise quantisation (each channel divided by
-sqrt(max |v_c|), then per-token min/max), so the cache holds packed codes plus fp16 parameters.
+others at `kv_bits_low`. As the reference code configures it, keys are quantised per channel (over
+the tokens of each precision group) and values with the paper's channel-separable token-wise
+quantisation (each channel divided by sqrt(max |v_c|), then per-token min/max), so the cache holds
+packed codes plus fp16 parameters.
 Decoded tokens stay in full precision until `kv_residual` of them have accumulated; then they are
 quantised as one group, their saliency being the normalised attention the decoding queries gave
 them. He et al., "ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token
 Identification", NeurIPS 2024 (arXiv:2405.14256).
 
-Parameters: `kv_bits_high` / `kv_bits_low` (4 / 2, the paper's), `kv_salient_ratio` (0.6, the
+Parameters: `kv_bits_high` / `kv_bits_low` (4 / 2, the reference code's), `kv_salient_ratio` (0.6, the
 reference code's 40% unimportant tokens), `kv_residual` (decoded tokens kept in full precision
-before quantising them, the paper's streaming gap 100), `kv_probe_ratio` (0.1: half recent, half
+before quantising them, the reference code's streaming gap 100), `kv_probe_ratio` (0.1: half recent, half
 random), `kv_bits` (sets both widths, e.g. 8). With `kv_budget` (a fraction of the dense bytes) and
 no `kv_bits`, the salient ratio is set so the average code width fills the budget (scales ignored).
 Deviations: the normaliser counts the probe queries that see a token (the formula applied to the
