@@ -200,7 +200,8 @@ class KVPolicy:
     """A decoding-cache policy: builds each global layer's LayerKV. Registered with @register_policy."""
 
     name: ClassVar[str]
-    kind: ClassVar[str]  # "eviction", "quantisation", "channels", "lowrank" or "selection" (what kv_budget counts)
+    kind: ClassVar[str]  # what kv_budget counts: "eviction" (tokens), "quantisation" (bytes), "channels",
+    # "lowrank" (rank), "selection" (tokens read per step) or "heads" (KV heads kept whole)
     Params: ClassVar[type]
     summary: ClassVar[str]
 
