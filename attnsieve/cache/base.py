@@ -225,7 +225,7 @@ def keep_count(valid_tokens: int, budget: float) -> int:
     return min(valid_tokens, max(1, math.ceil(budget * valid_tokens)))
 
 
-def forced_mask(pos: torch.Tensor, first_pos: int, seen: int, sink: int, recent: int) -> torch.Tensor:
+def forced_mask(pos: torch.Tensor, seen: int, sink: int, recent: int) -> torch.Tensor:
     """[L] bool: the row's first `sink` real tokens and its `recent` latest positions."""
     rank = torch.arange(pos.numel(), device=pos.device)
     return (rank < sink) | (pos.long() >= seen - recent)
@@ -262,7 +262,7 @@ class EvictingKV(LayerKV):
         keep = []
         for r, (p, s) in enumerate(zip(self.pos, scores, strict=True)):
             n = min(budgets[r], p.numel())
-            forced = forced_mask(p, 0, self.seen, self.p.kv_sink, self.p.kv_recent)
+            forced = forced_mask(p, self.seen, self.p.kv_sink, self.p.kv_recent)
             s = torch.where(forced, torch.finfo(s.dtype).max, s)
             keep.append(torch.topk(s, n).indices)
         self.keep_rows(keep)

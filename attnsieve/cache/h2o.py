@@ -59,7 +59,7 @@ class H2OLayer(EvictingKV):
         out = []
         for r, (a, p) in enumerate(zip(self.acc, self.pos, strict=True)):
             recent = budgets[r] - int(round(self.p.kv_heavy_ratio * budgets[r]))
-            is_recent = forced_mask(p, 0, self.seen, 0, recent)
+            is_recent = forced_mask(p, self.seen, 0, recent)
             out.append(torch.where(is_recent, torch.finfo(a.dtype).max / 2, a))
         return out
 
