@@ -17,8 +17,17 @@ from attnsieve.kernels import (
     merge,
     token_mask,
 )
+from attnsieve.kernels.block_sparse import resolve_backend
 
 from helpers import assert_close, masked_dense_reference
+
+def _runs(backend: str) -> bool:
+    try:
+        resolve_backend(backend, torch.device("cpu"), torch.float32)
+    except ValueError:
+        return False
+    return True
+
 
 SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 
@@ -32,14 +41,25 @@ def qkv(B, H, Hkv, Tq, Tk, D, seed=0, dtype=torch.float32):
 
 
 def support_to_token_mask(support: BlockSupport, H: int, Tq: int, Tk: int) -> torch.Tensor:
-    """Expand a block support into the [B, H, Tq, Tk] token mask it stands for (reference only)."""
+    """Expand a block support (and its row masks) into the [B, H, Tq, Tk] token mask it stands for."""
     bs = support.block_size
     first, n_q, n_k = block_grid(Tq, Tk, bs)
-    bm = support.to_mask(n_k)  # [B, Hs, NQ, NK]
-    bm = bm.repeat_interleave(H // bm.shape[1], dim=1)
-    q_blk = (torch.arange(Tk - Tq, Tk) // bs) - first
+    B, Hs = support.blocks.shape[:2]
+    Gs = H // Hs
+    blocks = torch.where(support.blocks >= 0, support.blocks, n_k)  # [B, Hs, NQ, K]
+    R = Gs * bs
+    rows = torch.ones(B, Hs, n_q, R, blocks.shape[-1], dtype=torch.bool) if support.row_mask is None else support.row_mask
+    own = torch.zeros(B, Hs, n_q, R, n_k + 1, dtype=torch.bool)
+    own.scatter_(4, blocks[:, :, :, None, :].expand_as(rows), rows & (support.blocks >= 0)[:, :, :, None, :])
+    # rows are head-major: row r of item (b, s, j) is head s * Gs + r // bs at grid position j * bs + r % bs
+    own = own[..., :n_k].view(B, Hs, n_q, Gs, bs, n_k).permute(0, 1, 3, 2, 4, 5).reshape(B, H, n_q * bs, n_k)
+    lead = (Tk - Tq) - first * bs
+    own = own[:, :, lead : lead + Tq]
     k_blk = torch.arange(Tk) // bs
-    return bm[:, :, q_blk][:, :, :, k_blk]
+    return own[:, :, :, k_blk]
+
+
+BACKENDS = [b for b in ("compiled", "mkl", "flash", "matmul") if _runs(b)]
 
 
 @st.composite
@@ -54,14 +74,16 @@ def sparse_case(draw):
     shared = draw(st.booleans())
     density = draw(st.floats(0.0, 1.0))
     seed = draw(st.integers(0, 10_000))
-    fused = draw(st.booleans())  # the fused CPU flash path and the separate-passes path
-    return B, Hkv * G, Hkv, Tq, Tk, bs, causal, shared, density, seed, fused
+    backend = draw(st.sampled_from(BACKENDS))
+    window = draw(st.sampled_from([None, None, 1, 20, 100]))
+    row_masks = draw(st.booleans())
+    return B, Hkv * G, Hkv, Tq, Tk, bs, causal, shared, density, seed, backend, window, row_masks
 
 
 @SETTINGS
 @given(sparse_case())
 def test_block_sparse_equals_masked_dense(case):
-    B, H, Hkv, Tq, Tk, bs, causal, shared, density, seed, fused = case
+    B, H, Hkv, Tq, Tk, bs, causal, shared, density, seed, backend, window, row_masks = case
     D = 16
     q, k, v = qkv(B, H, Hkv, Tq, Tk, D, seed)
     first, n_q, n_k = block_grid(Tq, Tk, bs)
@@ -69,14 +91,20 @@ def test_block_sparse_equals_masked_dense(case):
     g = torch.Generator().manual_seed(seed + 1)
     block_mask = torch.rand(B, Hs, n_q, n_k, generator=g) < density
     support = BlockSupport.from_mask(block_mask, bs)
+    if row_masks:
+        R = H // Hs * bs
+        rm = torch.rand(*support.blocks.shape[:3], R, support.blocks.shape[3], generator=g) < 0.6
+        support = BlockSupport(support.blocks, bs, rm)
     key_valid = None
     if B > 1:  # left padding on the first row
         key_valid = torch.ones(B, Tk, dtype=torch.bool)
         key_valid[0, : Tk // 4] = False
-    res = block_sparse_attention(q, k, v, support, causal=causal, key_valid=key_valid, fused=fused)
+    res = block_sparse_attention(
+        q, k, v, support, causal=causal, window=window, key_valid=key_valid, backend=backend
+    )
 
     allowed = support_to_token_mask(support, H, Tq, Tk)
-    allowed &= token_mask(torch.arange(Tk - Tq, Tk), torch.arange(Tk), causal=causal, window=None)
+    allowed &= token_mask(torch.arange(Tk - Tq, Tk), torch.arange(Tk), causal=causal, window=window)
     if key_valid is not None:
         allowed &= key_valid[:, None, None, :]
         q_real = key_valid[:, Tk - Tq :]
@@ -84,8 +112,40 @@ def test_block_sparse_equals_masked_dense(case):
     ref_out, ref_lse = masked_dense_reference(q, k, v, allowed)
     assert_close(res.out, ref_out, what="out")
     assert_close(res.lse, ref_lse, what="lse")
-    assert res.cells == int(allowed.sum())
+    if not row_masks:
+        assert res.cells == int(allowed.sum())
+    else:  # with row masks every live slot's scores count for the whole item, on every backend
+        ref = block_sparse_attention(q, k, v, support, causal=causal, window=window, key_valid=key_valid, backend="matmul")
+        assert res.cells == ref.cells >= int(allowed.sum())
     assert not torch.isnan(res.out).any() and not torch.isnan(res.lse).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_block_sparse_backends_agree_across_dtypes(backend, dtype):
+    """Every backend runs fp64 and half-precision inputs (accumulating in fp32) like the matmul path."""
+    q, k, v = qkv(2, 6, 2, 150, 150, 32, seed=9, dtype=dtype)
+    g = torch.Generator().manual_seed(4)
+    first, n_q, n_k = block_grid(150, 150, 32)
+    support = BlockSupport.from_mask(torch.rand(2, 6, n_q, n_k, generator=g) < 0.5, 32)
+    key_valid = torch.ones(2, 150, dtype=torch.bool)
+    key_valid[1, :40] = False
+    try:
+        res = block_sparse_attention(q, k, v, support, key_valid=key_valid, backend=backend)
+    except ValueError:
+        pytest.skip(f"{backend} does not run {dtype} here")
+    ref = block_sparse_attention(q.double(), k.double(), v.double(), support, key_valid=key_valid, backend="matmul")
+    tol = 1e-9 if dtype == torch.float64 else 2e-2
+    assert res.out.dtype == dtype
+    assert_close(res.out.double(), ref.out, atol=tol, rtol=tol, what="out")
+    assert res.cells == ref.cells
+
+
+def test_block_sparse_unknown_backend_is_a_value_error():
+    q, k, v = qkv(1, 2, 1, 64, 64, 16)
+    support = BlockSupport.from_mask(torch.ones(1, 2, 1, 1, dtype=torch.bool), 64)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        block_sparse_attention(q, k, v, support, backend="cuda-magic")
 
 
 SHAPES = [
@@ -111,12 +171,12 @@ def test_dense_equals_reference(B, H, Hkv, Tq, Tk, causal, window):
 
 @pytest.mark.parametrize("B,H,Hkv,Tq,Tk", SHAPES)
 @pytest.mark.parametrize("shared", [True, False], ids=["group-list", "head-list"])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "passes"])
-def test_block_sparse_full_support_equals_dense(B, H, Hkv, Tq, Tk, shared, fused):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_block_sparse_full_support_equals_dense(B, H, Hkv, Tq, Tk, shared, backend):
     q, k, v = qkv(B, H, Hkv, Tq, Tk, 32, seed=3)
     first, n_q, n_k = block_grid(Tq, Tk, 64)
     support = BlockSupport.from_mask(torch.ones(B, Hkv if shared else H, n_q, n_k, dtype=torch.bool), 64)
-    res = block_sparse_attention(q, k, v, support, causal=True, fused=fused)
+    res = block_sparse_attention(q, k, v, support, causal=True, backend=backend)
     out, lse = dense_attention(q, k, v, causal=True)
     assert_close(res.out, out)
     assert_close(res.lse, lse)

@@ -1,11 +1,20 @@
 """Exact attention over a block support, without ever materialising a Tq x Tk matrix.
 
 A support says, for every batch row, support head and query block, which key blocks to attend.
-The kernel gathers those key blocks in chunks, masks at token level only the partial blocks
-(causal diagonal, window edge, padding), runs each chunk through torch's fused CPU flash-attention
-op (or, elsewhere, batched matmuls and a softmax), and returns the normalised output with its
-log-sum-exp (so partial results merge) and the number of query-key cells it computed (the
-numerator of measured density).
+The kernel works through the query blocks in chunks, masks at token level only the partial blocks
+(causal diagonal, window edge, padding), and returns the normalised output with its log-sum-exp
+(so partial results merge) and the number of query-key cells it computed (the numerator of
+measured density). Four backends, all exact:
+
+- "compiled": attnsieve's C++ kernel (`csrc/block_sparse_cpu.cpp`, built on first use): per query
+  block, flash-style over its key blocks in place, MKL's sgemm for the tile products, token masks
+  only on partial tiles, online softmax. The fastest on x86-64 CPUs.
+- "mkl": MKL's batched GEMM multiplies each query block by each of its key blocks where they lie
+  (no gathered copies), then one softmax pass and a second batched GEMM with the value blocks.
+  The fastest on x86 CPUs; torch's x86 wheels carry MKL.
+- "flash": gathers the chunk's key/value blocks and runs torch's fused CPU flash-attention op
+  with the chunk's mask.
+- "matmul": gathers, then batched matmuls and a softmax; runs on any device and dtype.
 
 Query blocks and key blocks share one grid of absolute positions: block j covers positions
 [j * bs, (j + 1) * bs). Query i of a chunk sits at absolute position Tk - Tq + i, so with
@@ -19,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from attnsieve.kernels import compiled, mkl_batch
 from attnsieve.kernels.dense import exact_cells, softmax_with_lse
 
 # torch's fused CPU flash-attention op (an internal aten op, present since torch 2.2) returns the
@@ -28,6 +38,39 @@ _HAS_CPU_FLASH = hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_fo
 
 # Largest number of score + gathered key/value elements one batched step may hold (~64 MB fp32).
 DEFAULT_CHUNK_ELEMS = 1 << 24
+# The MKL backend holds scores and probabilities only; chunks this small stay in the L2/L3 caches.
+MKL_CHUNK_ELEMS = 1 << 21
+
+BACKENDS = ("compiled", "mkl", "flash", "matmul")
+
+
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `block_sparse_attention` runs: the one asked for, or the fastest available.
+
+    dtype is the accumulation dtype (float32 or float64 for half-precision inputs' float32).
+    Raises ValueError for an unknown name or one that cannot run on this device / dtype.
+    """
+    cpu = device.type == "cpu"
+    if backend is None or backend == "auto":
+        if cpu and dtype == torch.float32 and compiled.available():
+            return "compiled"
+        if cpu and mkl_batch.available(dtype):
+            return "mkl"
+        if cpu and _HAS_CPU_FLASH and dtype in (torch.float32, torch.float64):
+            return "flash"
+        return "matmul"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "compiled" and not (cpu and dtype == torch.float32 and compiled.available()):
+        raise ValueError(
+            f"backend 'compiled' needs float32 on CPU and attnsieve's compiled kernel (x86-64 Linux, a C++ "
+            f"compiler, torch with MKL); unavailable for {dtype} on {device}"
+        )
+    if backend == "mkl" and not (cpu and mkl_batch.available(dtype)):
+        raise ValueError(f"backend 'mkl' needs a CPU tensor and torch built with MKL; unavailable for {dtype} on {device}")
+    if backend == "flash" and not (cpu and _HAS_CPU_FLASH and dtype in (torch.float32, torch.float64)):
+        raise ValueError(f"backend 'flash' needs torch's fused CPU flash-attention op; unavailable for {dtype} on {device}")
+    return backend
 
 
 def cdiv(a: int, b: int) -> int:
@@ -126,7 +169,7 @@ def block_sparse_attention(
     scale: float | None = None,
     key_valid: torch.Tensor | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
-    fused: bool | None = None,
+    backend: str | None = None,
 ) -> SparseResult:
     """Exact attention of q over the key blocks of `support`, with token-level masks.
 
@@ -134,9 +177,8 @@ def block_sparse_attention(
     Extra memory is O(T * D) for the block-aligned copies plus one chunk of at most
     `chunk_elems` elements; no Tq x Tk tensor is ever allocated.
 
-    `fused` runs each chunk through torch's fused CPU flash-attention kernel (which also returns
-    the log-sum-exp) with the chunk's mask, instead of separate matmul / mask / softmax passes;
-    None picks it on CPU. Both are exact; the tests run both.
+    `backend` is "mkl", "flash" or "matmul" (see the module docstring); None or "auto" picks the
+    fastest available (`resolve_backend`). All are exact; the tests run every one available.
     """
     B, H, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -158,8 +200,9 @@ def block_sparse_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dev = q.device
-    if fused is None:
-        fused = dev.type == "cpu" and acc in (torch.float32, torch.float64) and _HAS_CPU_FLASH
+    backend = resolve_backend(backend, dev, acc)
+    fused = backend == "flash"
+    use_mkl = backend == "mkl"
 
     # Block-aligned copies: queries on the grid, keys/values padded to whole blocks.
     lead = (Tk - Tq) - first_qb * bs
@@ -177,7 +220,10 @@ def block_sparse_attention(
     q_valid_pos[:, : Tk - Tq] = False  # grid positions before the first query are not queries
 
     sorted_blocks, perm = blocks.sort(dim=-1, descending=True)  # valid slots first
-    if fused and causal and window is None and key_valid is None and Tq == Tk and support.row_mask is None:
+    if (
+        backend != "matmul" and _HAS_CPU_FLASH and causal and window is None and key_valid is None and Tq == Tk
+        and support.row_mask is None
+    ):
         # A support holding every causal block is plain causal attention: run the fused kernel on
         # the whole sequence (no gathers), the same work SDPA does.
         want = torch.arange(n_q, device=dev)[:, None] - torch.arange(sorted_blocks.shape[-1], device=dev)
@@ -188,6 +234,11 @@ def block_sparse_attention(
                 q.to(acc), kr, vr, 0.0, True, scale=scale
             )
             return SparseResult(o.to(q.dtype), l, H * B * exact_cells(Tq, Tk))
+    if backend == "compiled":
+        return _compiled_attention(
+            q_items, k_blocks, v_blocks, support, valid, q_valid_pos, B, H, Hkv, Tq, Tk, first_qb, n_q, n_k,
+            lead, causal, window, scale, q.dtype,
+        )
     sorted_blocks = sorted_blocks.reshape(B * Hs * n_q, -1)
     row_mask = None
     if support.row_mask is not None:
@@ -222,6 +273,12 @@ def block_sparse_attention(
     lse_items = torch.full((N, R), float("-inf"), dtype=acc, device=dev)
     cells = torch.zeros((), dtype=torch.int64, device=dev)
     per_block = bs * (R + D + Dv)
+    if use_mkl:  # products read q, k, v in place: contiguous copies in the accumulation dtype
+        qa = q_items.to(acc).contiguous()
+        ka = k_blocks.to(acc).contiguous()
+        va = v_blocks.to(acc).contiguous()
+        per_block = 2 * bs * R  # scores and probabilities
+        chunk_elems = min(chunk_elems, MKL_CHUNK_ELEMS)
     start = next((i for i, c in enumerate(counts_sorted) if c > 0), N)
     while start < N:
         end = _chunk_end(counts_sorted, start, per_block, chunk_elems)
@@ -235,8 +292,6 @@ def block_sparse_attention(
         s_i = (idx // n_q) % Hs
         j_i = idx % n_q
         flat = ((b_i * Hkv + kv_of_s[s_i]) * n_k)[:, None] + blk  # [n, Kc]
-        kg = k_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, D).to(acc)
-        vg = v_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, Dv).to(acc)
         if banded:
             k_pos = (blk[:, :, None] * bs + col_off).reshape(n, kc * bs)  # [n, Kc*bs]
             q_pos = ((first_qb + j_i) * bs)[:, None] + row_off  # [n, R]
@@ -251,6 +306,7 @@ def block_sparse_attention(
             if row_mask is not None:
                 allowed.view(n, R, kc, bs).logical_and_(row_mask[idx, :, :kc, None])
             empty = ~allowed.any(-1)  # [n, R]
+            live = allowed.view(n, R, kc, bs).any(3).any(1)  # [n, Kc] slots with any allowed cell
         else:
             qb = (first_qb + j_i)[:, None]  # [n, 1] grid index of each item's query block
             alive = slot_ok & (real_keys[b_i[:, None], blk] > 0)
@@ -271,13 +327,58 @@ def block_sparse_attention(
                 q_ok = q_valid_pos.view(B, n_k, bs)[b_i, first_qb + j_i][:, row_off]  # [n, R]
                 ok = ok & q_ok[:, :, None, None]
                 empty = empty | ~q_ok
-            allowed = ok.expand(n, R, kc, bs).clone()
+            live = alive
+            diag_items = None
             if causal and bool(diag.any()):
                 # the diagonal slot (at most one per item): no key after the query inside its tile
                 has, pos = diag.any(-1), diag.to(torch.int8).argmax(-1)
-                items = torch.nonzero(has).squeeze(-1)
-                allowed[items, :, pos[items]] &= ~tile[row_off][None]
-            allowed = allowed.view(n, R, kc * bs)
+                diag_items = torch.nonzero(has).squeeze(-1)
+                diag_pos = pos[diag_items]
+            if not use_mkl:
+                allowed = ok.expand(n, R, kc, bs).clone()
+                if diag_items is not None:
+                    allowed[diag_items, :, diag_pos] &= ~tile[row_off][None]
+                allowed = allowed.view(n, R, kc * bs)
+        if use_mkl:
+            scores = torch.empty(n, R, kc * bs, dtype=acc, device=dev)
+            it, sl = torch.nonzero(live, as_tuple=True)  # computed (item, slot) products
+            mkl_batch.gemm_batch(
+                qa, idx[it] * (R * D), D, ka, flat[it, sl] * (bs * D), D,
+                scores, it * (R * kc * bs) + sl * bs, kc * bs, R, bs, D, trans_b=True, alpha=scale,
+            )
+            if banded:
+                scores.masked_fill_(~allowed, float("-inf"))
+            else:
+                sv = scores.view(n, R, kc, bs)
+                sv.masked_fill_(~ok, float("-inf"))
+                if diag_items is not None:
+                    sv[diag_items, :, diag_pos] = sv[diag_items, :, diag_pos].masked_fill(tile[row_off][None], float("-inf"))
+            m = scores.amax(-1)
+            p = torch.softmax(scores, -1)
+            del scores
+            l = m - torch.log(p.amax(-1))  # the row's largest probability is exp(0) / sum
+            o = torch.zeros(n, R, Dv, dtype=acc, device=dev)
+            sl, it = torch.nonzero(live.t(), as_tuple=True)  # products grouped by slot
+            per_slot = live.sum(0).tolist()
+            done = 0
+            for s_idx, cnt in enumerate(per_slot):
+                # one call per slot: products of one call write distinct outputs
+                if cnt:
+                    i_s = it[done : done + cnt]
+                    mkl_batch.gemm_batch(
+                        p, i_s * (R * kc * bs) + s_idx * bs, kc * bs, va, flat[i_s, s_idx] * (bs * Dv), Dv,
+                        o, i_s * (R * Dv), Dv, R, Dv, bs, trans_b=False, beta=1.0,
+                    )
+                done += cnt
+            del p
+            l = l.masked_fill(empty, float("-inf"))
+            o = o.masked_fill(empty[..., None], 0.0)
+            out_items[idx] = o
+            lse_items[idx] = l
+            start = end
+            continue
+        kg = k_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, D).to(acc)
+        vg = v_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, Dv).to(acc)
         qi = q_items[idx].to(acc)
         if fused:
             bias = torch.where(allowed, zero, ninf)[:, None]  # [n, 1, R, Kc*bs]
@@ -298,3 +399,35 @@ def block_sparse_attention(
     lse = lse_items.view(B, Hs, n_q, Gs, bs).transpose(2, 3).reshape(B, H, n_q * bs)
     out = out[:, :, lead : lead + Tq].to(q.dtype)
     return SparseResult(out, lse[:, :, lead : lead + Tq], int(cells))
+
+
+def _compiled_attention(q_items, k_blocks, v_blocks, support, valid, q_valid_pos, B, H, Hkv, Tq, Tk, first_qb, n_q,
+                        n_k, lead, causal, window, scale, out_dtype) -> SparseResult:
+    """Run the whole support through the compiled kernel: every item's slots in place, one call."""
+    bs = support.block_size
+    blocks = support.blocks
+    Hs = blocks.shape[1]
+    Gs, R = H // Hs, H // Hs * bs
+    N, K = B * Hs * n_q, blocks.shape[-1]
+    dev = q_items.device
+    kv_of_s = torch.arange(Hs, device=dev) * Hkv // Hs
+    base = ((torch.arange(B, device=dev)[:, None] * Hkv + kv_of_s[None]) * n_k)[:, :, None, None]  # [B, Hs, 1, 1]
+    slots = torch.where(blocks >= 0, base + blocks, -1).reshape(N, K).contiguous()
+    kpos = (blocks.clamp_min(0) * bs).reshape(N, K).contiguous()
+    qpos = ((first_qb + torch.arange(n_q, device=dev)) * bs).repeat(B * Hs).contiguous()
+    empty = torch.empty(0, dtype=torch.bool, device=dev)
+    kv_valid = valid.view(B, 1, n_k, bs)
+    key_ok = empty if bool(kv_valid.all()) else kv_valid.expand(B, Hkv, n_k, bs).reshape(-1, bs).contiguous()
+    q_real = q_valid_pos.view(B, n_k, bs)[:, first_qb:]  # [B, NQ, bs]
+    q_ok = empty
+    if not bool(q_real.all()):
+        q_ok = q_real[:, None, :, None, :].expand(B, Hs, n_q, Gs, bs).reshape(N, R).contiguous()
+    row_mask = empty if support.row_mask is None else support.row_mask.reshape(N, R, K).contiguous()
+    out_items, lse_items, cells = compiled.module().block_sparse_forward(
+        q_items.float().contiguous(), k_blocks.float().contiguous(), v_blocks.float().contiguous(),
+        slots, kpos, qpos, row_mask, key_ok, q_ok, bs, causal, -1 if window is None else int(window), float(scale),
+    )
+    Dv = v_blocks.shape[-1]
+    out = out_items.view(B, Hs, n_q, Gs, bs, Dv).transpose(2, 3).reshape(B, H, n_q * bs, Dv)
+    lse = lse_items.view(B, Hs, n_q, Gs, bs).transpose(2, 3).reshape(B, H, n_q * bs)
+    return SparseResult(out[:, :, lead : lead + Tq].to(out_dtype), lse[:, :, lead : lead + Tq], int(cells))
