@@ -21,6 +21,7 @@ from attnsieve.kernels.block_sparse import resolve_backend
 
 from helpers import assert_close, masked_dense_reference
 
+
 def _runs(backend: str) -> bool:
     try:
         resolve_backend(backend, torch.device("cpu"), torch.float32)
@@ -48,7 +49,9 @@ def support_to_token_mask(support: BlockSupport, H: int, Tq: int, Tk: int) -> to
     Gs = H // Hs
     blocks = torch.where(support.blocks >= 0, support.blocks, n_k)  # [B, Hs, NQ, K]
     R = Gs * bs
-    rows = torch.ones(B, Hs, n_q, R, blocks.shape[-1], dtype=torch.bool) if support.row_mask is None else support.row_mask
+    rows = support.row_mask
+    if rows is None:
+        rows = torch.ones(B, Hs, n_q, R, blocks.shape[-1], dtype=torch.bool)
     own = torch.zeros(B, Hs, n_q, R, n_k + 1, dtype=torch.bool)
     own.scatter_(4, blocks[:, :, :, None, :].expand_as(rows), rows & (support.blocks >= 0)[:, :, :, None, :])
     # rows are head-major: row r of item (b, s, j) is head s * Gs + r // bs at grid position j * bs + r % bs
@@ -115,7 +118,9 @@ def test_block_sparse_equals_masked_dense(case):
     if not row_masks:
         assert res.cells == int(allowed.sum())
     else:  # with row masks every live slot's scores count for the whole item, on every backend
-        ref = block_sparse_attention(q, k, v, support, causal=causal, window=window, key_valid=key_valid, backend="matmul")
+        ref = block_sparse_attention(
+            q, k, v, support, causal=causal, window=window, key_valid=key_valid, backend="matmul"
+        )
         assert res.cells == ref.cells >= int(allowed.sum())
     assert not torch.isnan(res.out).any() and not torch.isnan(res.lse).any()
 

@@ -67,9 +67,9 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
             f"compiler, torch with MKL); unavailable for {dtype} on {device}"
         )
     if backend == "mkl" and not (cpu and mkl_batch.available(dtype)):
-        raise ValueError(f"backend 'mkl' needs a CPU tensor and torch built with MKL; unavailable for {dtype} on {device}")
+        raise ValueError(f"backend 'mkl' needs a CPU tensor and torch with MKL; unavailable for {dtype} on {device}")
     if backend == "flash" and not (cpu and _HAS_CPU_FLASH and dtype in (torch.float32, torch.float64)):
-        raise ValueError(f"backend 'flash' needs torch's fused CPU flash-attention op; unavailable for {dtype} on {device}")
+        raise ValueError(f"backend 'flash' needs torch's CPU flash-attention op; unavailable for {dtype} on {device}")
     return backend
 
 
@@ -352,7 +352,8 @@ def block_sparse_attention(
                 sv = scores.view(n, R, kc, bs)
                 sv.masked_fill_(~ok, float("-inf"))
                 if diag_items is not None:
-                    sv[diag_items, :, diag_pos] = sv[diag_items, :, diag_pos].masked_fill(tile[row_off][None], float("-inf"))
+                    tiles = sv[diag_items, :, diag_pos]
+                    sv[diag_items, :, diag_pos] = tiles.masked_fill(tile[row_off][None], float("-inf"))
             m = scores.amax(-1)
             p = torch.softmax(scores, -1)
             del scores

@@ -41,9 +41,8 @@ def _cpu_signature() -> str:
 
 
 def _build_dir() -> Path:
-    key = hashlib.sha256(
-        "|".join([SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), _cpu_signature(), *FLAGS]).encode()
-    ).hexdigest()[:16]
+    parts = [SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), _cpu_signature(), *FLAGS]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     root = Path(os.environ.get("ATTNSIEVE_CACHE") or Path.home() / ".cache" / "attnsieve").expanduser()
     path = root / "build" / f"block_sparse_cpu-{key}"
     path.mkdir(parents=True, exist_ok=True)
