@@ -29,7 +29,7 @@ from typing import Literal
 
 import torch
 
-from attnsieve.kernels import BlockSupport
+from attnsieve.kernels import BlockSupport, compiled
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import (
@@ -79,6 +79,9 @@ def key_block_summaries(
     """Per key block: channel min, channel max and mean over real keys, each [B, Hkv, NK, D]."""
     B, Hkv, Tk, D = k.shape
     pad = n_k * bs - Tk
+    if key_valid is None and pad == 0:  # every block full of real keys: no masking needed
+        kb = k.float().view(B, Hkv, n_k, bs, D)
+        return kb.amin(3), kb.amax(3), kb.mean(3)
     kb = torch.nn.functional.pad(k.float(), (0, 0, 0, pad)).view(B, Hkv, n_k, bs, D)
     valid = torch.ones(B, Tk, dtype=torch.bool, device=k.device) if key_valid is None else key_valid
     valid = torch.nn.functional.pad(valid, (0, pad)).view(B, 1, n_k, bs, 1)
@@ -99,6 +102,9 @@ def key_block_summaries(
 )
 class BlockTopK(SparseMethod):
     exact_params = {"density": 1.0}  # degenerate setting: equals dense attention
+    # The compiled planner (kernels/csrc) makes the same choices as the torch code below, which
+    # stays as its reference and as the path where the compiled kernels are unavailable.
+    use_compiled = True
 
     def support(self, q, k, ctx):
         p = self.params
@@ -113,7 +119,10 @@ class BlockTopK(SparseMethod):
         n_q, n_k = layout.n_q, layout.n_k
         kmin, kmax, kmean = key_block_summaries(k, ctx.key_valid, bs, n_k)
 
-        qg, rows = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D], [NQ, bs]
+        lead = (Tk - Tq) - layout.first_qb * bs
+        rows = torch.zeros(n_q * bs, dtype=torch.bool, device=q.device)
+        rows[lead : lead + Tq] = True  # grid rows that hold a query
+        rows = rows.view(n_q, bs)
         if ctx.key_valid is not None:  # padding queries choose nothing
             pad = n_k * bs - Tk
             real = torch.nn.functional.pad(ctx.key_valid, (0, pad)).view(B, n_k, bs)
@@ -133,11 +142,20 @@ class BlockTopK(SparseMethod):
             full = layout.allowed[:, None].expand(B, Hs, n_q, n_k)
             return BlockSupport.from_mask(full & rows.any(-1)[:, None, :, None], bs)
 
+        if self.use_compiled and q.device.type == "cpu" and compiled.available():
+            summ = torch.cat([kmax, kmin], -1) if p.summary == "minmax" else kmean
+            slots, row_mask = compiled.module().block_topk_plan(
+                q.float().contiguous(), summ.contiguous(), rows.contiguous(), layout.allowed.contiguous(),
+                forced.contiguous(), budget.long().contiguous(), Hs, layout.first_qb, lead, int(budget.max()),
+                p.summary == "minmax",
+            )
+            return BlockSupport(slots.view(B, Hs, n_q, -1), bs, row_mask.view(B, Hs, n_q, R, -1))
+
         # Pass 1: every real query ranks the candidate blocks (forced ones first), keeping its best
         # k_cap; `first_rank` records, per query block and key block, the best rank any of the
         # block's queries gave it, so the union of the queries' top-k is {first_rank < k} for any k.
         k_cap = int(budget.max())
-        qg = qg.view(B, Hkv, G, n_q, bs, D)
+        qg = grid_queries(q.float(), Tk, bs)[0].view(B, Hkv, G, n_q, bs, D)
         ranked = torch.empty(B, Hs, n_q, R, k_cap, dtype=torch.int32, device=q.device)
         first_rank = torch.empty(B, Hs, n_q, n_k, dtype=torch.int32, device=q.device)
         slot_rank = torch.arange(k_cap, device=q.device, dtype=torch.int32)

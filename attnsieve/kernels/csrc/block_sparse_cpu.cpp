@@ -66,6 +66,13 @@ inline float softmax_exp(float x) {
   return zero ? 0.0f : e * two_n;
 }
 
+// Signed integers in the same order as the floats they encode (no NaNs here).
+inline int32_t order_key(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(float));
+  return bits ^ ((bits >> 31) & 0x7fffffff);
+}
+
 }  // namespace
 
 // q: [N, R, D]; k: [NB, bs, D]; v: [NB, bs, Dv]  (float32, contiguous)
@@ -213,6 +220,172 @@ std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tens
   return {out, lse, at::full({}, total_cells, at::TensorOptions().dtype(at::kLong))};
 }
 
+// Quest-style per-query block selection for prefill with a causal budget controller (the
+// compiled form of attnsieve.methods.block_topk's support; that file documents the method).
+//
+// q: [B, H, Tq, D] float32; summ: [B, Hkv, NK, C] (C = 2D: channel max then min, or C = D: mean)
+// rows: [B, NQ, bs] bool (grid rows that are real queries); cand / forced: [B, NQ, NK] bool;
+// budget: [B, NQ] int64 blocks per query. Items are (b, s, j) with s one of Hs support heads
+// (Gs = H / Hs query heads stacked per item, rows head-major). Row r of item (b, s, j) is head
+// s * Gs + r / bs at grid row j * bs + r % bs, i.e. query index j * bs + r % bs - lead.
+// Each real row keeps the forced blocks plus its best-bounded candidates, k per query in all;
+// k comes from the controller, which sees only earlier query blocks of the same (b, s).
+// Returns slots [N, K] int64 (ascending, -1 padded) and row_mask [N, R, K] bool.
+std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& summ, const at::Tensor& rows,
+                                        const at::Tensor& cand, const at::Tensor& forced, const at::Tensor& budget,
+                                        int64_t Hs, int64_t first_qb, int64_t lead, int64_t k_cap, bool minmax) {
+  TORCH_CHECK(q.dtype() == at::kFloat && summ.dtype() == at::kFloat, "float32 only");
+  TORCH_CHECK(q.is_contiguous() && summ.is_contiguous() && rows.is_contiguous() && cand.is_contiguous() &&
+              forced.is_contiguous() && budget.is_contiguous(), "inputs must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t Hkv = summ.size(1), NK = summ.size(2), C = summ.size(3);
+  const int64_t NQ = rows.size(1), bs = rows.size(2);
+  TORCH_CHECK(C == (minmax ? 2 * D : D), "summary width");
+  TORCH_CHECK(H % Hs == 0 && Hs % Hkv == 0, "support heads");
+  TORCH_CHECK(cand.size(0) == B && cand.size(1) == NQ && cand.size(2) == NK, "cand shape");
+  const int64_t Gs = H / Hs, R = Gs * bs, N = B * Hs * NQ;
+  const float* qp = q.data_ptr<float>();
+  const float* sp = summ.data_ptr<float>();
+  const bool* rp = rows.data_ptr<bool>();
+  const bool* cp = cand.data_ptr<bool>();
+  const bool* fp = forced.data_ptr<bool>();
+  const int64_t* bp = budget.data_ptr<int64_t>();
+
+  std::vector<std::vector<int64_t>> item_slots(N);
+  std::vector<std::vector<uint8_t>> item_rows(N);
+  const int threads = at::get_num_threads();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> qbuf(R * C), bnd(R * NK);
+    std::vector<int32_t> keys(NK);
+    std::vector<uint8_t> sel(R * NK), uni(NK);
+    std::vector<int64_t> cidx(NK);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t seq = 0; seq < B * Hs; ++seq) {
+      const int64_t b = seq / Hs, s = seq % Hs, kvh = s * Hkv / Hs;
+      float growth = 1.0f, debt = 0.0f;
+      for (int64_t j = 0; j < NQ; ++j) {
+        const int64_t n = seq * NQ + j;
+        const bool* cj = cp + (b * NQ + j) * NK;
+        const bool* fj = fp + (b * NQ + j) * NK;
+        int64_t nf = 0, na = 0, jmax = 0;
+        for (int64_t c = 0; c < NK; ++c) {
+          na += cj[c];
+          nf += fj[c];
+          if (cj[c]) jmax = c + 1;
+        }
+        bool has_rows = false;
+        for (int64_t i = 0; i < bs; ++i) has_rows |= rp[(b * NQ + j) * bs + i];
+        const float bgt = static_cast<float>(bp[b * NQ + j]);
+        int64_t k = static_cast<int64_t>(std::floor(std::max(bgt + debt, 0.0f) / growth));
+        k = std::min(std::max(k, nf), na);
+        k = std::min(k, k_cap);
+        std::fill(uni.begin(), uni.begin() + jmax, 0);
+        int64_t size = 0;
+        if (has_rows && k > 0) {
+          // bounds of every row against blocks [0, jmax)
+          for (int64_t r = 0; r < R; ++r) {
+            float* dst = qbuf.data() + r * C;
+            const int64_t i = r % bs, h = s * Gs + r / bs, t = j * bs + i - lead;
+            if (!rp[(b * NQ + j) * bs + i] || t < 0 || t >= Tq) {
+              std::fill(dst, dst + C, 0.0f);
+              continue;
+            }
+            const float* src = qp + ((b * H + h) * Tq + t) * D;
+            if (minmax) {
+              for (int64_t d = 0; d < D; ++d) {
+                dst[d] = std::max(src[d], 0.0f);
+                dst[D + d] = std::min(src[d], 0.0f);
+              }
+            } else {
+              std::copy(src, src + D, dst);
+            }
+          }
+          int64_t m_cand = 0;
+          for (int64_t c = 0; c < jmax; ++c)
+            if (cj[c] && !fj[c]) cidx[m_cand++] = c;
+          const int64_t extra = k - nf;  // picks beyond the forced blocks
+          if (extra > 0 && extra < m_cand) {
+            const int ldb = static_cast<int>(jmax);
+            const char t = 'T', nn = 'N';
+            const float one = 1.0f, zero = 0.0f;
+            const int Ri = static_cast<int>(R), Ci = static_cast<int>(C);
+            sgemm_(&t, &nn, &ldb, &Ri, &Ci, &one, sp + ((b * Hkv + kvh) * NK) * C, &Ci, qbuf.data(), &Ci, &zero,
+                   bnd.data(), &ldb);
+          }
+          for (int64_t r = 0; r < R; ++r) {
+            uint8_t* sr = sel.data() + r * jmax;
+            std::fill(sr, sr + jmax, 0);
+            const int64_t i = r % bs, t = j * bs + i - lead;
+            if (!rp[(b * NQ + j) * bs + i] || t < 0 || t >= Tq) continue;
+            for (int64_t c = 0; c < jmax; ++c) sr[c] = fj[c];
+            if (extra <= 0) continue;
+            if (extra >= m_cand) {
+              for (int64_t x = 0; x < m_cand; ++x) sr[cidx[x]] = 1;
+              continue;
+            }
+            const float* br = bnd.data() + r * jmax;
+            int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+            for (int64_t x = 0; x < m_cand; ++x) {
+              const int32_t key = order_key(br[cidx[x]]);
+              keys[x] = key;
+              lo = std::min(lo, key);
+              hi = std::max(hi, key);
+            }
+            // largest threshold t with at least `extra` keys >= t: the extra-th largest key itself
+            while (lo < hi) {
+              const int32_t mid = static_cast<int32_t>(lo + ((static_cast<int64_t>(hi) - lo + 1) >> 1));
+              int64_t cnt = 0;
+              for (int64_t x = 0; x < m_cand; ++x) cnt += keys[x] >= mid;
+              if (cnt >= extra) lo = mid; else hi = mid - 1;
+            }
+            int64_t above = 0;
+            for (int64_t x = 0; x < m_cand; ++x) above += keys[x] > lo;
+            int64_t ties = extra - above;  // blocks equal to the threshold, lowest index first
+            for (int64_t x = 0; x < m_cand; ++x) {
+              if (keys[x] > lo || (keys[x] == lo && ties-- > 0)) sr[cidx[x]] = 1;
+            }
+          }
+          for (int64_t r = 0; r < R; ++r) {
+            const uint8_t* sr = sel.data() + r * jmax;
+            for (int64_t c = 0; c < jmax; ++c) uni[c] |= sr[c];
+          }
+          std::vector<int64_t>& us = item_slots[n];
+          for (int64_t c = 0; c < jmax; ++c)
+            if (uni[c]) us.push_back(c);
+          size = static_cast<int64_t>(us.size());
+          std::vector<uint8_t>& ur = item_rows[n];
+          ur.resize(R * size);
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t x = 0; x < size; ++x) ur[r * size + x] = sel[r * jmax + us[x]];
+        }
+        const bool is_free = has_rows && bgt > nf && bgt < na;
+        const float observed = std::max(static_cast<float>(size) / static_cast<float>(k), 1.0f);
+        if (is_free && k > nf) growth = 0.5f * growth + 0.5f * observed;
+        if (is_free) debt = std::max(debt + bgt - static_cast<float>(size), -bgt);
+      }
+    }
+  }
+  int64_t K = 1;
+  for (const auto& us : item_slots) K = std::max<int64_t>(K, us.size());
+  auto slots = at::full({N, K}, -1, at::TensorOptions().dtype(at::kLong));
+  auto row_mask = at::zeros({N, R, K}, at::TensorOptions().dtype(at::kBool));
+  int64_t* so = slots.data_ptr<int64_t>();
+  bool* ro = row_mask.data_ptr<bool>();
+  at::parallel_for(0, N, 16, [&](int64_t lo, int64_t hi) {
+    for (int64_t n = lo; n < hi; ++n) {
+      const auto& us = item_slots[n];
+      const int64_t size = us.size();
+      for (int64_t x = 0; x < size; ++x) so[n * K + x] = us[x];
+      const auto& ur = item_rows[n];
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t x = 0; x < size; ++x) ro[(n * R + r) * K + x] = ur[r * size + x];
+    }
+  });
+  return {slots, row_mask};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_sparse_forward", &block_sparse_forward, "fused block-sparse attention over per-item key-block slots");
+  m.def("block_topk_plan", &block_topk_plan, "block-topk's per-query selection with its causal budget controller");
 }
