@@ -372,6 +372,8 @@ def bench_kernel_cmd(
     reps: Annotated[int, typer.Option(help="timed repetitions (median) after one warm-up")] = 3,
     seed: Annotated[int, typer.Option(help="random seed of the inputs")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    backend: Annotated[str, typer.Option(
+        help="block-sparse kernel backend: auto (fastest available), compiled, mkl, flash or matmul")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
     """Causal SDPA against support estimation + the block-sparse kernel, random fp32 inputs."""
@@ -382,12 +384,13 @@ def bench_kernel_cmd(
     _threads(threads)
     with err.status(f"timing {method} at {length} tokens"):
         r = bench_kernel(length, density, heads=heads, kv_heads=kv_heads, head_dim=head_dim, method=method,
-                         reps=reps, seed=seed)
+                         reps=reps, seed=seed, backend=backend)
     if not as_json:
-        table = Table("shape", "SDPA s", "estimate s", "sparse s", "speed-up", "kernel speed-up", "density")
-        table.add_row(f"H{heads}/{kv_heads} D{head_dim} T{length}", f"{r['dense_s']:.3f}", f"{r['estimate_s']:.3f}",
-                      f"{r['sparse_s']:.3f}", f"{r['speedup']:.2f}x", f"{r['kernel_speedup']:.2f}x",
-                      f"{r['measured_density']:.3f}")
+        table = Table("shape", "backend", "SDPA s", "estimate s", "sparse s", "speed-up", "kernel speed-up",
+                      "estimate / sparse", "density")
+        table.add_row(f"H{heads}/{kv_heads} D{head_dim} T{length}", r["backend"], f"{r['dense_s']:.3f}",
+                      f"{r['estimate_s']:.3f}", f"{r['sparse_s']:.3f}", f"{r['speedup']:.2f}x",
+                      f"{r['kernel_speedup']:.2f}x", f"{r['estimate_share']:.0%}", f"{r['measured_density']:.3f}")
         out.print(table)
     _print_json({"command": "bench kernel", **r}, seed)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from attnsieve.kernels import block_sparse_attention, exact_cells
+from attnsieve.kernels.block_sparse import resolve_backend
 from attnsieve.methods import LayerContext, SparseMethod, has_param, make
 
 
@@ -29,8 +30,12 @@ def median_time(fn: Callable[[], object], reps: int, warmup: Callable[[], object
 
 
 def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int = 1, head_dim: int = 256,
-                 method: str = "block-topk", reps: int = 3, seed: int = 0) -> dict:
-    """Causal SDPA vs the method's support estimation + block-sparse attention, random inputs."""
+                 method: str = "block-topk", reps: int = 3, seed: int = 0, backend: str | None = None) -> dict:
+    """Causal SDPA vs the method's support estimation + block-sparse attention, random inputs.
+
+    `backend` picks the block-sparse kernel's backend (None: the fastest available; the JSON
+    reports which ran).
+    """
     if length < 64:
         raise ValueError(f"--length must be >= 64, got {length}")
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
@@ -48,15 +53,16 @@ def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int =
     k = torch.randn(1, kv_heads, length, head_dim, generator=g)
     v = torch.randn(1, kv_heads, length, head_dim, generator=g)
     ctx = LayerContext(0, head_dim**-0.5)
+    backend = resolve_backend(backend, q.device, q.dtype)
     gqa = heads != kv_heads
     dense_s = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), reps)
     estimate_s = median_time(lambda: m.support(q, k, ctx), reps)
     support = m.support(q, k, ctx)
-    sparse_s = median_time(lambda: block_sparse_attention(q, k, v, support, scale=ctx.scale), reps)
-    res = block_sparse_attention(q, k, v, support, scale=ctx.scale)
+    sparse_s = median_time(lambda: block_sparse_attention(q, k, v, support, scale=ctx.scale, backend=backend), reps)
+    res = block_sparse_attention(q, k, v, support, scale=ctx.scale, backend=backend)
     return {
         "length": length, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "method": method,
-        "params": params, "dense_s": dense_s, "sparse_s": sparse_s, "estimate_s": estimate_s,
+        "params": params, "backend": backend, "dense_s": dense_s, "sparse_s": sparse_s, "estimate_s": estimate_s,
         "speedup": dense_s / (sparse_s + estimate_s), "kernel_speedup": dense_s / sparse_s,
         "estimate_share": estimate_s / sparse_s,
         "measured_density": res.cells / (heads * exact_cells(length, length)),
