@@ -59,6 +59,12 @@ def module():
     try:
         from torch.utils import cpp_extension
 
+        try:  # the `ninja` wheel's binary, which may not be on PATH (pyenv, unactivated venvs)
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except (ImportError, AttributeError):
+            pass
         build_dir = _build_dir()
         if not any(build_dir.glob("*.so")):
             print("attnsieve: compiling the CPU block-sparse kernel (once per machine, about a minute)...",
