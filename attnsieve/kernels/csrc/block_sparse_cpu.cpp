@@ -335,8 +335,10 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
             // largest threshold t with at least `extra` keys >= t: the extra-th largest key itself
             while (lo < hi) {
               const int32_t mid = static_cast<int32_t>(lo + ((static_cast<int64_t>(hi) - lo + 1) >> 1));
-              int64_t cnt = 0;
-              for (int64_t x = 0; x < m_cand; ++x) cnt += keys[x] >= mid;
+              int32_t cnt = 0;  // 32-bit lanes: the count vectorises at full width
+              const int32_t* kx = keys.data();
+              const int32_t mc = static_cast<int32_t>(m_cand);
+              for (int32_t x = 0; x < mc; ++x) cnt += kx[x] >= mid;
               if (cnt >= extra) lo = mid; else hi = mid - 1;
             }
             int64_t above = 0;
