@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, merge
+from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, merge, support_attention
 from attnsieve.kernels.token_gather import drop_covered, token_gather_attention
 
 from helpers import assert_close, masked_dense_reference
@@ -113,3 +113,43 @@ def test_token_gather_rejects_bad_lists():
         token_gather_attention(q, k, k, torch.zeros(1, 2, 3, 4, dtype=torch.long), 16)
     with pytest.raises(ValueError, match="< Tk=32"):
         token_gather_attention(q, k, k, torch.full((1, 2, 2, 4), 40), 16)
+
+
+@pytest.mark.parametrize("Tq,Tk", [(64, 64), (100, 100), (30, 100)], ids=lambda x: str(x))
+@pytest.mark.parametrize("block_heads,token_heads", [(1, 4), (4, 1), (2, 2)], ids=["b-group", "t-group", "same"])
+def test_support_attention_runs_blocks_and_tokens_once_each(Tq, Tk, block_heads, token_heads):
+    """A support with blocks and tokens (overlapping, repeated, other head counts) equals dense
+    attention over their union, with every cell counted once."""
+    H, Hkv, bs = 4, 1 if 1 in (block_heads, token_heads) else 2, 16
+    g = torch.Generator().manual_seed(Tq + Tk + block_heads)
+    q = torch.randn(2, H, Tq, 8, generator=g)
+    k, v = torch.randn(2, Hkv, Tk, 8, generator=g), torch.randn(2, Hkv, Tk, 8, generator=g)
+    first, n_q, n_k = block_grid(Tq, Tk, bs)
+    block_mask = torch.rand(2, block_heads, n_q, n_k, generator=g) < 0.3
+    tokens = random_lists(2, token_heads, n_q, 10, Tk, seed=Tk)
+    tokens[..., -1] = tokens[..., 0]  # a repeated token is attended and counted once
+    valid = torch.ones(2, Tk, dtype=torch.bool)
+    valid[1, : Tk // 4] = False
+    support = BlockSupport.from_mask(block_mask, bs)
+    support = BlockSupport(support.blocks, bs, tokens=tokens)
+    res = support_attention(q, k, v, support, key_valid=valid)
+
+    q_pos = torch.arange(Tk - Tq, Tk)
+    block_of_q = q_pos // bs - first
+    blocks_tok = block_mask.repeat_interleave(H // block_heads, dim=1)[:, :, block_of_q]  # [B, H, Tq, NK]
+    mask = blocks_tok[..., torch.arange(Tk) // bs]
+    mask |= lists_to_mask(tokens, H, Tq, Tk, bs)
+    mask &= (torch.arange(Tk)[None, :] <= q_pos[:, None]) & valid[:, None, None, :] & valid[:, None, Tk - Tq :, None]
+    ref, ref_lse = masked_dense_reference(q, k, v, mask)
+    rows = mask.any(-1)
+    assert_close(res.out[rows], ref[rows])
+    assert_close(res.lse[rows], ref_lse[rows])
+    assert res.cells == int(mask.sum())
+
+
+def test_support_attention_refuses_tokens_in_bidirectional_layers():
+    q = torch.randn(1, 2, 32, 8)
+    zeros = torch.zeros(1, 2, 2, 1, dtype=torch.long)
+    support = BlockSupport(zeros, 16, tokens=zeros)
+    with pytest.raises(ValueError, match="causal layers only"):
+        support_attention(q, q, q, support, causal=False)

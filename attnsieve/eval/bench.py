@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from attnsieve.kernels import block_sparse_attention, exact_cells
+from attnsieve.kernels import exact_cells, support_attention
 from attnsieve.kernels.block_sparse import resolve_backend
 from attnsieve.methods import LayerContext, SparseMethod, has_param, make
 
@@ -47,7 +47,7 @@ def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int =
     params = {"density": density} if has_param(method, "density") else {}
     m = make(method, **params)
     if not isinstance(m, SparseMethod):
-        raise ValueError(f"method {method!r} does not estimate a block support; choose a sparse method")
+        raise ValueError(f"method {method!r} does not estimate a support; choose a sparse method")
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(1, heads, length, head_dim, generator=g)
     k = torch.randn(1, kv_heads, length, head_dim, generator=g)
@@ -58,8 +58,8 @@ def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int =
     dense_s = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), reps)
     estimate_s = median_time(lambda: m.support(q, k, ctx), reps)
     support = m.support(q, k, ctx)
-    sparse_s = median_time(lambda: block_sparse_attention(q, k, v, support, scale=ctx.scale, backend=backend), reps)
-    res = block_sparse_attention(q, k, v, support, scale=ctx.scale, backend=backend)
+    sparse_s = median_time(lambda: support_attention(q, k, v, support, scale=ctx.scale, backend=backend), reps)
+    res = support_attention(q, k, v, support, scale=ctx.scale, backend=backend)
     return {
         "length": length, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "method": method,
         "params": params, "backend": backend, "dense_s": dense_s, "sparse_s": sparse_s, "estimate_s": estimate_s,

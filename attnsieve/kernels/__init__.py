@@ -4,6 +4,7 @@ from attnsieve.kernels.block_sparse import BlockSupport, SparseResult, block_gri
 from attnsieve.kernels.dense import dense_attention, exact_cells, softmax_with_lse, token_mask
 from attnsieve.kernels.local import band_support, local_attention
 from attnsieve.kernels.merge import merge, merge_all
+from attnsieve.kernels.support_attention import support_attention
 from attnsieve.kernels.token_gather import drop_covered, token_gather_attention
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "merge",
     "merge_all",
     "softmax_with_lse",
+    "support_attention",
     "token_gather_attention",
     "token_mask",
 ]

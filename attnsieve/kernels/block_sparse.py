@@ -98,11 +98,17 @@ class BlockSupport:
     every slot's scores for the whole item (they count as computed cells) but each row's softmax
     only covers its own slots; per-token selections (Quest) execute this way without leaking one
     row's choice into another row's output.
+
+    tokens: optional int64 [B, Ht, NQ, M] key positions (-1 unused) attended by every query row of
+    the query block in addition to its blocks (columns, stripes, single tokens). Ht divides the
+    query heads and is a multiple of the KV heads (it need not equal Hs). `block_sparse_attention`
+    runs the blocks only; `support_attention` runs both and merges them exactly.
     """
 
     blocks: torch.Tensor
     block_size: int
     row_mask: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.blocks.dim() != 4:
@@ -116,6 +122,14 @@ class BlockSupport:
             raise ValueError(
                 f"row_mask must be [B, Hs, NQ, R, K] matching blocks {tuple(self.blocks.shape)}, "
                 f"got {tuple(self.row_mask.shape)}"
+            )
+        if self.tokens is not None and (
+            self.tokens.dim() != 4 or self.tokens.shape[0] != self.blocks.shape[0]
+            or self.tokens.shape[2] != self.blocks.shape[2]
+        ):
+            raise ValueError(
+                f"tokens must be [B, Ht, NQ, M] matching blocks {tuple(self.blocks.shape)}, "
+                f"got {tuple(self.tokens.shape)}"
             )
 
     @classmethod

@@ -1,8 +1,7 @@
 """Helpers shared by the methods whose support is key blocks plus single key tokens (FlexPrefill, AnchorAttention).
 
-A plan holds a block support (executed by the block-sparse kernel) and, per query block, a list of
-key tokens outside those blocks (executed by the token-gather kernel); the two partial results
-cover disjoint keys and merge exactly through their log-sum-exp. `GridCells` counts the cells a
+A plan holds a block support and, per query block, a list of key tokens outside those blocks;
+`SparseMethod` runs both (`kernels.support_attention`) and merges them exactly. `GridCells` counts the cells a
 candidate plan would compute, from per-block counts only, so methods can calibrate a threshold
 against a density target without running the kernels.
 """
@@ -13,20 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from attnsieve.kernels import BlockSupport, block_sparse_attention, drop_covered, merge, token_gather_attention
-from attnsieve.methods.base import LayerContext
-
 # Length (in tokens) the papers' default budgets are written for; defaults are scaled by Tk / this.
 PAPER_CONTEXT = 131072
-
-
-def compact_tokens(tokens: torch.Tensor) -> torch.Tensor:
-    """Move the used slots (>= 0) of each list first and drop the columns no list uses."""
-    if tokens.shape[-1] == 0:
-        return tokens
-    srt = tokens.sort(dim=-1, descending=True).values
-    width = max(1, int((srt >= 0).sum(-1).max()))
-    return srt[..., :width]
 
 
 def mask_to_list(sel: torch.Tensor) -> torch.Tensor:
@@ -37,69 +24,6 @@ def mask_to_list(sel: torch.Tensor) -> torch.Tensor:
     pos = torch.arange(sel.shape[-1], device=sel.device).expand_as(sel)
     out = torch.full((*sel.shape[:-1], width + 1), -1, dtype=torch.long, device=sel.device)
     return out.scatter_(-1, slot, pos)[..., :width]
-
-
-def run_blocks_and_tokens(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    support: BlockSupport,
-    tokens: torch.Tensor | None,
-    ctx: LayerContext,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Exact attention over the support's blocks plus the listed tokens: (out, lse, computed cells).
-
-    tokens: [B, Hs, NQ, M] key positions (-1 unused) or None; tokens inside the item's blocks are
-    dropped first so every key is counted and attended once.
-    """
-    res = block_sparse_attention(
-        q, k, v, support, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid
-    )
-    if tokens is None or not bool((tokens >= 0).any()):
-        return res.out, res.lse, res.cells
-    tok = drop_covered(tokens, support)
-    if not bool((tok >= 0).any()):
-        return res.out, res.lse, res.cells
-    # The kernel pads every list to the longest one. Lists differ a lot between heads and usually grow
-    # along the sequence, so run it per support head, on runs of query blocks whose lengths stay within
-    # a factor of two (each run is a shorter prefill call: its queries against the keys up to its end).
-    B, H, Tq, _ = q.shape
-    Hkv, Tk, bs = k.shape[1], k.shape[2], support.block_size
-    Hs = tok.shape[1]
-    Gs, first, lead = H // Hs, (Tk - Tq) // bs, Tk - Tq
-    out = torch.zeros_like(res.out)
-    lse = torch.full_like(res.lse, float("-inf"))
-    cells = res.cells
-    for s in range(Hs):
-        heads, kvh = slice(s * Gs, (s + 1) * Gs), s * Hkv // Hs
-        used = (tok[:, s] >= 0).sum(-1).amax(0).tolist()  # [NQ] longest list of each query block
-        for ja, je in _runs(used):
-            if max(used[ja:je]) == 0:
-                continue
-            lo, hi = max(lead, (first + ja) * bs), min(Tk, (first + je) * bs)  # positions of the run's queries
-            run_tok = tok[:, s : s + 1, ja:je]
-            run_tok = compact_tokens(torch.where(run_tok < hi, run_tok, -1))  # later keys are never attended
-            part = token_gather_attention(
-                q[:, heads, lo - lead : hi - lead], k[:, kvh : kvh + 1, :hi], v[:, kvh : kvh + 1, :hi], run_tok,
-                bs, causal=True, window=ctx.window, scale=ctx.scale,
-                key_valid=None if ctx.key_valid is None else ctx.key_valid[:, :hi],
-            )
-            out[:, heads, lo - lead : hi - lead] = part.out
-            lse[:, heads, lo - lead : hi - lead] = part.lse
-            cells += part.cells
-    out, lse = merge(res.out, res.lse, out, lse)
-    return out, lse, cells
-
-
-def _runs(lengths: list[int]) -> list[tuple[int, int]]:
-    """Split [0, n) into contiguous runs in which no list is more than twice the run's first (or 16) long."""
-    runs, start = [], 0
-    for j in range(1, len(lengths)):
-        if lengths[j] > 2 * max(lengths[start], 16) or (lengths[start] == 0) != (lengths[j] == 0):
-            runs.append((start, j))
-            start = j
-    runs.append((start, len(lengths)))
-    return runs
 
 
 @dataclass

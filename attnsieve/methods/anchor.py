@@ -38,14 +38,14 @@ previous block's), so at density 0.2 the needle is not among the final group's s
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from attnsieve.kernels import BlockSupport
-from attnsieve.methods._block_token import PAPER_CONTEXT, GridCells, mask_to_list, run_blocks_and_tokens
-from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods._block_token import PAPER_CONTEXT, GridCells, mask_to_list
+from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, grid_queries
 
@@ -100,15 +100,13 @@ def scaled_step(step: int | None, Tk: int) -> int:
     params=AnchorParams,
     summary="AnchorAttention: stripes whose pooled score is within theta of the initial/local anchor.",
 )
-class Anchor(Method):
+class Anchor(SparseMethod):
+    selects_tokens = True  # support() adds single key tokens to its blocks
     exact_params = {"density": 1.0}  # degenerate setting: equals dense attention
 
-    def prefill(self, q, k, v, ctx):
-        t0 = time.perf_counter()
+    def support(self, q, k, ctx):
         plan = self.plan(q, k, ctx)
-        estimate_s = time.perf_counter() - t0
-        out, lse, cells = run_blocks_and_tokens(q, k, v, plan.support, plan.tokens, ctx)
-        return AttnOutput(out, cells, estimate_s, lse)
+        return dataclasses.replace(plan.support, tokens=plan.tokens)
 
     def plan(self, q, k, ctx) -> AnchorPlan:
         p = self.params

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from attnsieve.kernels import BlockSupport, block_sparse_attention, exact_cells, local_attention, token_mask
+from attnsieve.kernels import BlockSupport, exact_cells, local_attention, support_attention, token_mask
 
 
 @dataclass
@@ -107,7 +107,15 @@ class Method:
 
 
 class SparseMethod(Method):
-    """A method that only estimates a block support; the shared kernel executes it exactly."""
+    """A method that only estimates a support; the shared kernels execute it exactly.
+
+    `support()` returns key blocks per query block and, optionally, single key tokens beyond them
+    (`BlockSupport.tokens`); the base class times the estimate, runs the blocks on the
+    block-sparse kernel and the tokens on the token-gather kernel, and merges the two exactly.
+    """
+
+    # Whether support() may return single key tokens besides blocks (BlockSupport.tokens).
+    selects_tokens: ClassVar[bool] = False
 
     def support(self, q: torch.Tensor, k: torch.Tensor, ctx: LayerContext) -> BlockSupport:
         raise NotImplementedError
@@ -116,7 +124,7 @@ class SparseMethod(Method):
         t0 = time.perf_counter()
         support = self.support(q, k, ctx)
         estimate_s = time.perf_counter() - t0
-        res = block_sparse_attention(
+        res = support_attention(
             q, k, v, support, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid
         )
         return AttnOutput(res.out, res.cells, estimate_s, res.lse)

@@ -47,15 +47,15 @@ Deviations from the paper, and why:
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from attnsieve.kernels import BlockSupport, block_sparse_attention, merge, token_gather_attention
+from attnsieve.kernels import BlockSupport
 from attnsieve.methods._lagged import real_query_rows
-from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, forced_blocks, grid_queries
 
@@ -238,7 +238,8 @@ def select_tokens(scores, span_s, span_e, lo, hi, n_sel):
     params=DHSAParams,
     summary="DHSA: variable-length key chunks, sqrt-length-normalised summaries, chunk scores upsampled to tokens.",
 )
-class DHSA(Method):
+class DHSA(SparseMethod):
+    selects_tokens = True  # support() adds single key tokens to its blocks
     exact_params = {"density": 1.0}  # every candidate token is kept: exact attention
 
     def _rows(self, q, Tk, key_valid, instruction_tokens):
@@ -330,21 +331,10 @@ class DHSA(Method):
         want = torch.where(full, 0, torch.full_like(hi, n_sel))
         return blocks, select_tokens(scores, span_s, span_e, lo, hi, want)
 
-    def prefill(self, q, k, v, ctx):
-        t0 = time.perf_counter()
+    def support(self, q, k, ctx):
         blocks, tokens = self.plan(q, k, ctx)
         B, Hkv = k.shape[:2]
-        bs = self.params.block_size
-        support = BlockSupport.from_mask(blocks[:, None].expand(B, Hkv, *blocks.shape[1:]), bs)
-        estimate_s = time.perf_counter() - t0
-        res = block_sparse_attention(
-            q, k, v, support, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid
-        )
+        support = BlockSupport.from_mask(blocks[:, None].expand(B, Hkv, *blocks.shape[1:]), self.params.block_size)
         if tokens is None or tokens.shape[-1] == 0:
-            return AttnOutput(res.out, res.cells, estimate_s, res.lse)
-        tokens = tokens[:, None].expand(B, Hkv, *tokens.shape[1:])
-        tok = token_gather_attention(
-            q, k, v, tokens, bs, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid
-        )
-        out, lse = merge(res.out, res.lse, tok.out, tok.lse)
-        return AttnOutput(out, res.cells + tok.cells, estimate_s, lse)
+            return support
+        return dataclasses.replace(support, tokens=tokens[:, None].expand(B, Hkv, *tokens.shape[1:]))

@@ -53,14 +53,14 @@ density 0.2 the needle is not selected for the final position and the pass key i
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from attnsieve.kernels import BlockSupport
-from attnsieve.methods._block_token import PAPER_CONTEXT, GridCells, mask_to_list, run_blocks_and_tokens
-from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods._block_token import PAPER_CONTEXT, GridCells, mask_to_list
+from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, grid_queries
 
@@ -146,15 +146,13 @@ def inverse_rank(order: torch.Tensor) -> torch.Tensor:
     params=FlexPrefillParams,
     summary="FlexPrefill: per-head JS-divergence choice of query-aware blocks or vertical-slash, sized by mass gamma.",
 )
-class FlexPrefill(Method):
+class FlexPrefill(SparseMethod):
+    selects_tokens = True  # support() adds single key tokens to its blocks
     exact_params = {"density": 1.0}  # degenerate setting: equals dense attention
 
-    def prefill(self, q, k, v, ctx):
-        t0 = time.perf_counter()
+    def support(self, q, k, ctx):
         plan = self.plan(q, k, ctx)
-        estimate_s = time.perf_counter() - t0
-        out, lse, cells = run_blocks_and_tokens(q, k, v, plan.support, plan.tokens, ctx)
-        return AttnOutput(out, cells, estimate_s, lse)
+        return dataclasses.replace(plan.support, tokens=plan.tokens)
 
     def plan(self, q, k, ctx) -> FlexPlan:
         p = self.params

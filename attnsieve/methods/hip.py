@@ -45,16 +45,16 @@ causal fix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
-from attnsieve.kernels import BlockSupport, block_sparse_attention, merge, token_gather_attention
+from attnsieve.kernels import BlockSupport
 from attnsieve.methods._lagged import lagged_queries, real_query_rows
-from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, forced_blocks
 
@@ -215,7 +215,8 @@ def _expected_density(
     params=HipParams,
     summary="HiP tree search: halve k candidate chunks, keep the top-k by a representative key, O(T log T).",
 )
-class Hip(Method):
+class Hip(SparseMethod):
+    selects_tokens = True  # support() adds single key tokens to its blocks
     exact_params = {"density": 1.0}  # the window and the search then cover every causal key
 
     def budget(self, q, Tk, key_valid) -> tuple[int, int]:
@@ -260,24 +261,11 @@ class Hip(Method):
             tokens = self._search(q, k, ctx, layout, band_blocks, mask_k, has_rows)
         return band, tokens
 
-    def prefill(self, q, k, v, ctx):
-        t0 = time.perf_counter()
+    def support(self, q, k, ctx):
         band, tokens = self.plan(q, k, ctx)
         B, Hkv = k.shape[:2]
-        support = BlockSupport.from_mask(band[:, None].expand(B, Hkv, *band.shape[1:]), self.params.block_size)
-        estimate_s = time.perf_counter() - t0
-        res = block_sparse_attention(
-            q, k, v, support, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid
-        )
-        if tokens is None or not bool((tokens >= 0).any()):
-            return AttnOutput(res.out, res.cells, estimate_s, res.lse)
-        tok = token_gather_attention(
-            q, k, v, tokens, self.params.block_size, causal=True, window=ctx.window, scale=ctx.scale,
-            key_valid=ctx.key_valid,
-        )
-        out, lse = merge(res.out, res.lse, tok.out, tok.lse)
-        return AttnOutput(out, res.cells + tok.cells, estimate_s, lse)
-
+        blocks = BlockSupport.from_mask(band[:, None].expand(B, Hkv, *band.shape[1:]), self.params.block_size)
+        return dataclasses.replace(blocks, tokens=tokens)
     def _search(self, q, k, ctx, layout, band_blocks, mask_k, has_rows):
         """Token lists [B, Hs, NQ, M]: the sink tokens and the units the tree search keeps."""
         p = self.params

@@ -71,9 +71,16 @@ class ScatterbrainParams:
             raise ValueError(f"nb_features must be >= 2, got {self.nb_features}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
-        if self.inner not in names() or not issubclass(method_class(self.inner), SparseMethod):
-            sparse = [n for n in names() if issubclass(method_class(n), SparseMethod)]
-            raise ValueError(f"inner must be a registered sparse method ({', '.join(sparse)}), got {self.inner!r}")
+        def blocks_only(n):
+            cls = method_class(n)
+            return issubclass(cls, SparseMethod) and not cls.selects_tokens
+
+        if self.inner not in names() or not blocks_only(self.inner):
+            sparse = [n for n in names() if blocks_only(n)]
+            raise ValueError(
+                f"inner must be a registered sparse method whose support is key blocks only ({', '.join(sparse)}), "
+                f"got {self.inner!r}"
+            )
         if self.inner_params is not None and not isinstance(self.inner_params, dict):
             raise ValueError(f"inner_params must be a dict of the inner method's parameters, got {self.inner_params!r}")
         for key in ("density", "block_size"):
@@ -137,7 +144,10 @@ class Scatterbrain(Method):
         B, H, Tq, _ = q.shape
         Tk = k.shape[2]
         t0 = time.perf_counter()
-        support = with_diagonal(self.inner.support(q, k, ctx), Tq, Tk)
+        inner = self.inner.support(q, k, ctx)
+        if inner.tokens is not None:  # the sparse + low-rank kernel covers blocks only
+            raise ValueError(f"scatterbrain's inner method {self.inner.name!r} selected single tokens")
+        support = with_diagonal(inner, Tq, Tk)
         estimate_s = time.perf_counter() - t0
         bs = support.block_size
         exact = block_sparse_attention(

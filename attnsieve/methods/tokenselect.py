@@ -50,8 +50,8 @@ Deviations:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -59,13 +59,10 @@ import torch
 from attnsieve.kernels import (
     BlockSupport,
     block_grid,
-    block_sparse_attention,
     drop_covered,
-    merge,
-    token_gather_attention,
 )
 from attnsieve.methods._static import pair_cells
-from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, forced_blocks, grid_queries
 from attnsieve.methods.window import first_real_positions, window_for_density
@@ -211,15 +208,15 @@ def density_budgets(density: float, Tq: int, Tk: int, bs: int, window: int | Non
     params=TokenSelectParams,
     summary="TokenSelect: per-chunk top-k key tokens by a soft vote of the heads' softmaxes, + sinks + local.",
 )
-class TokenSelect(Method):
+class TokenSelect(SparseMethod):
+    selects_tokens = True  # support() adds single key tokens to its blocks
     exact_params = {"density": 1.0}  # degenerate setting: equals dense attention
 
-    def prefill(self, q, k, v, ctx):
+    def support(self, q, k, ctx):
         p = self.params
         B, H, Tq, _ = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         bs = p.block_size
-        t0 = time.perf_counter()
         if p.density is not None:
             local, n_init, top_k = density_budgets(p.density, Tq, Tk, bs, ctx.window)
         else:
@@ -232,12 +229,4 @@ class TokenSelect(Method):
         sinks = first_real_positions(ctx.key_valid, B, Tk, n_init, q.device)  # [B, n_init]
         tokens = torch.cat([sinks[:, None, None].expand(-1, Hkv, layout.n_q, -1), tokens], dim=-1)
         tokens = drop_covered(tokens, blocks)
-        estimate_s = time.perf_counter() - t0
-
-        kw = dict(causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid)
-        part = block_sparse_attention(q, k, v, blocks, **kw)
-        if not bool((tokens >= 0).any()):
-            return AttnOutput(part.out, part.cells, estimate_s, part.lse)
-        extra = token_gather_attention(q, k, v, tokens, bs, **kw)
-        out, lse = merge(part.out, part.lse, extra.out, extra.lse)
-        return AttnOutput(out, part.cells + extra.cells, estimate_s, lse)
+        return dataclasses.replace(blocks, tokens=tokens)

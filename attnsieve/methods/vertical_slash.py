@@ -48,21 +48,18 @@ Exact setting: `density=1.0` keeps every causal block (equals dense attention).
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from attnsieve.kernels import (
     BlockSupport,
-    block_sparse_attention,
     drop_covered,
-    merge,
-    token_gather_attention,
     token_mask,
 )
 from attnsieve.kernels.block_sparse import cdiv
-from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import BlockLayout, block_layout
 
@@ -246,7 +243,8 @@ def cdiv_t(a: torch.Tensor, b: int) -> torch.Tensor:
     params=VerticalSlashParams,
     summary="MInference: per-head top key columns + top diagonals estimated from the last queries (chunked).",
 )
-class VerticalSlash(Method):
+class VerticalSlash(SparseMethod):
+    selects_tokens = True  # support() adds single key tokens to its blocks
     exact_params = {"density": 1.0}  # degenerate setting: every causal block, equals dense
 
     def chunk_tokens(self, Tk: int) -> int:
@@ -342,14 +340,6 @@ class VerticalSlash(Method):
         ns = torch.where((above - target).abs() < (target - below).abs(), up, lo)
         return nv_of(ns), ns
 
-    def prefill(self, q, k, v, ctx):
-        t0 = time.perf_counter()
+    def support(self, q, k, ctx):
         support, tokens = self.plan(q, k, ctx)
-        estimate_s = time.perf_counter() - t0
-        kw = dict(causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid)
-        blk = block_sparse_attention(q, k, v, support, **kw)
-        if not bool((tokens >= 0).any()):
-            return AttnOutput(blk.out, blk.cells, estimate_s, blk.lse)
-        tok = token_gather_attention(q, k, v, tokens, self.params.block_size, **kw)
-        out, lse = merge(blk.out, blk.lse, tok.out, tok.lse)
-        return AttnOutput(out, blk.cells + tok.cells, estimate_s, lse)
+        return dataclasses.replace(support, tokens=tokens)
