@@ -50,7 +50,7 @@ def test_methods_json_lists_the_registry():
         (["nosuchcommand"], "nosuchcommand"),
         (["bench", "kernel", "--density", "0"], "density"),
         (["bench", "kernel", "--heads", "3", "--kv-heads", "2"], "kv-heads"),
-        (["bench", "kernel", "--method", "dense"], "block support"),
+        (["bench", "kernel", "--method", "dense"], "does not estimate a support"),
         (["bench", "kernel", "--length", "10"], "length"),
         (["bench", "prefill", "--method", "nope"], "unknown method"),
         (["bench", "prefill", "--density", "2"], "density"),
