@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, merge, support_attention
+from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, compiled, merge, support_attention
 from attnsieve.kernels.token_gather import drop_covered, token_gather_attention
 
 from helpers import assert_close, masked_dense_reference
@@ -38,6 +38,9 @@ def lists_to_mask(tokens, H, Tq, Tk, bs, causal=True, window=None, key_valid=Non
     return mask
 
 
+TOKEN_BACKENDS = ["compiled", "torch"] if compiled.available() else ["torch"]
+
+
 def random_lists(B, Hs, NQ, M, Tk, seed):
     g = torch.Generator().manual_seed(seed)
     tok = torch.stack([torch.randperm(Tk, generator=g)[:M] for _ in range(B * Hs * NQ)]).view(B, Hs, NQ, M)
@@ -48,7 +51,8 @@ def random_lists(B, Hs, NQ, M, Tk, seed):
 @pytest.mark.parametrize("Tq,Tk", [(1, 1), (37, 37), (70, 70), (20, 90)], ids=lambda x: str(x))
 @pytest.mark.parametrize("heads,Hs", [((4, 1), 1), ((4, 1), 4), ((4, 2), 2)], ids=["group", "perhead", "gqa2"])
 @pytest.mark.parametrize("window", [None, 25], ids=["global", "win25"])
-def test_token_gather_equals_masked_dense(Tq, Tk, heads, Hs, window):
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_token_gather_equals_masked_dense(Tq, Tk, heads, Hs, window, backend):
     H, Hkv = heads
     bs = 16
     g = torch.Generator().manual_seed(Tq * 7 + Tk)
@@ -58,7 +62,7 @@ def test_token_gather_equals_masked_dense(Tq, Tk, heads, Hs, window):
     tokens = random_lists(2, Hs, n_q, min(Tk, 12), Tk, seed=Tq)
     valid = torch.ones(2, Tk, dtype=torch.bool)
     valid[1, : Tk // 3] = False
-    res = token_gather_attention(q, k, v, tokens, bs, window=window, key_valid=valid, chunk_elems=2000)
+    res = token_gather_attention(q, k, v, tokens, bs, window=window, key_valid=valid, chunk_elems=2000, backend=backend)
     mask = lists_to_mask(tokens, H, Tq, Tk, bs, window=window, key_valid=valid)
     ref, ref_lse = masked_dense_reference(q, k, v, mask)
     rows = mask.any(-1)
@@ -68,13 +72,14 @@ def test_token_gather_equals_masked_dense(Tq, Tk, heads, Hs, window):
     assert res.cells == int(mask.sum())
 
 
-def test_token_gather_row_mask_restricts_rows():
+@pytest.mark.parametrize("backend", TOKEN_BACKENDS)
+def test_token_gather_row_mask_restricts_rows(backend):
     H, Hs, T, bs = 4, 1, 48, 16
     g = torch.Generator().manual_seed(3)
     q, k, v = torch.randn(1, H, T, 8, generator=g), torch.randn(1, 1, T, 8, generator=g), torch.randn(1, 1, T, 8)
     tokens = random_lists(1, Hs, 3, 10, T, seed=5)
     row_mask = torch.rand(1, Hs, 3, H * bs, 10, generator=g) < 0.5
-    res = token_gather_attention(q, k, v, tokens, bs, row_mask=row_mask)
+    res = token_gather_attention(q, k, v, tokens, bs, row_mask=row_mask, backend=backend)
     mask = lists_to_mask(tokens, H, T, T, bs, row_mask=row_mask)
     ref, _ = masked_dense_reference(q, k, v, mask)
     rows = mask.any(-1)
@@ -109,6 +114,8 @@ def test_token_part_merges_with_block_part_after_drop_covered():
 
 def test_token_gather_rejects_bad_lists():
     q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        token_gather_attention(q, k, k, torch.zeros(1, 2, 2, 4, dtype=torch.long), 16, backend="gpu")
     with pytest.raises(ValueError, match="tokens must be"):
         token_gather_attention(q, k, k, torch.zeros(1, 2, 3, 4, dtype=torch.long), 16)
     with pytest.raises(ValueError, match="< Tk=32"):

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from attnsieve.kernels import compiled
 from attnsieve.kernels.block_sparse import BlockSupport, SparseResult, block_grid
 from attnsieve.kernels.dense import softmax_with_lse
 
@@ -59,6 +60,7 @@ def token_gather_attention(
     key_valid: torch.Tensor | None = None,
     row_mask: torch.Tensor | None = None,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    backend: str | None = None,
 ) -> SparseResult:
     """Exact attention of each query block over its own list of key tokens.
 
@@ -67,6 +69,10 @@ def token_gather_attention(
     row_mask: optional bool [B, Hs, NQ, R, M] restricting each query row to some of the list.
     A key is attended only where the exact layer would (causal, window, padding). Rows with no
     key get out 0 and lse -inf. `cells` counts the computed (query, key) cells.
+
+    `backend`: "compiled" (attnsieve's C++ kernel: listed keys copied 64 at a time into a tile,
+    flash-style; float32 on CPU), "torch" (gathers and batched matmuls, any device and dtype), or
+    None / "auto" for the compiled one where it runs.
     """
     B, H, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -88,6 +94,13 @@ def token_gather_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dev = q.device
+    runs_compiled = dev.type == "cpu" and acc == torch.float32 and compiled.available()
+    if backend in (None, "auto"):
+        backend = "compiled" if runs_compiled else "torch"
+    elif backend not in ("compiled", "torch"):
+        raise ValueError(f"backend must be one of auto, compiled, torch; got {backend!r}")
+    elif backend == "compiled" and not runs_compiled:
+        raise ValueError(f"backend 'compiled' needs float32 on CPU and attnsieve's compiled kernel; got {acc} on {dev}")
 
     lead = (Tk - Tq) - first_qb * bs
     qp = q.new_zeros(B, H, n_q * bs, D)
@@ -100,6 +113,24 @@ def token_gather_attention(
     q_valid[:, Tk - Tq : Tk] = valid[:, Tk - Tq :]
 
     N = B * Hs * n_q
+    if backend == "compiled":
+        items = torch.arange(N, device=dev)
+        b_i, s_i, j_i = items // (Hs * n_q), (items // n_q) % Hs, items % n_q
+        kv_of_s = torch.arange(Hs, device=dev) * Hkv // Hs
+        row_pos = ((first_qb + j_i) * bs)[:, None] + torch.arange(R, device=dev) % bs  # [N, R]
+        q_ok = q_valid[b_i[:, None], row_pos]
+        empty = torch.empty(0, dtype=torch.bool, device=dev)
+        out_items, lse_items, n_cells = compiled.module().token_gather_forward(
+            q_items.to(acc).contiguous(), k.reshape(B * Hkv, Tk, D).to(acc).contiguous(),
+            v.reshape(B * Hkv, Tk, Dv).to(acc).contiguous(), tokens.reshape(N, M).contiguous(),
+            (b_i * Hkv + kv_of_s[s_i]).contiguous(), b_i.contiguous(), ((first_qb + j_i) * bs).contiguous(),
+            empty if row_mask is None else row_mask.reshape(N, R, M).contiguous(),
+            empty if key_valid is None else valid.contiguous(), empty if bool(q_ok.all()) else q_ok.contiguous(),
+            bs, causal, -1 if window is None else int(window), float(scale),
+        )
+        out = out_items.view(B, Hs, n_q, Gs, bs, Dv).transpose(2, 3).reshape(B, H, n_q * bs, Dv)
+        lse = lse_items.view(B, Hs, n_q, Gs, bs).transpose(2, 3).reshape(B, H, n_q * bs)
+        return SparseResult(out[:, :, lead : lead + Tq].to(q.dtype), lse[:, :, lead : lead + Tq], int(n_cells))
     # Valid slots first in every list, then items ordered by list length, so each chunk gathers
     # only as many keys as its longest list (lists of very different lengths cost no padding).
     tok, perm = tokens.reshape(N, M).sort(dim=-1, descending=True)

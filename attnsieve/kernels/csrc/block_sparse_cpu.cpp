@@ -73,6 +73,47 @@ inline int32_t order_key(float x) {
   return bits ^ ((bits >> 31) & 0x7fffffff);
 }
 
+// One tile's step of the online softmax for one row: sr (w scores, masked ones -inf, at least one
+// finite) becomes exp(sr - new max); the running max m, sum l and output row are rescaled.
+inline void online_softmax_row(float* sr, int w, float& m, float& l, float* orow, int64_t Dv) {
+  float mx = kNegInf;
+  for (int c = 0; c < w; ++c) mx = std::max(mx, sr[c]);
+  const float m_new = std::max(m, mx);
+  const float corr = std::exp(m - m_new);  // 0 when m = -inf
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int c = 0; c < w; ++c) {
+    const float p = softmax_exp(sr[c] - m_new);
+    sr[c] = p;
+    sum += p;
+  }
+  if (corr != 1.0f) {
+#pragma omp simd
+    for (int64_t d = 0; d < Dv; ++d) orow[d] *= corr;
+  }
+  l = l * corr + sum;
+  m = m_new;
+}
+
+// Final normalisation of an item's rows: out /= l, lse = m + log l; rows that saw no key get
+// out 0 and lse -inf.
+inline void finish_rows(float* on, float* lp, const float* m, const float* l, int64_t R, int64_t Dv) {
+  for (int64_t r = 0; r < R; ++r) {
+    float* orow = on + r * Dv;
+    if (l[r] > 0.0f) {
+      const float inv = 1.0f / l[r];
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+      lp[r] = m[r] + std::log(l[r]);
+    } else {
+      std::fill(orow, orow + Dv, 0.0f);
+      lp[r] = kNegInf;
+    }
+  }
+}
+
+inline const float* qn_ptr(const float* q, int64_t n, int64_t R, int64_t D) { return q + n * R * D; }
+
 }  // namespace
 
 // q: [N, R, D]; k: [NB, bs, D]; v: [NB, bs, Dv]  (float32, contiguous)
@@ -181,39 +222,116 @@ std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tens
             std::fill(sr, sr + bs, 0.0f);
             continue;
           }
-          float mx = kNegInf;
-          for (int c = 0; c < bs; ++c) mx = std::max(mx, sr[c]);
-          const float m_new = std::max(m[r], mx);
-          const float corr = std::exp(m[r] - m_new);  // 0 when m[r] = -inf
-          float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-          for (int c = 0; c < bs; ++c) {
-            const float p = softmax_exp(sr[c] - m_new);
-            sr[c] = p;
-            sum += p;
-          }
-          if (corr != 1.0f) {
-            float* orow = on + r * Dv;
-#pragma omp simd
-            for (int64_t d = 0; d < Dv; ++d) orow[d] *= corr;
-          }
-          l[r] = l[r] * corr + sum;
-          m[r] = m_new;
+          online_softmax_row(sr, bs, m[r], l[r], on + r * Dv, Dv);
         }
         values_gemm(S.data(), vp + blk * bs * Dv, on, static_cast<int>(R), bs, static_cast<int>(Dv));
       }
-      for (int64_t r = 0; r < R; ++r) {
-        float* orow = on + r * Dv;
-        if (l[r] > 0.0f) {
-          const float inv = 1.0f / l[r];
-#pragma omp simd
-          for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
-          lp[n * R + r] = m[r] + std::log(l[r]);
-        } else {
-          std::fill(orow, orow + Dv, 0.0f);
-          lp[n * R + r] = kNegInf;
+      finish_rows(on, lp + n * R, m.data(), l.data(), R, Dv);
+      total_cells += cells;
+    }
+  }
+  return {out, lse, at::full({}, total_cells, at::TensorOptions().dtype(at::kLong))};
+}
+
+// Attention of each item (R query rows) over its own list of key tokens: the listed keys are
+// copied into a tile buffer 64 at a time and run through the same tile loop (sgemm, per-cell
+// masks, online softmax, sgemm). Cells are counted after the row mask (as the torch path does).
+// q: [N, R, D]; k: [S, Tk, D]; v: [S, Tk, Dv] (S = B * Hkv sequences of keys); tokens: [N, M]
+// positions (-1 unused, distinct within a list); item_seq: [N] row of k / v for each item;
+// item_b: [N] batch row (for key_ok [B, Tk]); qpos: [N] position of each item's first row (row r
+// sits at qpos + r % bs); row_mask: [N, R, M] or empty; q_ok: [N, R] or empty.
+std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& tokens, const at::Tensor& item_seq,
+                                             const at::Tensor& item_b, const at::Tensor& qpos,
+                                             const at::Tensor& row_mask, const at::Tensor& key_ok,
+                                             const at::Tensor& q_ok, int64_t bs, bool causal, int64_t window,
+                                             double scale_d) {
+  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat, "float32 only");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && tokens.is_contiguous() &&
+              item_seq.is_contiguous() && item_b.is_contiguous() && qpos.is_contiguous(), "contiguous inputs");
+  const int64_t N = q.size(0), R = q.size(1), D = q.size(2);
+  const int64_t S = k.size(0), Tk = k.size(1), Dv = v.size(2), M = tokens.size(1);
+  TORCH_CHECK(k.size(2) == D && v.size(0) == S && v.size(1) == Tk && tokens.size(0) == N, "shapes");
+  const bool has_rm = row_mask.numel() > 0, has_kok = key_ok.numel() > 0, has_qok = q_ok.numel() > 0;
+  if (has_rm) TORCH_CHECK(row_mask.is_contiguous() && row_mask.size(0) == N && row_mask.size(1) == R && row_mask.size(2) == M, "row_mask shape");
+  if (has_kok) TORCH_CHECK(key_ok.is_contiguous() && key_ok.size(1) == Tk, "key_ok shape");
+  if (has_qok) TORCH_CHECK(q_ok.is_contiguous() && q_ok.size(0) == N && q_ok.size(1) == R, "q_ok shape");
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  const int64_t* sq = item_seq.data_ptr<int64_t>();
+  const int64_t* ib = item_b.data_ptr<int64_t>();
+  const int64_t* qps = qpos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * M; ++i) TORCH_CHECK(tp[i] < Tk, "token position out of range");
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(sq[n] >= 0 && sq[n] < S, "item_seq out of range");
+  auto out = at::zeros({N, R, Dv}, q.options());
+  auto lse = at::empty({N, R}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* rm = has_rm ? row_mask.data_ptr<bool>() : nullptr;
+  const bool* kok = has_kok ? key_ok.data_ptr<bool>() : nullptr;
+  const bool* qok = has_qok ? q_ok.data_ptr<bool>() : nullptr;
+  float* op = out.data_ptr<float>();
+  float* lp = lse.data_ptr<float>();
+  const float scale = static_cast<float>(scale_d);
+  constexpr int TW = 64;  // keys per tile
+  int64_t total_cells = 0;
+  const int threads = at::get_num_threads();
+#pragma omp parallel num_threads(threads) reduction(+ : total_cells)
+  {
+    std::vector<float> S_(R * TW), kb(TW * D), vb(TW * Dv), m(R), l(R);
+    std::vector<int64_t> slot(TW), pos(TW);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t r = 0; r < R; ++r) m[r] = kNegInf, l[r] = 0.0f;
+      const int64_t* tn = tp + n * M;
+      const float* ks = kp + sq[n] * Tk * D;
+      const float* vs = vp + sq[n] * Tk * Dv;
+      float* on = op + n * R * Dv;
+      int64_t cells = 0;
+      for (int64_t x0 = 0; x0 < M;) {
+        int w = 0;  // gather the next (up to) TW listed keys that some row may attend
+        for (; x0 < M && w < TW; ++x0) {
+          const int64_t t = tn[x0];
+          if (t < 0 || (kok && !kok[ib[n] * Tk + t])) continue;
+          slot[w] = x0, pos[w] = t;
+          std::copy(ks + t * D, ks + (t + 1) * D, kb.data() + w * D);
+          std::copy(vs + t * Dv, vs + (t + 1) * Dv, vb.data() + w * Dv);
+          ++w;
+        }
+        if (w == 0) continue;
+        {
+          const char tt = 'T', nn = 'N';
+          const float beta = 0.0f;
+          const int Ri = static_cast<int>(R), Di = static_cast<int>(D);
+          sgemm_(&tt, &nn, &w, &Ri, &Di, &scale, kb.data(), &Di, qn_ptr(qp, n, R, D), &Di, &beta, S_.data(), &w);
+        }
+        for (int64_t r = 0; r < R; ++r) {
+          float* sr = S_.data() + r * w;
+          const int64_t qr = qps[n] + r % bs;
+          const bool rok = !qok || qok[n * R + r];
+          int allowed = 0;
+          for (int c = 0; c < w; ++c) {
+            const int64_t kc = pos[c];
+            const bool ok = rok && (!causal || kc <= qr) && (window < 0 || qr - kc < window) &&
+                            (!rm || rm[(n * R + r) * M + slot[c]]);
+            allowed += ok;
+            if (!ok) sr[c] = kNegInf;
+          }
+          cells += allowed;
+          if (allowed == 0) {
+            std::fill(sr, sr + w, 0.0f);
+            continue;
+          }
+          online_softmax_row(sr, w, m[r], l[r], on + r * Dv, Dv);
+        }
+        {
+          const char nn = 'N';
+          const float one = 1.0f;
+          const int Ri = static_cast<int>(R), Dvi = static_cast<int>(Dv);
+          sgemm_(&nn, &nn, &Dvi, &Ri, &w, &one, vb.data(), &Dvi, S_.data(), &w, &one, on, &Dvi);
         }
       }
+      finish_rows(on, lp + n * R, m.data(), l.data(), R, Dv);
       total_cells += cells;
     }
   }
@@ -389,5 +507,6 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_sparse_forward", &block_sparse_forward, "fused block-sparse attention over per-item key-block slots");
+  m.def("token_gather_forward", &token_gather_forward, "attention of each item over its own list of key tokens");
   m.def("block_topk_plan", &block_topk_plan, "block-topk's per-query selection with its causal budget controller");
 }
