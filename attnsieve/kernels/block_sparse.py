@@ -11,7 +11,7 @@ measured density). Four backends, all exact:
   only on partial tiles, online softmax. The fastest on x86-64 CPUs.
 - "mkl": MKL's batched GEMM multiplies each query block by each of its key blocks where they lie
   (no gathered copies), then one softmax pass and a second batched GEMM with the value blocks.
-  The fastest on x86 CPUs; torch's x86 wheels carry MKL.
+  Needs no compiler, only the MKL inside torch's x86 wheels.
 - "flash": gathers the chunk's key/value blocks and runs torch's fused CPU flash-attention op
   with the chunk's mask.
 - "matmul": gathers, then batched matmuls and a softmax; runs on any device and dtype.
@@ -47,7 +47,7 @@ BACKENDS = ("compiled", "mkl", "flash", "matmul")
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The backend `block_sparse_attention` runs: the one asked for, or the fastest available.
 
-    dtype is the accumulation dtype (float32 or float64 for half-precision inputs' float32).
+    dtype is the accumulation dtype (float32 for half-precision inputs).
     Raises ValueError for an unknown name or one that cannot run on this device / dtype.
     """
     cpu = device.type == "cpu"
@@ -191,8 +191,8 @@ def block_sparse_attention(
     Extra memory is O(T * D) for the block-aligned copies plus one chunk of at most
     `chunk_elems` elements; no Tq x Tk tensor is ever allocated.
 
-    `backend` is "mkl", "flash" or "matmul" (see the module docstring); None or "auto" picks the
-    fastest available (`resolve_backend`). All are exact; the tests run every one available.
+    `backend` is "compiled", "mkl", "flash" or "matmul" (see the module docstring); None or "auto"
+    picks the fastest available (`resolve_backend`). All are exact; the tests run every one available.
     """
     B, H, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]

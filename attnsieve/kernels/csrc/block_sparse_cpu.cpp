@@ -112,8 +112,6 @@ inline void finish_rows(float* on, float* lp, const float* m, const float* l, in
   }
 }
 
-inline const float* qn_ptr(const float* q, int64_t n, int64_t R, int64_t D) { return q + n * R * D; }
-
 }  // namespace
 
 // q: [N, R, D]; k: [NB, bs, D]; v: [NB, bs, Dv]  (float32, contiguous)
@@ -303,7 +301,7 @@ std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tens
           const char tt = 'T', nn = 'N';
           const float beta = 0.0f;
           const int Ri = static_cast<int>(R), Di = static_cast<int>(D);
-          sgemm_(&tt, &nn, &w, &Ri, &Di, &scale, kb.data(), &Di, qn_ptr(qp, n, R, D), &Di, &beta, S_.data(), &w);
+          sgemm_(&tt, &nn, &w, &Ri, &Di, &scale, kb.data(), &Di, qp + n * R * D, &Di, &beta, S_.data(), &w);
         }
         for (int64_t r = 0; r < R; ++r) {
           float* sr = S_.data() + r * w;
