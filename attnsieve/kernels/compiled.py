@@ -1,13 +1,15 @@
-"""attnsieve's compiled CPU kernel: built on first use, optional, never required.
+"""attnsieve's compiled CPU kernels: built on first use, optional, never required.
 
-The fused block-sparse kernel (`csrc/block_sparse_cpu.cpp`) is compiled with
-`torch.utils.cpp_extension` the first time it is needed (about a minute; needs a C++ compiler and
-MKL inside torch, which torch's x86-64 wheels carry). The build is cached under attnsieve's cache
-directory, keyed by the source, the torch version and this CPU's instruction-set flags, so a
-cache shared between different machines never runs code built for another CPU.
+`csrc/block_sparse_cpu.cpp` (the block-sparse kernel, block-topk's planner and the token-gather
+kernel) is compiled with `torch.utils.cpp_extension` the first time it is needed (about 20 s on
+the development machine; needs a C++ compiler and the MKL inside torch's x86-64 wheels). The
+build is cached under attnsieve's cache directory, keyed by the source, the torch and Python
+versions and this CPU's instruction-set flags, so a cache shared between different machines never
+runs code built for another CPU.
 
-Set ATTNSIEVE_COMPILED=0 to never build or load it; every caller then uses a pure-torch path.
-If the build fails, a warning says why once and the pure-torch paths run.
+Set ATTNSIEVE_COMPILED=0 to never build or load it; callers then run their other backends (MKL
+batched GEMMs through ctypes, torch's flash op, plain torch). If the build fails, a warning says
+why once and the same fallbacks run.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ def module():
             pass
         build_dir = _build_dir()
         if not any(build_dir.glob("*.so")):
-            print("attnsieve: compiling the CPU block-sparse kernel (once per machine, about a minute)...",
+            print("attnsieve: compiling the CPU kernels (once per machine and version, under a minute)...",
                   file=sys.stderr, flush=True)
         return cpp_extension.load(
             name="attnsieve_block_sparse_cpu",
