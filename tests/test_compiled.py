@@ -91,3 +91,18 @@ def test_mkl_gemm_batch_multiplies_in_place_and_refuses_foreign_offsets():
     with pytest.raises(ValueError, match="contiguous"):
         mkl_batch.gemm_batch(a.transpose(1, 2), a_off, 16, b, b_off, 16, c, torch.arange(5) * 32, 4, 8, 4, 16,
                              trans_b=True)
+
+
+@needs_compiled
+def test_block_topk_compiled_plan_reads_strided_queries():
+    """A model's queries arrive as a transposed [B, T, H, D] view; the planner reads them in place."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 700, 4, 32, generator=g).transpose(1, 2)
+    k = torch.randn(2, 2, 700, 32, generator=g)
+    key_valid = torch.ones(2, 700, dtype=torch.bool)
+    key_valid[0, :200] = False
+    method = make("block-topk", density=0.2, block_size=32)
+    ctx = LayerContext(0, 32**-0.5, key_valid=key_valid)
+    assert not q.is_contiguous()
+    strided, dense = method.support(q, k, ctx), method.support(q.contiguous(), k, ctx)
+    assert torch.equal(strided.blocks, dense.blocks) and torch.equal(strided.row_mask, dense.row_mask)

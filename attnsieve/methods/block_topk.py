@@ -144,8 +144,10 @@ class BlockTopK(SparseMethod):
 
         if self.use_compiled and q.device.type == "cpu" and compiled.available():
             summ = torch.cat([kmax, kmin], -1) if p.summary == "minmax" else kmean
+            qf = q.float()  # read in place when the channels are contiguous (a model's transposed view)
             slots, row_mask = compiled.module().block_topk_plan(
-                q.float().contiguous(), summ.contiguous(), rows.contiguous(), layout.allowed.contiguous(),
+                qf if qf.stride(-1) == 1 else qf.contiguous(), summ.contiguous(), rows.contiguous(),
+                layout.allowed.contiguous(),
                 forced.contiguous(), budget.long().contiguous(), Hs, layout.first_qb, lead, int(budget.max()),
                 p.summary == "minmax",
             )

@@ -351,9 +351,11 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
                                         const at::Tensor& cand, const at::Tensor& forced, const at::Tensor& budget,
                                         int64_t Hs, int64_t first_qb, int64_t lead, int64_t k_cap, bool minmax) {
   TORCH_CHECK(q.dtype() == at::kFloat && summ.dtype() == at::kFloat, "float32 only");
-  TORCH_CHECK(q.is_contiguous() && summ.is_contiguous() && rows.is_contiguous() && cand.is_contiguous() &&
+  // q may be any strided view whose channels are contiguous (a model's [B, T, H, D] transposed)
+  TORCH_CHECK(q.stride(3) == 1 && summ.is_contiguous() && rows.is_contiguous() && cand.is_contiguous() &&
               forced.is_contiguous() && budget.is_contiguous(), "inputs must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), D = q.size(3);
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), qs2 = q.stride(2);
   const int64_t Hkv = summ.size(1), NK = summ.size(2), C = summ.size(3);
   const int64_t NQ = rows.size(1), bs = rows.size(2);
   TORCH_CHECK(C == (minmax ? 2 * D : D), "summary width");
@@ -407,7 +409,7 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
               std::fill(dst, dst + C, 0.0f);
               continue;
             }
-            const float* src = qp + ((b * H + h) * Tq + t) * D;
+            const float* src = qp + b * qs0 + h * qs1 + t * qs2;
             if (minmax) {
               for (int64_t d = 0; d < D; ++d) {
                 dst[d] = std::max(src[d], 0.0f);
