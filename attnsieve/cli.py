@@ -60,8 +60,18 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
     return parsed
 
 
-def _print_json(obj: dict, seed: int | None) -> None:
-    print(json.dumps({**obj, **run_info(seed)}, default=str))
+def _print_json(obj: dict, seed: int | None, dtype=None) -> None:
+    print(json.dumps({**obj, **run_info(seed, dtype)}, default=str))
+
+
+_DTYPE_HELP = "float32, bfloat16, or auto: bf16 where the CPU has AMX bf16 tiles, float32 elsewhere"
+
+
+def _dtype(name: str):
+    """The torch dtype for --dtype (checked before any model loads)."""
+    from attnsieve.precision import resolve_dtype
+
+    return resolve_dtype(name)
 
 
 @app.command("methods")
@@ -139,6 +149,7 @@ def generate_cmd(
     kv_budget: Annotated[float | None, typer.Option(help="fraction of the dense cache kept, in (0, 1]")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
 ):
     """Generate a greedy continuation with a method patched into the model's attention."""
@@ -162,6 +173,7 @@ def generate_cmd(
         make_policy(kv, kv_budget, **kv_params)
     params = parse_params(method, {k: v for k, v in sets.items() if not k.startswith("kv_")})
     method_obj = make(method, **params)  # validate before the slow model load
+    dt = _dtype(dtype)
     _threads(threads)
     _seed(seed)
     kv_kwargs = {} if kv is None else {"kv": kv, "kv_budget": kv_budget, **kv_params}
@@ -171,7 +183,7 @@ def generate_cmd(
     from attnsieve.models import load
 
     with err.status(f"loading {model}"):
-        mdl, tok = load(model)
+        mdl, tok = load(model, dtype=dt)
     ids = tok(prompt, return_tensors="pt")
     limit = mdl.config.get_text_config().max_position_embeddings
     if ids.input_ids.shape[1] + max_new_tokens > limit:
@@ -184,7 +196,7 @@ def generate_cmd(
             {"method": method, "params": params, "prompt_tokens": ids.input_ids.shape[1], "text": gen.text,
              "prefill_s": gen.prefill_s, "decode_s": gen.decode_s, "density": summary["density"],
              "kv": kv, "kv_budget": kv_budget, "kv_params": kv_params, "kv_cache_bytes": gen.kv_cache_bytes},
-            seed,
+            seed, dt,
         )
     else:
         print(gen.text)
@@ -234,6 +246,7 @@ def demo_cmd(
     density: Annotated[float, typer.Option(help="density for methods that have a density knob")] = 0.1,
     seed: Annotated[int, typer.Option(help="random seed (pass keys, sampling)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
 ):
     """Pass-key retrieval on the embedded model: dense, window and block-topk side by side."""
     from attnsieve.eval.demo import DemoConfig
@@ -243,23 +256,25 @@ def demo_cmd(
     except ValueError:
         raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
     cfg = DemoConfig(lengths=lens, depths=_float_list(depths, "--depths"), density=density, seed=seed)
+    dt = _dtype(dtype)
     _threads(threads)
     _seed(seed)
 
     from attnsieve.eval.demo import run_demo
     from attnsieve.models import load
 
-    with err.status(f"loading {model}"):
-        mdl, tok = load(model)
+    with err.status(f"loading {model} ({str(dt).removeprefix('torch.')})"):
+        mdl, tok = load(model, dtype=dt)
     steps = len(cfg.lengths) * len(cfg.depths) * (1 + len(cfg.methods))
     with _progress("demo", steps, calls_start_steps=True) as progress:
         rows = run_demo(mdl, tok, cfg, progress)
-    table = Table("method", "length", "accuracy", "measured density", "prefill vs SDPA", title="pass-key retrieval")
+    table = Table("method", "length", "accuracy", "measured density", "prefill vs SDPA",
+                  title=f"pass-key retrieval ({str(dt).removeprefix('torch.')})")
     for r in rows:
         table.add_row(r["method"], str(r["length"]), f"{r['accuracy']:.2f}", f"{r['density']:.3f}",
                       f"{r['prefill_ratio']:.2f}x")
     out.print(table)
-    _print_json({"command": "demo", "model": model, "rows": rows}, seed)
+    _print_json({"command": "demo", "model": model, "rows": rows}, seed, dt)
 
 
 def _parse_method_sets(pairs: list[str]) -> dict[str, dict[str, str]]:
@@ -299,6 +314,8 @@ def eval_cmd(
     ray: Annotated[str | None, typer.Option("--ray", help="Ray address, 'auto', or 'local' (ray extra)")] = None,
     kv: Annotated[str | None, typer.Option(help="comma-separated KV-cache policies, each with every method")] = None,
     kv_budget: Annotated[str | None, typer.Option(help="comma-separated KV budgets in (0, 1] for --kv")] = None,
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP + "; rows record it, fidelity is against dense "
+                                            "in the same dtype")] = "auto",
 ):
     """Evaluate methods on long-context tasks: accuracy, fidelity to dense, time and memory."""
     from attnsieve.eval.runner import EvalSpec
@@ -326,6 +343,7 @@ def eval_cmd(
         densities=_float_list(density, "--density") if density else None, sets=sets, haystack=haystack,
         seed=seed, command="attnsieve " + " ".join(sys.argv[1:]), kv=kvs,
         kv_budgets=_float_list(kv_budget, "--kv-budget") if kv_budget else None, kv_sets=kv_sets,
+        dtype=str(_dtype(dtype)).removeprefix("torch."),
     )
     limit = _model_context(model)
     for n in lens:
@@ -342,8 +360,8 @@ def eval_cmd(
     steps = sum(len(todo) for _, todo in work) if ray is None else len(work)
     mdl, tok = (None, None)
     if ray is None:
-        with err.status(f"loading {model}"):
-            mdl, tok = load(model)
+        with err.status(f"loading {model} ({spec.dtype})"):
+            mdl, tok = load(model, dtype=spec.dtype)
     # in-process the runner reports each step as it starts; on Ray each input as it finishes
     with _progress("eval", steps, calls_start_steps=ray is None) as progress:
         if ray is not None and tok is None:
@@ -354,7 +372,8 @@ def eval_cmd(
             tok = AutoTokenizer.from_pretrained(resolve(model), local_files_only=True)
         rows = run_grid(mdl, tok, spec, progress, ray_address=ray)
     err.print(f"{len(work)} input(s) evaluated, {len(done)} row(s) reused; report: {out_dir / 'report.md'}")
-    _print_json({"command": "eval", "out": str(out_dir), "rows": len(rows), "computed_inputs": len(work)}, seed)
+    _print_json({"command": "eval", "out": str(out_dir), "rows": len(rows), "computed_inputs": len(work)}, seed,
+                spec.dtype)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: timings as ratios measured in the same run.")
@@ -374,37 +393,47 @@ def bench_kernel_cmd(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     backend: Annotated[str, typer.Option(
         help="block-sparse kernel backend: auto (fastest available), compiled, mkl, flash or matmul")] = "auto",
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP + " (SDPA runs in the same dtype)")] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
-    """Causal SDPA against support estimation + the block-sparse kernel, random fp32 inputs."""
+    """Causal SDPA against support estimation + the block-sparse kernel, random inputs, one dtype."""
     from attnsieve.eval.bench import bench_kernel
 
     if not 0 < density <= 1:
         raise ValueError(f"--density must be in (0, 1], got {density}")
+    dt = _dtype(dtype)
     _threads(threads)
     with err.status(f"timing {method} at {length} tokens"):
         r = bench_kernel(length, density, heads=heads, kv_heads=kv_heads, head_dim=head_dim, method=method,
-                         reps=reps, seed=seed, backend=backend)
+                         reps=reps, seed=seed, backend=backend, dtype=dt)
     if not as_json:
-        table = Table("shape", "backend", "SDPA s", "estimate s", "sparse s", "speed-up", "kernel speed-up",
+        table = Table("shape", "dtype", "path", "SDPA s", "estimate s", "sparse s", "speed-up", "kernel speed-up",
                       "estimate / sparse", "density")
-        table.add_row(f"H{heads}/{kv_heads} D{head_dim} T{length}", r["backend"], f"{r['dense_s']:.3f}",
+        table.add_row(f"H{heads}/{kv_heads} D{head_dim} T{length}", r["dtype"], r["kernel_path"], f"{r['dense_s']:.3f}",
                       f"{r['estimate_s']:.3f}", f"{r['sparse_s']:.3f}", f"{r['speedup']:.2f}x",
                       f"{r['kernel_speedup']:.2f}x", f"{r['estimate_share']:.0%}", f"{r['measured_density']:.3f}")
         out.print(table)
-    _print_json({"command": "bench kernel", **r}, seed)
+        err.print(f"[dim]path: {r['kernel_path']} ({r['why']})[/dim]")
+    _print_json({"command": "bench kernel", **r}, seed, dt)
 
 
 @bench_app.command("prefill")
 def bench_prefill_cmd(
     model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
     method: Annotated[str, typer.Option(help="registered method name")] = "block-topk",
-    length: Annotated[int, typer.Option(help="prompt length in tokens")] = 4096,
+    length: Annotated[int | None, typer.Option(help="one prompt length in tokens (default 4096)")] = None,
+    lengths: Annotated[str | None, typer.Option(
+        help="comma-separated prompt lengths (instead of --length): one row per length and dtype")] = None,
     density: Annotated[float | None, typer.Option(help="density, for methods with a density knob")] = 0.1,
     set_: Annotated[list[str] | None, typer.Option("--set", help="method parameter key=value (repeatable)")] = None,
     reps: Annotated[int, typer.Option(help="timed repetitions (median) after a short warm-up")] = 1,
     seed: Annotated[int, typer.Option(help="random seed of the prompt")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    dtype: Annotated[str, typer.Option(
+        help=_DTYPE_HELP + "; a comma-separated list (float32,bfloat16) runs each; SDPA runs in the same "
+             "dtype")] = "float32",
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="folder for prefill.jsonl (the rows) and prefill.png (time against length, per dtype)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
     """End-to-end prefill of a real model: the method against stock SDPA and the exact path."""
@@ -417,23 +446,66 @@ def bench_prefill_cmd(
             raise ValueError(f"--density must be in (0, 1], got {density}")
         params.setdefault("density", density)
     make(method, **params)
+    if length is not None and lengths is not None:
+        raise ValueError("give --length or --lengths, not both")
+    if lengths is not None:
+        try:
+            lens = [int(x) for x in lengths.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
+        if not lens:
+            raise ValueError("--lengths is empty")
+    else:
+        lens = [4096 if length is None else length]
     limit = _model_context(model)
-    if not 64 <= length <= limit:
-        raise ValueError(f"--length must be in [64, {limit}] for this model, got {length}")
+    for n in lens:
+        if not 64 <= n <= limit:
+            raise ValueError(f"--length must be in [64, {limit}] for this model, got {n}")
+    dts = list(dict.fromkeys(_dtype(d.strip()) for d in dtype.split(",") if d.strip()))
+    if not dts:
+        raise ValueError("--dtype is empty")
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out {str(out_dir)!r} is a file, not a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise ValueError(f"--out {str(out_dir)!r} is not writable")
     _threads(threads)
 
     from attnsieve.models import load
 
-    with err.status(f"loading {model}"):
-        mdl, tok = load(model)
-    with err.status(f"timing prefill at {length} tokens: SDPA, exact path, {method}"):
-        r = bench_prefill(mdl, tok, method, length, params=params, reps=reps, seed=seed)
+    rows = []
+    for dt in dts:
+        name = str(dt).removeprefix("torch.")
+        with err.status(f"loading {model} ({name})"):
+            mdl, tok = load(model, dtype=dt)
+        for n in lens:
+            with err.status(f"timing prefill at {n} tokens in {name}: SDPA, exact path, {method}"):
+                r = bench_prefill(mdl, tok, method, n, params=params, reps=reps, seed=seed)
+            rows.append({"command": "bench prefill", "model": model, **r})
+            if out_dir is not None:
+                from attnsieve.runinfo import run_info
+
+                with (out_dir / "prefill.jsonl").open("a") as f:
+                    f.write(json.dumps({**rows[-1], **run_info(seed, dt)}, default=str) + "\n")
+        del mdl
     if not as_json:
-        table = Table("length", "SDPA s", "exact s", f"{method} s", "speed-up", "exact speed-up", "density")
-        table.add_row(str(length), f"{r['dense_s']:.2f}", f"{r['exact_s']:.2f}", f"{r['s']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{r['exact_speedup']:.2f}x", f"{r['density']:.3f}")
+        table = Table("length", "dtype", "SDPA s", "exact s", f"{method} s", "speed-up", "exact speed-up", "density")
+        for r in rows:
+            table.add_row(str(r["length"]), r["dtype"], f"{r['dense_s']:.2f}", f"{r['exact_s']:.2f}", f"{r['s']:.2f}",
+                          f"{r['speedup']:.2f}x", f"{r['exact_speedup']:.2f}x", f"{r['density']:.3f}")
         out.print(table)
-    _print_json({"command": "bench prefill", "model": model, **r}, seed)
+        err.print(f"[dim]path: {rows[-1]['kernel_path']} ({rows[-1]['why']})[/dim]")
+    if out_dir is not None:
+        from attnsieve.eval.bench import plot_prefill
+
+        plot_prefill(rows, out_dir / "prefill.png")
+        err.print(f"rows: {out_dir / 'prefill.jsonl'}, plot: {out_dir / 'prefill.png'}")
+    if len(rows) == 1:  # one length, one dtype: the single-row JSON of earlier releases
+        _print_json(rows[0], seed, dts[0])
+    else:
+        _print_json({"command": "bench prefill", "model": model, "rows": rows}, seed,
+                    ",".join(str(d).removeprefix("torch.") for d in dts))
 
 
 @bench_app.command("decode")
@@ -447,6 +519,7 @@ def bench_decode_cmd(
     set_: Annotated[list[str] | None, typer.Option("--set", help="method or policy parameter key=value")] = None,
     seed: Annotated[int, typer.Option(help="random seed of the prompt")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
     """Decoding with a KV-cache policy against transformers' DynamicCache: ms per step and cache bytes."""
@@ -465,12 +538,13 @@ def bench_decode_cmd(
         raise ValueError(f"--length must be in [64, {limit}] for this model, got {length}")
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    dt = _dtype(dtype)
     _threads(threads)
 
     from attnsieve.models import load
 
     with err.status(f"loading {model}"):
-        mdl, tok = load(model)
+        mdl, tok = load(model, dtype=dt)
     with err.status(f"prefill {length} tokens + {steps} steps: DynamicCache, then {kv}"):
         r = bench_decode(mdl, tok, kv, kv_budget, length, steps=steps, method=method,
                          params={**params, **kv_params}, seed=seed)
@@ -481,7 +555,7 @@ def bench_decode_cmd(
                       f"{r['bytes'] / 2**20:.1f}", f"{r['compressed_layers_ratio']:.3f}x",
                       f"{r['token_agreement']:.2f}")
         out.print(table)
-    _print_json({"command": "bench decode", "model": model, **r}, seed)
+    _print_json({"command": "bench decode", "model": model, **r}, seed, dt)
 
 
 def _parse_policy_params(kv: str, raw: dict[str, str]) -> dict:

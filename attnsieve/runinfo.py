@@ -1,4 +1,4 @@
-"""What every JSON that attnsieve prints or writes carries: versions, threads and seed."""
+"""What every JSON that attnsieve prints or writes carries: versions, threads, seed, dtype, device."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ def _v(pkg: str) -> str | None:
         return None
 
 
-def run_info(seed: int | None) -> dict:
+def run_info(seed: int | None, dtype=None, device: str = "cpu") -> dict:
+    """`dtype` is the torch dtype (or its name) the command computed in; None where none applies."""
     import torch
 
     return {
@@ -25,4 +26,6 @@ def run_info(seed: int | None) -> dict:
         },
         "threads": torch.get_num_threads(),
         "seed": seed,
+        "dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+        "device": device,
     }

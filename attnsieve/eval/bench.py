@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from attnsieve.kernels import exact_cells, support_attention
 from attnsieve.kernels.block_sparse import resolve_backend
 from attnsieve.methods import LayerContext, SparseMethod, has_param, make
+from attnsieve.precision import dtype_name, kernel_path
 
 
 def median_time(fn: Callable[[], object], reps: int, warmup: Callable[[], object] | None = None) -> float:
@@ -30,11 +31,13 @@ def median_time(fn: Callable[[], object], reps: int, warmup: Callable[[], object
 
 
 def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int = 1, head_dim: int = 256,
-                 method: str = "block-topk", reps: int = 3, seed: int = 0, backend: str | None = None) -> dict:
+                 method: str = "block-topk", reps: int = 3, seed: int = 0, backend: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> dict:
     """Causal SDPA vs the method's support estimation + block-sparse attention, random inputs.
 
-    `backend` picks the block-sparse kernel's backend (None: the fastest available; the JSON
-    reports which ran).
+    Both sides run in `dtype` (float32 or bfloat16), in the same process. `backend` picks the
+    block-sparse kernel's backend (None: the fastest available; the JSON reports which ran, and
+    `kernel_path` / `why` say whether bf16 ran on the CPU's bf16 units or was converted).
     """
     if length < 64:
         raise ValueError(f"--length must be >= 64, got {length}")
@@ -49,11 +52,12 @@ def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int =
     if not isinstance(m, SparseMethod):
         raise ValueError(f"method {method!r} does not estimate a support; choose a sparse method")
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, length, head_dim, generator=g)
-    k = torch.randn(1, kv_heads, length, head_dim, generator=g)
-    v = torch.randn(1, kv_heads, length, head_dim, generator=g)
+    q = torch.randn(1, heads, length, head_dim, generator=g).to(dtype)
+    k = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dtype)
+    v = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dtype)
     ctx = LayerContext(0, head_dim**-0.5)
-    backend = resolve_backend(backend, q.device, q.dtype)
+    acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    backend = resolve_backend(backend, q.device, acc)
     gqa = heads != kv_heads
     dense_s = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), reps)
     estimate_s = median_time(lambda: m.support(q, k, ctx), reps)
@@ -62,7 +66,9 @@ def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int =
     res = support_attention(q, k, v, support, scale=ctx.scale, backend=backend)
     return {
         "length": length, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "method": method,
-        "params": params, "backend": backend, "dense_s": dense_s, "sparse_s": sparse_s, "estimate_s": estimate_s,
+        "params": params, "backend": backend, "dtype": dtype_name(dtype),
+        **(kernel_path(dtype) if backend == "compiled" else {"kernel_path": backend, "why": "backend requested"}),
+        "dense_s": dense_s, "sparse_s": sparse_s, "estimate_s": estimate_s,
         "speedup": dense_s / (sparse_s + estimate_s), "kernel_speedup": dense_s / sparse_s,
         "estimate_share": estimate_s / sparse_s,
         "measured_density": res.cells / (heads * exact_cells(length, length)),
@@ -72,7 +78,10 @@ def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int =
 @torch.no_grad()
 def bench_prefill(model, tok, method: str, length: int, *, params: dict | None = None, reps: int = 1,
                   seed: int = 0) -> dict:
-    """End-to-end prefill: stock SDPA, attnsieve's exact path and the method, same prompt."""
+    """End-to-end prefill: stock SDPA, attnsieve's exact path and the method, same prompt.
+
+    All three run in the model's own dtype, in this process; the row records it.
+    """
     from attnsieve.eval.tasks import make_passkey
     from attnsieve.integrations.hf import patched
 
@@ -95,8 +104,10 @@ def bench_prefill(model, tok, method: str, length: int, *, params: dict | None =
         p.stats.reset()
         prefill()
         density = p.stats.density()
+    dtype = next(model.parameters()).dtype
     return {
-        "length": length, "method": method, "params": params or {}, "dense_s": dense_s, "exact_s": exact_s,
+        "length": length, "method": method, "params": params or {}, "dtype": dtype_name(dtype),
+        **kernel_path(dtype), "dense_s": dense_s, "exact_s": exact_s,
         "s": method_s, "speedup": dense_s / method_s, "exact_speedup": dense_s / exact_s, "density": density,
     }
 
@@ -150,3 +161,32 @@ def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, s
         "compressed_layers_ratio": cache.nbytes(compressed_only=True) / cache.dense_nbytes(compressed_only=True),
         "token_agreement": agree, "decode_density": decode_density,
     }
+
+
+def plot_prefill(rows: list[dict], path) -> None:
+    """Prefill time against prompt length: stock SDPA, attnsieve's exact path and the method, one
+    colour per path and one line style per dtype (log-log axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"float32": "-", "bfloat16": "--"}
+    colours = {"dense_s": "tab:gray", "exact_s": "tab:blue", "s": "tab:orange"}
+    for dt in sorted({r["dtype"] for r in rows}):
+        rs = sorted((r for r in rows if r["dtype"] == dt), key=lambda r: r["length"])
+        lengths = [r["length"] for r in rs]
+        for key, label in (("dense_s", "stock SDPA"), ("exact_s", "attnsieve exact"), ("s", rs[0]["method"])):
+            ax.plot(lengths, [r[key] for r in rs], styles.get(dt, ":"), marker="o", color=colours[key],
+                    label=f"{label} ({dt})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("prefill time (s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("prefill time against length")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

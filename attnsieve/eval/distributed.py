@@ -32,13 +32,13 @@ def run_on_ray(spec, work, address: str, keep: Callable[[list[dict]], None],
 
     @ray.remote(num_cpus=1)
     class Worker:
-        def __init__(self, model_name: str, threads: int):
+        def __init__(self, model_name: str, threads: int, dtype: str):
             import torch
 
             from attnsieve.models import load
 
             torch.set_num_threads(threads)
-            self.model, self.tok = load(model_name)
+            self.model, self.tok = load(model_name, dtype=dtype)
 
         def evaluate(self, spec, item, todo):
             from attnsieve.eval.runner import evaluate_input
@@ -46,7 +46,7 @@ def run_on_ray(spec, work, address: str, keep: Callable[[list[dict]], None],
             task, length, i = item
             return evaluate_input(self.model, self.tok, spec, task, length, i, todo)
 
-    pool = [Worker.remote(spec.model, 1) for _ in range(n)]
+    pool = [Worker.remote(spec.model, 1, spec.dtype) for _ in range(n)]
     pending = {}
     queue = list(work)
     for w in pool:

@@ -36,7 +36,7 @@ _AGGREGATES: dict[str, tuple[str, Callable]] = {
     "ppl": ("ppl", statistics.fmean),
     "dense_ppl": ("dense_ppl", statistics.fmean),
 }
-KEY_FIELDS = ["config", "method", "task", "haystack", "length"]
+KEY_FIELDS = ["config", "method", "task", "haystack", "length", "dtype"]
 SUMMARY_FIELDS = KEY_FIELDS + ["n", "accuracy", "accuracy_std_err"] + list(_AGGREGATES)[1:] + ["params"]
 
 
@@ -69,7 +69,8 @@ def _is_dense(row: dict) -> bool:
 def _sort_key(s: dict) -> tuple:
     """Order rows by cell, dense first within a cell, then by config label."""
     length = s.get("length")
-    return (s["task"], s.get("haystack") or "", -1 if length is None else length, not _is_dense(s), s["config"])
+    return (s["task"], s.get("haystack") or "", -1 if length is None else length, s.get("dtype") or "",
+            not _is_dense(s), s["config"])
 
 
 def summarize(rows: Iterable[dict]) -> list[dict]:
@@ -83,7 +84,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
         if not row.get("method") and not row.get("config"):
             raise ValueError(f"row {i} has neither 'method' nor 'config': {row!r}")
         key = (_config_label(row), row.get("method") or row.get("config"), row["task"], row.get("haystack"),
-               row.get("length"))
+               row.get("length"), row.get("dtype") or "float32")  # rows before dtype was recorded: float32
         groups.setdefault(key, []).append((i, row))
 
     summary = []
@@ -138,7 +139,8 @@ def _speed_key(s: dict) -> tuple:
 
 
 def recommend(summary: Sequence[dict]) -> list[dict]:
-    """Per (task, haystack, length): the fastest config whose quality is within one sample of dense.
+    """Per (task, haystack, length, dtype): the fastest config whose quality is within one sample of
+    dense in the same dtype.
 
     Quality means accuracy >= dense accuracy - 1/n (n = dense samples in the cell), or for a
     perplexity cell (dense accuracy None) ppl within 5% of dense. Each result carries the cell key,
@@ -147,11 +149,11 @@ def recommend(summary: Sequence[dict]) -> list[dict]:
     """
     cells: dict[tuple, list[dict]] = {}
     for s in summary:
-        cells.setdefault((s["task"], s.get("haystack"), s.get("length")), []).append(s)
+        cells.setdefault((s["task"], s.get("haystack"), s.get("length"), s.get("dtype")), []).append(s)
 
     out = []
-    for (task, haystack, length), members in cells.items():
-        rec = dict(task=task, haystack=haystack, length=length, config=None, method=None, params=None,
+    for (task, haystack, length, dtype), members in cells.items():
+        rec = dict(task=task, haystack=haystack, length=length, dtype=dtype, config=None, method=None, params=None,
                    n=None, accuracy=None, ppl=None, density=None, prefill_ratio=None,
                    dense_accuracy=None, dense_ppl=None)
         dense = next((s for s in members if s["config"] == DENSE), None) or next(
@@ -248,7 +250,8 @@ def _accuracy_points(summary: Sequence[dict]) -> dict[str, list[tuple[str, float
     # Many tasks: average accuracy and density over tasks per (config, haystack, length).
     groups: dict[tuple, list[dict]] = {}
     for s in rows:
-        groups.setdefault((s["config"], s["method"], s.get("haystack"), s.get("length")), []).append(s)
+        groups.setdefault((s["config"], s["method"], s.get("haystack"), s.get("length"), s.get("dtype")),
+                          []).append(s)
     points = [(k[1], statistics.fmean(_plot_density(s) for s in g), statistics.fmean(s["accuracy"] for s in g))
               for k, g in groups.items()]
     return {f"mean over {len(tasks)} tasks": points}

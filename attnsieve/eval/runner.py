@@ -112,8 +112,11 @@ class EvalSpec:
     kv: list[str] | None = None  # KV-cache policies, each run with every method configuration
     kv_budgets: list[float] | None = None
     kv_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    dtype: str = "float32"  # the model's dtype: rows record it, and dense references run in it
 
     def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         known = [*TASKS, PPL]
         bad = sorted(set(self.tasks) - set(known))
         if bad:
@@ -132,7 +135,8 @@ class EvalSpec:
 
 
 def row_key(row: dict) -> tuple:
-    return (row["config"], row["task"], row["haystack"], row["length"], row["sample"])
+    # rows written before dtype was recorded ran in float32
+    return (row["config"], row["task"], row["haystack"], row["length"], row["sample"], row.get("dtype") or "float32")
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -164,7 +168,10 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
     sample, ids = make_input(tok, spec, task, length, i)
     # stock SDPA timed the way the configurations are: a prefill, or the perplexity forward pass
     stock_s = greedy(model, tok, ids, 0).prefill_s if sample is not None else _timed_ppl(model, ids)[1]
-    info = run_info(spec.seed)
+    dtype = next(model.parameters()).dtype
+    if str(dtype).removeprefix("torch.") != spec.dtype:
+        raise ValueError(f"the model is {dtype} but the evaluation asks for {spec.dtype}")
+    info = run_info(spec.seed, dtype)
     if sample is None:
         with patched(model, "dense"):
             dense_ppl = perplexity(model, ids)
@@ -230,7 +237,7 @@ def pending_work(spec: EvalSpec, done: set[tuple]) -> list[tuple[tuple[str, int,
     work = []
     for task, length, i in spec.inputs():
         hay = "prose" if task == PPL else spec.haystack
-        todo = [c for c in spec.configs if (c.label, task, hay, length, i) not in done]
+        todo = [c for c in spec.configs if (c.label, task, hay, length, i, spec.dtype) not in done]
         if todo:
             work.append(((task, length, i), todo))
     return work

@@ -7,8 +7,10 @@ The kernel works through the query blocks in chunks, masks at token level only t
 measured density). Four backends, all exact:
 
 - "compiled": attnsieve's C++ kernel (`csrc/block_sparse_cpu.cpp`, built on first use): per query
-  block, flash-style over its key blocks in place, MKL's sgemm for the tile products, token masks
-  only on partial tiles, online softmax. The fastest on x86-64 CPUs.
+  block, flash-style over its key blocks in place, token masks only on partial tiles, online
+  softmax in float32. Tile products through MKL's sgemm in float32, and for bf16 inputs through
+  the CPU's bf16 matrix units (oneDNN brgemm: bf16 products, float32 accumulation) where present
+  (`compiled.bf16_available()`; elsewhere bf16 is converted to float32). The fastest on x86-64.
 - "mkl": MKL's batched GEMM multiplies each query block by each of its key blocks where they lie
   (no gathered copies), then one softmax pass and a second batched GEMM with the value blocks.
   Needs no compiler, only the MKL inside torch's x86 wheels.
@@ -241,11 +243,15 @@ def block_sparse_attention(
         # A support holding every causal block is plain causal attention: run the fused kernel on
         # the whole sequence (no gathers), the same work SDPA does.
         want = torch.arange(n_q, device=dev)[:, None] - torch.arange(sorted_blocks.shape[-1], device=dev)
-        if sorted_blocks.shape[-1] >= n_q and bool((sorted_blocks == torch.where(want >= 0, want, -1)).all()):
-            kr = k.repeat_interleave(H // Hkv, dim=1).to(acc) if H != Hkv else k.to(acc)
-            vr = v.repeat_interleave(H // Hkv, dim=1).to(acc) if H != Hkv else v.to(acc)
+        # (torch's fused op leaves a row finite when its only keys are NaN; the other paths give NaN
+        # as the reference does, so non-finite inputs take them)
+        if (sorted_blocks.shape[-1] >= n_q and bool((sorted_blocks == torch.where(want >= 0, want, -1)).all())
+                and bool(torch.isfinite(q).all()) and bool(torch.isfinite(k).all())):
+            fd = q.dtype if q.dtype in (torch.bfloat16, torch.float32, torch.float64) else acc  # bf16 natively
+            kr = k.repeat_interleave(H // Hkv, dim=1).to(fd) if H != Hkv else k.to(fd)
+            vr = v.repeat_interleave(H // Hkv, dim=1).to(fd) if H != Hkv else v.to(fd)
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q.to(acc), kr, vr, 0.0, True, scale=scale
+                q.to(fd), kr, vr, 0.0, True, scale=scale
             )
             return SparseResult(o.to(q.dtype), l, H * B * exact_cells(Tq, Tk))
     if backend == "compiled":
@@ -395,7 +401,9 @@ def block_sparse_attention(
         kg = k_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, D).to(acc)
         vg = v_blocks.index_select(0, flat.reshape(-1)).view(n, kc * bs, Dv).to(acc)
         qi = q_items[idx].to(acc)
-        if fused:
+        # torch's fused op adds the mask as a bias, so a NaN key would reach masked rows (NaN - inf
+        # is NaN): chunks with non-finite queries or keys take the masked matmul path instead
+        if fused and bool(torch.isfinite(kg).all()) and bool(torch.isfinite(qi).all()):
             bias = torch.where(allowed, zero, ninf)[:, None]  # [n, 1, R, Kc*bs]
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qi[:, None], kg[:, None], vg[:, None], 0.0, False, attn_mask=bias, scale=scale
@@ -438,8 +446,9 @@ def _compiled_attention(q_items, k_blocks, v_blocks, support, valid, q_valid_pos
     if not bool(q_real.all()):
         q_ok = q_real[:, None, :, None, :].expand(B, Hs, n_q, Gs, bs).reshape(N, R).contiguous()
     row_mask = empty if support.row_mask is None else support.row_mask.reshape(N, R, K).contiguous()
+    cd = compiled.native_dtype(q_items.dtype, bs, q_items.shape[-1], v_blocks.shape[-1])
     out_items, lse_items, cells = compiled.module().block_sparse_forward(
-        q_items.float().contiguous(), k_blocks.float().contiguous(), v_blocks.float().contiguous(),
+        q_items.to(cd).contiguous(), k_blocks.to(cd).contiguous(), v_blocks.to(cd).contiguous(),
         slots, kpos, qpos, row_mask, key_ok, q_ok, bs, causal, -1 if window is None else int(window), float(scale),
     )
     Dv = v_blocks.shape[-1]

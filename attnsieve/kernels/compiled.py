@@ -3,6 +3,8 @@
 `csrc/block_sparse_cpu.cpp` (the block-sparse kernel, block-topk's planner and the token-gather
 kernel) is compiled with `torch.utils.cpp_extension` the first time it is needed (about 20 s on
 the development machine; needs a C++ compiler and the MKL inside torch's x86-64 wheels). The
+kernels run float32 through MKL's sgemm and bf16 through oneDNN's batch-reduce GEMM on the CPU's
+bf16 matrix units (AMX, AVX512-BF16) where oneDNN supports them (`bf16_available`). The
 build is cached under attnsieve's cache directory, keyed by the source, the torch and Python
 versions and this CPU's instruction-set flags, so a cache shared between different machines never
 runs code built for another CPU.
@@ -87,3 +89,32 @@ def module():
 
 def available() -> bool:
     return module() is not None
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's instruction-set flags as /proc/cpuinfo lists them (empty where unreadable)."""
+    sig = _cpu_signature()
+    return set(sig.split(":", 1)[1].split()) if ":" in sig else set()
+
+
+def has_amx_bf16() -> bool:
+    """Whether this CPU has AMX bf16 tiles (the `amx_bf16` flag); read from the flags, not guessed."""
+    return "amx_bf16" in cpu_flags()
+
+
+@lru_cache(maxsize=1)
+def bf16_available() -> bool:
+    """Whether the compiled kernels run bf16 natively here (oneDNN packs bf16 for the CPU's matrix units).
+
+    Where this is False, bf16 inputs are converted to float32 for the compiled kernels.
+    """
+    mod = module()
+    return mod is not None and bool(mod.bf16_supported())
+
+
+def native_dtype(dtype: torch.dtype, block_size: int, head_dim: int, value_dim: int) -> torch.dtype:
+    """The dtype the compiled kernels compute a call in: bf16 natively where they can, else float32."""
+    if (dtype == torch.bfloat16 and bf16_available() and block_size % 16 == 0 and value_dim % 16 == 0
+            and head_dim % 2 == 0):
+        return torch.bfloat16
+    return torch.float32

@@ -71,8 +71,8 @@ def token_gather_attention(
     key get out 0 and lse -inf. `cells` counts the computed (query, key) cells.
 
     `backend`: "compiled" (attnsieve's C++ kernel: listed keys copied 64 at a time into a tile,
-    flash-style; float32 on CPU), "torch" (gathers and batched matmuls, any device and dtype), or
-    None / "auto" for the compiled one where it runs.
+    flash-style; float32, and bf16 on the CPU's matrix units where present), "torch" (gathers and
+    batched matmuls, any device and dtype), or None / "auto" for the compiled one where it runs.
     """
     B, H, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -120,9 +120,10 @@ def token_gather_attention(
         row_pos = ((first_qb + j_i) * bs)[:, None] + torch.arange(R, device=dev) % bs  # [N, R]
         q_ok = q_valid[b_i[:, None], row_pos]
         empty = torch.empty(0, dtype=torch.bool, device=dev)
+        cd = compiled.native_dtype(q.dtype, 16, D, Dv)  # bf16 natively where the CPU can
         out_items, lse_items, n_cells = compiled.module().token_gather_forward(
-            q_items.to(acc).contiguous(), k.reshape(B * Hkv, Tk, D).to(acc).contiguous(),
-            v.reshape(B * Hkv, Tk, Dv).to(acc).contiguous(), tokens.reshape(N, M).contiguous(),
+            q_items.to(cd).contiguous(), k.reshape(B * Hkv, Tk, D).to(cd).contiguous(),
+            v.reshape(B * Hkv, Tk, Dv).to(cd).contiguous(), tokens.reshape(N, M).contiguous(),
             (b_i * Hkv + kv_of_s[s_i]).contiguous(), b_i.contiguous(), ((first_qb + j_i) * bs).contiguous(),
             empty if row_mask is None else row_mask.reshape(N, R, M).contiguous(),
             empty if key_valid is None else valid.contiguous(), empty if bool(q_ok.all()) else q_ok.contiguous(),

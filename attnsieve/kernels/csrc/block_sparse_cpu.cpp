@@ -1,16 +1,25 @@
-// Block-sparse attention on CPU: one fused pass per query block, flash-style.
+// Block-sparse attention on CPU: one fused pass per query block, flash-style, in float32 or bf16.
 //
 // Each item (a query block of R rows) visits its key blocks in place: a small GEMM for the
-// scores (MKL's sgemm, exported by torch's libtorch_cpu), token masks only on partial tiles,
-// an online softmax kept in registers-sized row buffers, and a second small GEMM that adds the
-// probabilities times the value block into the output. Nothing is gathered and no score tensor
-// outlives its tile. Items run in parallel (OpenMP, dynamic schedule); MKL runs single-threaded
-// inside the parallel region.
+// scores, token masks only on partial tiles, an online softmax kept in row-sized buffers (always
+// float32), and a second small GEMM that adds the probabilities times the value block into a
+// float32 output. Nothing is gathered and no score tensor outlives its tile. Items run in parallel
+// (OpenMP, dynamic schedule); the GEMMs run single-threaded inside the parallel region.
+//
+// Two tile engines share that loop:
+// - float32: MKL's sgemm (exported by torch's libtorch_cpu) reads q, k and v where they lie.
+// - bfloat16: the CPU's bf16 matrix units (AMX tiles, AVX512-BF16) through oneDNN's batch-reduce
+//   GEMM as torch exposes it (at::native::cpublas::brgemm, the call torch's own CPU
+//   flash-attention makes): bf16 products with float32 accumulation. Its B operands must be in
+//   the VNNI layout, so every key block (transposed) and value block is packed once per call,
+//   O(T x D) work reused by every query block that visits it; probabilities are rounded to bf16
+//   before the P x V product, as in torch's kernel.
 //
 // Built on first use by attnsieve/kernels/compiled.py (torch.utils.cpp_extension).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -26,7 +35,13 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 
 namespace {
 
+namespace cpublas = at::native::cpublas;
+using bf16 = at::BFloat16;
+
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+// Widest B panel oneDNN's packing takes (its output leading dimension is 16, 32, 48 or 64).
+constexpr int kPanel = 64;
 
 // C[R x bs] (row-major, ldc = bs) = A[R x D] (row-major) . B[bs x D]^T (row-major)
 inline void scores_gemm(const float* a, const float* b, float* c, int R, int bs, int D, float alpha) {
@@ -43,13 +58,35 @@ inline void values_gemm(const float* p, const float* v, float* c, int R, int bs,
   sgemm_(&n, &n, &Dv, &R, &bs, &one, v, &Dv, p, &bs, &one, c, &Dv);
 }
 
+// Packs B = src[K x N] (row-major, leading dimension ld) into VNNI panels of kPanel columns (the
+// last one N % kPanel wide), panel p at dst + p * kPanel * K. N must be a multiple of 16, K even.
+inline void pack_panels(const bf16* src, int64_t K, int64_t N, int64_t ld, bf16* dst) {
+  for (int64_t p0 = 0; p0 < N; p0 += kPanel) {
+    const int64_t w = std::min<int64_t>(kPanel, N - p0);
+    cpublas::pack(K, w, ld, w, at::kBFloat16, at::kBFloat16, src + p0, dst + p0 * K);
+  }
+}
+
+// C[M x n] (+)= A[M x K] (row-major, lda) . B (packed by pack_panels from a K x N matrix), for the
+// columns of the panels that cover the first n (default: all N) columns.
+inline void packed_gemm(const bf16* a, int64_t lda, const bf16* bp, float* c, int64_t ldc, int64_t M, int64_t N,
+                        int64_t K, bool add, int64_t n = -1) {
+  if (n < 0) n = N;
+  for (int64_t p0 = 0; p0 < n; p0 += kPanel) {
+    const int64_t w = std::min<int64_t>(kPanel, N - p0);
+    cpublas::brgemm(M, w, K, lda, w, ldc, add, a, bp + p0 * K, c + p0, true);
+  }
+}
+
 // exp(x) for the softmax's x <= 0, to about 2 ulp, written so the compiler vectorises it (libm's
 // expf does not vectorise without -ffast-math, which would also break -inf handling). Range
 // reduction x = n ln2 + r with ln2 split in two parts, then a degree-6 polynomial for exp(r)
-// (the classic Cephes coefficients) and 2^n from the exponent bits; x = -inf gives exactly 0.
+// (the classic Cephes coefficients) and 2^n from the exponent bits; x = -inf gives exactly 0 and
+// NaN gives NaN.
 inline float softmax_exp(float x) {
   const bool zero = x < -87.0f;
-  const float xc = zero ? -87.0f : x;
+  const bool nan = x != x;
+  const float xc = (zero || nan) ? -87.0f : x;
   const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
   float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
@@ -63,7 +100,7 @@ inline float softmax_exp(float x) {
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(float));
-  return zero ? 0.0f : e * two_n;
+  return nan ? x : (zero ? 0.0f : e * two_n);
 }
 
 // Signed integers in the same order as the floats they encode (no NaNs here).
@@ -73,18 +110,35 @@ inline int32_t order_key(float x) {
   return bits ^ ((bits >> 31) & 0x7fffffff);
 }
 
-// One tile's step of the online softmax for one row: sr (w scores, masked ones -inf, at least one
-// finite) becomes exp(sr - new max); the running max m, sum l and output row are rescaled.
-inline void online_softmax_row(float* sr, int w, float& m, float& l, float* orow, int64_t Dv) {
+// One tile's step of the online softmax for one row: sr holds w scores (masked ones -inf, at
+// least one not), times `scale`; pr (which may alias sr) receives exp(score - new max) and the
+// running max m, sum l and output row are rescaled. A NaN score (a NaN or infinite query or key
+// the row attends) makes l NaN, and the row comes out NaN, as in the reference.
+template <typename P>
+inline void online_softmax_row(float* sr, P* pr, int w, float scale, float& m, float& l, float* orow, int64_t Dv) {
   float mx = kNegInf;
+  if (scale != 1.0f) {
+#pragma omp simd
+    for (int c = 0; c < w; ++c) sr[c] *= scale;
+  }
   for (int c = 0; c < w; ++c) mx = std::max(mx, sr[c]);
   const float m_new = std::max(m, mx);
-  const float corr = std::exp(m - m_new);  // 0 when m = -inf
   float sum = 0.0f;
+  if (m_new == kNegInf) {
+    // every score so far -inf (or NaN): weights 0, and NaN scores stay NaN
+    for (int c = 0; c < w; ++c) {
+      const float p = sr[c] != sr[c] ? sr[c] : 0.0f;
+      pr[c] = static_cast<P>(p);
+      sum += p;
+    }
+    l += sum;
+    return;
+  }
+  const float corr = std::exp(m - m_new);  // 0 when m = -inf
 #pragma omp simd reduction(+ : sum)
   for (int c = 0; c < w; ++c) {
     const float p = softmax_exp(sr[c] - m_new);
-    sr[c] = p;
+    pr[c] = static_cast<P>(p);
     sum += p;
   }
   if (corr != 1.0f) {
@@ -96,11 +150,14 @@ inline void online_softmax_row(float* sr, int w, float& m, float& l, float* orow
 }
 
 // Final normalisation of an item's rows: out /= l, lse = m + log l; rows that saw no key get
-// out 0 and lse -inf.
+// out 0 and lse -inf; rows that saw a NaN score get NaN.
 inline void finish_rows(float* on, float* lp, const float* m, const float* l, int64_t R, int64_t Dv) {
   for (int64_t r = 0; r < R; ++r) {
     float* orow = on + r * Dv;
-    if (l[r] > 0.0f) {
+    if (std::isnan(l[r]) || std::isnan(m[r])) {
+      std::fill(orow, orow + Dv, kNaN);
+      lp[r] = kNaN;
+    } else if (l[r] > 0.0f) {
       const float inv = 1.0f / l[r];
 #pragma omp simd
       for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
@@ -112,69 +169,56 @@ inline void finish_rows(float* on, float* lp, const float* m, const float* l, in
   }
 }
 
-}  // namespace
+// Tile engines: the two small GEMMs of a tile. `scores` writes S[R x bs] (scaled by `post_scale`
+// afterwards in the softmax pass), `values` adds P[R x bs] . V_blk into out[R x Dv].
+struct F32Tiles {
+  using P = float;
+  const float* q;
+  const float* k;
+  const float* v;
+  int R, bs, D, Dv;
+  float scale;
+  float post_scale() const { return 1.0f; }  // sgemm applies the scale itself
+  void scores(int64_t n, int64_t blk, float* S) const { scores_gemm(q + n * R * D, k + blk * bs * D, S, R, bs, D, scale); }
+  void values(const float* p, int64_t blk, float* on) const { values_gemm(p, v + blk * bs * Dv, on, R, bs, Dv); }
+};
 
-// q: [N, R, D]; k: [NB, bs, D]; v: [NB, bs, Dv]  (float32, contiguous)
-// slots: [N, K] int64 flat key-block index into k / v, -1 = unused slot
-// kpos: [N, K] int64 absolute position of each slot's first key
-// qpos: [N] int64 absolute position of each item's first query row; row r sits at qpos + r % bs
-// row_mask: [N, R, K] bool or empty (restricts a row's softmax to some slots; cells still count)
-// key_ok: [NB, bs] bool or empty; q_ok: [N, R] bool or empty
-// window: < 0 for none; causal: keys after the query are excluded
-// Returns out [N, R, Dv], lse [N, R] (float32) and the number of computed cells (int64 scalar).
-std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& slots, const at::Tensor& kpos,
-                                             const at::Tensor& qpos, const at::Tensor& row_mask,
-                                             const at::Tensor& key_ok, const at::Tensor& q_ok, int64_t bs64,
-                                             bool causal, int64_t window, double scale_d) {
-  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat, "float32 only");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
-  TORCH_CHECK(slots.is_contiguous() && kpos.is_contiguous() && qpos.is_contiguous(), "index tensors must be contiguous");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q [N, R, D], k [NB, bs, D], v [NB, bs, Dv]");
-  const int64_t N = q.size(0), R = q.size(1), D = q.size(2);
-  const int64_t NB = k.size(0), Dv = v.size(2), K = slots.size(1);
-  const int bs = static_cast<int>(bs64);
-  TORCH_CHECK(k.size(1) == bs && v.size(1) == bs && k.size(2) == D && v.size(0) == NB, "k / v shapes");
-  TORCH_CHECK(slots.size(0) == N && kpos.size(0) == N && kpos.size(1) == K && qpos.size(0) == N, "index shapes");
-  const bool has_rm = row_mask.defined() && row_mask.numel() > 0;
-  const bool has_kok = key_ok.defined() && key_ok.numel() > 0;
-  const bool has_qok = q_ok.defined() && q_ok.numel() > 0;
-  if (has_rm) TORCH_CHECK(row_mask.is_contiguous() && row_mask.size(0) == N && row_mask.size(1) == R && row_mask.size(2) == K, "row_mask shape");
-  if (has_kok) TORCH_CHECK(key_ok.is_contiguous() && key_ok.size(0) == NB && key_ok.size(1) == bs, "key_ok shape");
-  if (has_qok) TORCH_CHECK(q_ok.is_contiguous() && q_ok.size(0) == N && q_ok.size(1) == R, "q_ok shape");
+struct BF16Tiles {
+  using P = bf16;
+  const bf16* q;
+  const bf16* kp;  // [NB, D x bs packed]: each key block transposed and packed
+  const bf16* vp;  // [NB, bs x Dv packed]
+  int R, bs, D, Dv;
+  float scale;
+  float post_scale() const { return scale; }
+  void scores(int64_t n, int64_t blk, float* S) const {
+    packed_gemm(q + n * R * D, D, kp + blk * bs * D, S, bs, R, bs, D, false);
+  }
+  void values(const bf16* p, int64_t blk, float* on) const { packed_gemm(p, bs, vp + blk * bs * Dv, on, Dv, R, Dv, bs, true); }
+};
 
-  const int64_t* sl = slots.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(sl[i] < NB, "slot index out of range");
-
-  auto out = at::zeros({N, R, Dv}, q.options());
-  auto lse = at::empty({N, R}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const int64_t* kps = kpos.data_ptr<int64_t>();
-  const int64_t* qps = qpos.data_ptr<int64_t>();
-  const bool* rm = has_rm ? row_mask.data_ptr<bool>() : nullptr;
-  const bool* kok = has_kok ? key_ok.data_ptr<bool>() : nullptr;
-  const bool* qok = has_qok ? q_ok.data_ptr<bool>() : nullptr;
-  float* op = out.data_ptr<float>();
-  float* lp = lse.data_ptr<float>();
-  const float scale = static_cast<float>(scale_d);
-  // Per key block: true when every key is real (no per-token key mask needed).
-  std::vector<char> block_full(NB, 1);
-  if (has_kok)
+// The block kernel's loop over items and their slots, for either tile engine (see
+// block_sparse_forward for the arguments).
+template <typename Tiles>
+int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, int64_t NB, int64_t Dv, int bs,
+                          const int64_t* sl, const int64_t* kps, const int64_t* qps, const bool* rm, const bool* kok,
+                          const bool* qok, bool causal, int64_t window, float* op, float* lp) {
+  using P = typename Tiles::P;
+  std::vector<char> block_full(NB, 1);  // per key block: every key real (no per-token key mask needed)
+  if (kok)
     for (int64_t b = 0; b < NB; ++b)
       for (int c = 0; c < bs; ++c)
         if (!kok[b * bs + c]) { block_full[b] = 0; break; }
-
+  const float post = tiles.post_scale();
   int64_t total_cells = 0;
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) reduction(+ : total_cells)
   {
     std::vector<float> S(R * bs), m(R), l(R);
+    std::vector<P> Pbuf(std::is_same<P, float>::value ? 0 : R * bs);
     std::vector<int64_t> row_q(R);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < N; ++n) {
-      const float* qn = qp + n * R * D;
       float* on = op + n * R * Dv;
       bool q_full = true;
       int64_t q_last = -1, q_first = std::numeric_limits<int64_t>::max();
@@ -182,7 +226,7 @@ std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tens
         row_q[r] = qps[n] + r % bs;
         m[r] = kNegInf;
         l[r] = 0.0f;
-        const bool ok = !has_qok || qok[n * R + r];
+        const bool ok = !qok || qok[n * R + r];
         q_full &= ok;
         if (ok) { q_last = std::max(q_last, row_q[r]); q_first = std::min(q_first, row_q[r]); }
       }
@@ -197,15 +241,16 @@ std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tens
         if (window >= 0 && q_first - (k0 + bs - 1) >= window) continue;
         const bool full = q_full && block_full[blk] && (!causal || k0 + bs - 1 <= q_first) &&
                           (window < 0 || q_last - k0 < window);
-        const float* kb = kp + blk * bs * D;
-        scores_gemm(qn, kb, S.data(), static_cast<int>(R), bs, static_cast<int>(D), scale);
-        const bool* kmask = has_kok ? kok + blk * bs : nullptr;
+        tiles.scores(n, blk, S.data());
+        const bool* kmask = kok ? kok + blk * bs : nullptr;
+        P* pb = std::is_same<P, float>::value ? reinterpret_cast<P*>(S.data()) : Pbuf.data();
         for (int64_t r = 0; r < R; ++r) {
           float* sr = S.data() + r * bs;
+          P* pr = pb + r * bs;
           int64_t allowed = bs;
           if (!full) {
             allowed = 0;
-            const bool rok = !has_qok || qok[n * R + r];
+            const bool rok = !qok || qok[n * R + r];
             const int64_t qr = row_q[r];
             for (int c = 0; c < bs; ++c) {
               const int64_t kc = k0 + c;
@@ -217,54 +262,133 @@ std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tens
           cells += allowed;
           const bool row_on = allowed > 0 && (!rm || rm[(n * R + r) * K + s]);
           if (!row_on) {
-            std::fill(sr, sr + bs, 0.0f);
+            std::fill(pr, pr + bs, P(0.0f));
             continue;
           }
-          online_softmax_row(sr, bs, m[r], l[r], on + r * Dv, Dv);
+          online_softmax_row(sr, pr, bs, post, m[r], l[r], on + r * Dv, Dv);
         }
-        values_gemm(S.data(), vp + blk * bs * Dv, on, static_cast<int>(R), bs, static_cast<int>(Dv));
+        tiles.values(pb, blk, on);
       }
       finish_rows(on, lp + n * R, m.data(), l.data(), R, Dv);
       total_cells += cells;
     }
+    if (!std::is_same<P, float>::value) cpublas::brgemm_release(true);
   }
-  return {out, lse, at::full({}, total_cells, at::TensorOptions().dtype(at::kLong))};
+  return total_cells;
+}
+
+// Packs every key block transposed ([bs, D] -> D x bs) and every value block ([bs, Dv]) for the
+// bf16 engine; blocks in parallel.
+void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D, int64_t Dv, bf16* kp, bf16* vp) {
+  at::parallel_for(0, NB, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<bf16> kt(D * bs);
+    for (int64_t b = lo; b < hi; ++b) {
+      const bf16* kb = k + b * bs * D;
+      for (int c = 0; c < bs; ++c)
+        for (int64_t d = 0; d < D; ++d) kt[d * bs + c] = kb[c * D + d];
+      pack_panels(kt.data(), D, bs, bs, kp + b * bs * D);
+      pack_panels(v + b * bs * Dv, bs, Dv, Dv, vp + b * bs * Dv);
+    }
+  });
+}
+
+}  // namespace
+
+// Whether the bf16 engine runs here: oneDNN packs bf16 B operands for the CPU's matrix units.
+bool bf16_supported() { return cpublas::could_pack(at::kBFloat16); }
+
+// q: [N, R, D]; k: [NB, bs, D]; v: [NB, bs, Dv]  (all float32, or all bfloat16; contiguous)
+// slots: [N, K] int64 flat key-block index into k / v, -1 = unused slot
+// kpos: [N, K] int64 absolute position of each slot's first key
+// qpos: [N] int64 absolute position of each item's first query row; row r sits at qpos + r % bs
+// row_mask: [N, R, K] bool or empty (restricts a row's softmax to some slots; cells still count)
+// key_ok: [NB, bs] bool or empty; q_ok: [N, R] bool or empty
+// window: < 0 for none; causal: keys after the query are excluded
+// bf16 needs bs and Dv multiples of 16 and D even (bf16_supported() true).
+// Returns out [N, R, Dv], lse [N, R] (float32) and the number of computed cells (int64 scalar).
+std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& slots, const at::Tensor& kpos,
+                                             const at::Tensor& qpos, const at::Tensor& row_mask,
+                                             const at::Tensor& key_ok, const at::Tensor& q_ok, int64_t bs64,
+                                             bool causal, int64_t window, double scale_d) {
+  const bool is_bf16 = q.dtype() == at::kBFloat16;
+  TORCH_CHECK((q.dtype() == at::kFloat || is_bf16) && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
+              "q, k, v must all be float32 or all bfloat16");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "q, k, v must be contiguous");
+  TORCH_CHECK(slots.is_contiguous() && kpos.is_contiguous() && qpos.is_contiguous(), "index tensors must be contiguous");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3, "q [N, R, D], k [NB, bs, D], v [NB, bs, Dv]");
+  const int64_t N = q.size(0), R = q.size(1), D = q.size(2);
+  const int64_t NB = k.size(0), Dv = v.size(2), K = slots.size(1);
+  const int bs = static_cast<int>(bs64);
+  TORCH_CHECK(k.size(1) == bs && v.size(1) == bs && k.size(2) == D && v.size(0) == NB, "k / v shapes");
+  TORCH_CHECK(slots.size(0) == N && kpos.size(0) == N && kpos.size(1) == K && qpos.size(0) == N, "index shapes");
+  if (is_bf16)
+    TORCH_CHECK(bf16_supported() && bs % 16 == 0 && Dv % 16 == 0 && D % 2 == 0,
+                "bf16 kernel needs bf16 matrix units, block size and value dim multiples of 16, even head dim");
+  const bool has_rm = row_mask.defined() && row_mask.numel() > 0;
+  const bool has_kok = key_ok.defined() && key_ok.numel() > 0;
+  const bool has_qok = q_ok.defined() && q_ok.numel() > 0;
+  if (has_rm) TORCH_CHECK(row_mask.is_contiguous() && row_mask.size(0) == N && row_mask.size(1) == R && row_mask.size(2) == K, "row_mask shape");
+  if (has_kok) TORCH_CHECK(key_ok.is_contiguous() && key_ok.size(0) == NB && key_ok.size(1) == bs, "key_ok shape");
+  if (has_qok) TORCH_CHECK(q_ok.is_contiguous() && q_ok.size(0) == N && q_ok.size(1) == R, "q_ok shape");
+
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(sl[i] < NB, "slot index out of range");
+
+  auto fopt = q.options().dtype(at::kFloat);
+  auto out = at::zeros({N, R, Dv}, fopt);
+  auto lse = at::empty({N, R}, fopt);
+  const bool* rm = has_rm ? row_mask.data_ptr<bool>() : nullptr;
+  const bool* kok = has_kok ? key_ok.data_ptr<bool>() : nullptr;
+  const bool* qok = has_qok ? q_ok.data_ptr<bool>() : nullptr;
+  const float scale = static_cast<float>(scale_d);
+  const int Ri = static_cast<int>(R), Di = static_cast<int>(D), Dvi = static_cast<int>(Dv);
+  int64_t cells;
+  if (is_bf16) {
+    auto kpk = at::empty({NB * bs * D}, k.options());
+    auto vpk = at::empty({NB * bs * Dv}, v.options());
+    pack_kv_blocks(k.data_ptr<bf16>(), v.data_ptr<bf16>(), NB, bs, D, Dv, kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>());
+    BF16Tiles tiles{q.data_ptr<bf16>(), kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>(), Ri, bs, Di, Dvi, scale};
+    cells = block_sparse_loop(tiles, N, R, K, NB, Dv, bs, sl, kpos.data_ptr<int64_t>(), qpos.data_ptr<int64_t>(), rm,
+                              kok, qok, causal, window, out.data_ptr<float>(), lse.data_ptr<float>());
+  } else {
+    F32Tiles tiles{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Ri, bs, Di, Dvi, scale};
+    cells = block_sparse_loop(tiles, N, R, K, NB, Dv, bs, sl, kpos.data_ptr<int64_t>(), qpos.data_ptr<int64_t>(), rm,
+                              kok, qok, causal, window, out.data_ptr<float>(), lse.data_ptr<float>());
+  }
+  return {out, lse, at::full({}, cells, at::TensorOptions().dtype(at::kLong))};
 }
 
 // Attention of each item (R query rows) over its own list of key tokens: the listed keys are
-// copied into a tile buffer 64 at a time and run through the same tile loop (sgemm, per-cell
-// masks, online softmax, sgemm). Cells are counted after the row mask (as the torch path does).
-// q: [N, R, D]; k: [S, Tk, D]; v: [S, Tk, Dv] (S = B * Hkv sequences of keys); tokens: [N, M]
-// positions (-1 unused, distinct within a list); item_seq: [N] row of k / v for each item;
-// item_b: [N] batch row (for key_ok [B, Tk]); qpos: [N] position of each item's first row (row r
-// sits at qpos + r % bs); row_mask: [N, R, M] or empty; q_ok: [N, R] or empty.
-std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& tokens, const at::Tensor& item_seq,
-                                             const at::Tensor& item_b, const at::Tensor& qpos,
-                                             const at::Tensor& row_mask, const at::Tensor& key_ok,
-                                             const at::Tensor& q_ok, int64_t bs, bool causal, int64_t window,
-                                             double scale_d) {
-  TORCH_CHECK(q.dtype() == at::kFloat && k.dtype() == at::kFloat && v.dtype() == at::kFloat, "float32 only");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && tokens.is_contiguous() &&
-              item_seq.is_contiguous() && item_b.is_contiguous() && qpos.is_contiguous(), "contiguous inputs");
+// copied into a tile buffer 64 at a time and run through the same tile loop (GEMM, per-cell
+// masks, online softmax, GEMM). Cells are counted after the row mask (as the torch path does).
+// In bf16 each gathered tile is packed for the matrix units (its width rounded up to 16 with
+// keys that no row attends).
+// q: [N, R, D]; k: [S, Tk, D]; v: [S, Tk, Dv] (S = B * Hkv sequences of keys; float32 or bf16);
+// tokens: [N, M] positions (-1 unused, distinct within a list); item_seq: [N] row of k / v for
+// each item; item_b: [N] batch row (for key_ok [B, Tk]); qpos: [N] position of each item's first
+// row (row r sits at qpos + r % bs); row_mask: [N, R, M] or empty; q_ok: [N, R] or empty.
+template <typename T>
+std::vector<at::Tensor> token_gather_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& tokens, const at::Tensor& item_seq,
+                                          const at::Tensor& item_b, const at::Tensor& qpos,
+                                          const at::Tensor& row_mask, const at::Tensor& key_ok,
+                                          const at::Tensor& q_ok, int64_t bs, bool causal, int64_t window,
+                                          double scale_d) {
+  constexpr bool kBF16 = std::is_same<T, bf16>::value;
   const int64_t N = q.size(0), R = q.size(1), D = q.size(2);
   const int64_t S = k.size(0), Tk = k.size(1), Dv = v.size(2), M = tokens.size(1);
-  TORCH_CHECK(k.size(2) == D && v.size(0) == S && v.size(1) == Tk && tokens.size(0) == N, "shapes");
   const bool has_rm = row_mask.numel() > 0, has_kok = key_ok.numel() > 0, has_qok = q_ok.numel() > 0;
-  if (has_rm) TORCH_CHECK(row_mask.is_contiguous() && row_mask.size(0) == N && row_mask.size(1) == R && row_mask.size(2) == M, "row_mask shape");
-  if (has_kok) TORCH_CHECK(key_ok.is_contiguous() && key_ok.size(1) == Tk, "key_ok shape");
-  if (has_qok) TORCH_CHECK(q_ok.is_contiguous() && q_ok.size(0) == N && q_ok.size(1) == R, "q_ok shape");
   const int64_t* tp = tokens.data_ptr<int64_t>();
   const int64_t* sq = item_seq.data_ptr<int64_t>();
   const int64_t* ib = item_b.data_ptr<int64_t>();
   const int64_t* qps = qpos.data_ptr<int64_t>();
-  for (int64_t i = 0; i < N * M; ++i) TORCH_CHECK(tp[i] < Tk, "token position out of range");
-  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(sq[n] >= 0 && sq[n] < S, "item_seq out of range");
-  auto out = at::zeros({N, R, Dv}, q.options());
-  auto lse = at::empty({N, R}, q.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  auto fopt = q.options().dtype(at::kFloat);
+  auto out = at::zeros({N, R, Dv}, fopt);
+  auto lse = at::empty({N, R}, fopt);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
   const bool* rm = has_rm ? row_mask.data_ptr<bool>() : nullptr;
   const bool* kok = has_kok ? key_ok.data_ptr<bool>() : nullptr;
   const bool* qok = has_qok ? q_ok.data_ptr<bool>() : nullptr;
@@ -276,14 +400,16 @@ std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tens
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) reduction(+ : total_cells)
   {
-    std::vector<float> S_(R * TW), kb(TW * D), vb(TW * Dv), m(R), l(R);
+    std::vector<float> S_(R * TW), m(R), l(R);
+    std::vector<T> kb(TW * D), vb(TW * Dv);
+    std::vector<bf16> kt(kBF16 ? D * TW : 0), kpk(kBF16 ? D * TW : 0), vpk(kBF16 ? TW * Dv : 0), pb(kBF16 ? R * TW : 0);
     std::vector<int64_t> slot(TW), pos(TW);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < N; ++n) {
       for (int64_t r = 0; r < R; ++r) m[r] = kNegInf, l[r] = 0.0f;
       const int64_t* tn = tp + n * M;
-      const float* ks = kp + sq[n] * Tk * D;
-      const float* vs = vp + sq[n] * Tk * Dv;
+      const T* ks = kp + sq[n] * Tk * D;
+      const T* vs = vp + sq[n] * Tk * Dv;
       float* on = op + n * R * Dv;
       int64_t cells = 0;
       for (int64_t x0 = 0; x0 < M;) {
@@ -297,14 +423,24 @@ std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tens
           ++w;
         }
         if (w == 0) continue;
-        {
+        int wp = w;  // tile width the GEMMs see
+        if constexpr (kBF16) {
+          wp = (w + 15) / 16 * 16;
+          std::fill(kb.begin() + w * D, kb.begin() + wp * D, T(0.0f));
+          std::fill(vb.begin() + w * Dv, vb.begin() + wp * Dv, T(0.0f));
+          for (int c = 0; c < wp; ++c)
+            for (int64_t d = 0; d < D; ++d) kt[d * wp + c] = kb[c * D + d];
+          pack_panels(kt.data(), D, wp, wp, kpk.data());
+          pack_panels(vb.data(), wp, Dv, Dv, vpk.data());
+          packed_gemm(qp + n * R * D, D, kpk.data(), S_.data(), wp, R, wp, D, false);
+        } else {
           const char tt = 'T', nn = 'N';
           const float beta = 0.0f;
           const int Ri = static_cast<int>(R), Di = static_cast<int>(D);
           sgemm_(&tt, &nn, &w, &Ri, &Di, &scale, kb.data(), &Di, qp + n * R * D, &Di, &beta, S_.data(), &w);
         }
         for (int64_t r = 0; r < R; ++r) {
-          float* sr = S_.data() + r * w;
+          float* sr = S_.data() + r * wp;
           const int64_t qr = qps[n] + r % bs;
           const bool rok = !qok || qok[n * R + r];
           int allowed = 0;
@@ -315,14 +451,20 @@ std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tens
             allowed += ok;
             if (!ok) sr[c] = kNegInf;
           }
+          for (int c = w; c < wp; ++c) sr[c] = kNegInf;
           cells += allowed;
-          if (allowed == 0) {
-            std::fill(sr, sr + w, 0.0f);
-            continue;
+          if constexpr (kBF16) {
+            bf16* pr = pb.data() + r * wp;
+            if (allowed == 0) std::fill(pr, pr + wp, bf16(0.0f));
+            else online_softmax_row(sr, pr, wp, scale, m[r], l[r], on + r * Dv, Dv);
+          } else {
+            if (allowed == 0) std::fill(sr, sr + w, 0.0f);
+            else online_softmax_row(sr, sr, w, 1.0f, m[r], l[r], on + r * Dv, Dv);
           }
-          online_softmax_row(sr, w, m[r], l[r], on + r * Dv, Dv);
         }
-        {
+        if constexpr (kBF16) {
+          packed_gemm(pb.data(), wp, vpk.data(), on, Dv, R, Dv, wp, true);
+        } else {
           const char nn = 'N';
           const float one = 1.0f;
           const int Ri = static_cast<int>(R), Dvi = static_cast<int>(Dv);
@@ -332,8 +474,40 @@ std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tens
       finish_rows(on, lp + n * R, m.data(), l.data(), R, Dv);
       total_cells += cells;
     }
+    if constexpr (kBF16) cpublas::brgemm_release(true);
   }
   return {out, lse, at::full({}, total_cells, at::TensorOptions().dtype(at::kLong))};
+}
+
+std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& tokens, const at::Tensor& item_seq,
+                                             const at::Tensor& item_b, const at::Tensor& qpos,
+                                             const at::Tensor& row_mask, const at::Tensor& key_ok,
+                                             const at::Tensor& q_ok, int64_t bs, bool causal, int64_t window,
+                                             double scale_d) {
+  const bool is_bf16 = q.dtype() == at::kBFloat16;
+  TORCH_CHECK((q.dtype() == at::kFloat || is_bf16) && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
+              "q, k, v must all be float32 or all bfloat16");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && tokens.is_contiguous() &&
+              item_seq.is_contiguous() && item_b.is_contiguous() && qpos.is_contiguous(), "contiguous inputs");
+  const int64_t N = q.size(0), R = q.size(1), D = q.size(2);
+  const int64_t S = k.size(0), Tk = k.size(1), Dv = v.size(2), M = tokens.size(1);
+  TORCH_CHECK(k.size(2) == D && v.size(0) == S && v.size(1) == Tk && tokens.size(0) == N, "shapes");
+  if (is_bf16)
+    TORCH_CHECK(bf16_supported() && Dv % 16 == 0 && D % 2 == 0,
+                "bf16 kernel needs bf16 matrix units, a value dim multiple of 16 and an even head dim");
+  if (row_mask.numel() > 0) TORCH_CHECK(row_mask.is_contiguous() && row_mask.size(0) == N && row_mask.size(1) == R && row_mask.size(2) == M, "row_mask shape");
+  if (key_ok.numel() > 0) TORCH_CHECK(key_ok.is_contiguous() && key_ok.size(1) == Tk, "key_ok shape");
+  if (q_ok.numel() > 0) TORCH_CHECK(q_ok.is_contiguous() && q_ok.size(0) == N && q_ok.size(1) == R, "q_ok shape");
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  const int64_t* sq = item_seq.data_ptr<int64_t>();
+  for (int64_t i = 0; i < N * M; ++i) TORCH_CHECK(tp[i] < Tk, "token position out of range");
+  for (int64_t n = 0; n < N; ++n) TORCH_CHECK(sq[n] >= 0 && sq[n] < S, "item_seq out of range");
+  if (is_bf16)
+    return token_gather_impl<bf16>(q, k, v, tokens, item_seq, item_b, qpos, row_mask, key_ok, q_ok, bs, causal,
+                                   window, scale_d);
+  return token_gather_impl<float>(q, k, v, tokens, item_seq, item_b, qpos, row_mask, key_ok, q_ok, bs, causal, window,
+                                  scale_d);
 }
 
 // Quest-style per-query block selection for prefill with a causal budget controller (the
@@ -347,10 +521,15 @@ std::vector<at::Tensor> token_gather_forward(const at::Tensor& q, const at::Tens
 // Each real row keeps the forced blocks plus its best-bounded candidates, k per query in all;
 // k comes from the controller, which sees only earlier query blocks of the same (b, s).
 // Returns slots [N, K] int64 (ascending, -1 padded) and row_mask [N, R, K] bool.
-std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& summ, const at::Tensor& rows,
-                                        const at::Tensor& cand, const at::Tensor& forced, const at::Tensor& budget,
-                                        int64_t Hs, int64_t first_qb, int64_t lead, int64_t k_cap, bool minmax) {
-  TORCH_CHECK(q.dtype() == at::kFloat && summ.dtype() == at::kFloat, "float32 only");
+// In bf16 (q and summ both bf16) the bounds are bf16 products with float32 accumulation on the
+// CPU's matrix units (each (b, KV head)'s summaries transposed and packed once); they differ from
+// float32's only in the order of accumulation.
+template <typename T>
+std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tensor& summ, const at::Tensor& rows,
+                                             const at::Tensor& cand, const at::Tensor& forced,
+                                             const at::Tensor& budget, int64_t Hs, int64_t first_qb, int64_t lead,
+                                             int64_t k_cap, bool minmax) {
+  constexpr bool kBF16 = std::is_same<T, bf16>::value;
   // q may be any strided view whose channels are contiguous (a model's [B, T, H, D] transposed)
   TORCH_CHECK(q.stride(3) == 1 && summ.is_contiguous() && rows.is_contiguous() && cand.is_contiguous() &&
               forced.is_contiguous() && budget.is_contiguous(), "inputs must be contiguous");
@@ -362,8 +541,22 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
   TORCH_CHECK(H % Hs == 0 && Hs % Hkv == 0, "support heads");
   TORCH_CHECK(cand.size(0) == B && cand.size(1) == NQ && cand.size(2) == NK, "cand shape");
   const int64_t Gs = H / Hs, R = Gs * bs, N = B * Hs * NQ;
-  const float* qp = q.data_ptr<float>();
-  const float* sp = summ.data_ptr<float>();
+  const T* qp = q.data_ptr<T>();
+  const T* sp = summ.data_ptr<T>();
+  // bf16: summaries of each (b, KV head) as the packed B operand [C x NKp] (NKp = NK rounded up to 16)
+  const int64_t NKp = (NK + 15) / 16 * 16;
+  std::vector<bf16> spk(kBF16 ? B * Hkv * C * NKp : 0);
+  if constexpr (kBF16) {
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<bf16> st(C * NKp);
+      for (int64_t bh = lo; bh < hi; ++bh) {
+        std::fill(st.begin(), st.end(), bf16(0.0f));
+        for (int64_t c = 0; c < NK; ++c)
+          for (int64_t x = 0; x < C; ++x) st[x * NKp + c] = sp[(bh * NK + c) * C + x];
+        pack_panels(st.data(), C, NKp, NKp, spk.data() + bh * C * NKp);
+      }
+    });
+  }
   const bool* rp = rows.data_ptr<bool>();
   const bool* cp = cand.data_ptr<bool>();
   const bool* fp = forced.data_ptr<bool>();
@@ -374,7 +567,8 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> qbuf(R * C), bnd(R * NK);
+    std::vector<T> qbuf(R * C);
+    std::vector<float> bnd(R * NKp);
     std::vector<int32_t> keys(NK);
     std::vector<uint8_t> sel(R * NK), uni(NK);
     std::vector<int64_t> cidx(NK);
@@ -403,17 +597,18 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
         if (has_rows && k > 0) {
           // bounds of every row against blocks [0, jmax)
           for (int64_t r = 0; r < R; ++r) {
-            float* dst = qbuf.data() + r * C;
+            T* dst = qbuf.data() + r * C;
             const int64_t i = r % bs, h = s * Gs + r / bs, t = j * bs + i - lead;
             if (!rp[(b * NQ + j) * bs + i] || t < 0 || t >= Tq) {
-              std::fill(dst, dst + C, 0.0f);
+              std::fill(dst, dst + C, T(0.0f));
               continue;
             }
-            const float* src = qp + b * qs0 + h * qs1 + t * qs2;
+            const T* src = qp + b * qs0 + h * qs1 + t * qs2;
             if (minmax) {
               for (int64_t d = 0; d < D; ++d) {
-                dst[d] = std::max(src[d], 0.0f);
-                dst[D + d] = std::min(src[d], 0.0f);
+                const float x = static_cast<float>(src[d]);
+                dst[d] = static_cast<T>(std::max(x, 0.0f));
+                dst[D + d] = static_cast<T>(std::min(x, 0.0f));
               }
             } else {
               std::copy(src, src + D, dst);
@@ -423,13 +618,19 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
           for (int64_t c = 0; c < jmax; ++c)
             if (cj[c] && !fj[c]) cidx[m_cand++] = c;
           const int64_t extra = k - nf;  // picks beyond the forced blocks
+          const int64_t ldb = kBF16 ? NKp : jmax;  // leading dimension of the bounds
           if (extra > 0 && extra < m_cand) {
-            const int ldb = static_cast<int>(jmax);
-            const char t = 'T', nn = 'N';
-            const float one = 1.0f, zero = 0.0f;
-            const int Ri = static_cast<int>(R), Ci = static_cast<int>(C);
-            sgemm_(&t, &nn, &ldb, &Ri, &Ci, &one, sp + ((b * Hkv + kvh) * NK) * C, &Ci, qbuf.data(), &Ci, &zero,
-                   bnd.data(), &ldb);
+            if constexpr (kBF16) {
+              packed_gemm(qbuf.data(), C, spk.data() + (b * Hkv + kvh) * C * NKp, bnd.data(), NKp, R, NKp, C, false,
+                          jmax);
+            } else {
+              const int ldi = static_cast<int>(jmax);
+              const char t = 'T', nn = 'N';
+              const float one = 1.0f, zero = 0.0f;
+              const int Ri = static_cast<int>(R), Ci = static_cast<int>(C);
+              sgemm_(&t, &nn, &ldi, &Ri, &Ci, &one, sp + ((b * Hkv + kvh) * NK) * C, &Ci, qbuf.data(), &Ci, &zero,
+                     bnd.data(), &ldi);
+            }
           }
           for (int64_t r = 0; r < R; ++r) {
             uint8_t* sr = sel.data() + r * jmax;
@@ -442,7 +643,7 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
               for (int64_t x = 0; x < m_cand; ++x) sr[cidx[x]] = 1;
               continue;
             }
-            const float* br = bnd.data() + r * jmax;
+            const float* br = bnd.data() + r * ldb;
             int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
             for (int64_t x = 0; x < m_cand; ++x) {
               const int32_t key = order_key(br[cidx[x]]);
@@ -485,6 +686,7 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
         if (is_free) debt = std::max(debt + bgt - static_cast<float>(size), -bgt);
       }
     }
+    if constexpr (kBF16) cpublas::brgemm_release(true);
   }
   int64_t K = 1;
   for (const auto& us : item_slots) K = std::max<int64_t>(K, us.size());
@@ -505,8 +707,21 @@ std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& s
   return {slots, row_mask};
 }
 
+std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& summ, const at::Tensor& rows,
+                                        const at::Tensor& cand, const at::Tensor& forced, const at::Tensor& budget,
+                                        int64_t Hs, int64_t first_qb, int64_t lead, int64_t k_cap, bool minmax) {
+  if (q.dtype() == at::kBFloat16) {
+    TORCH_CHECK(summ.dtype() == at::kBFloat16 && bf16_supported() && q.size(3) % 2 == 0,
+                "bf16 planner needs bf16 summaries, bf16 matrix units and an even head dim");
+    return block_topk_plan_impl<bf16>(q, summ, rows, cand, forced, budget, Hs, first_qb, lead, k_cap, minmax);
+  }
+  TORCH_CHECK(q.dtype() == at::kFloat && summ.dtype() == at::kFloat, "q and summ must be float32 or bfloat16");
+  return block_topk_plan_impl<float>(q, summ, rows, cand, forced, budget, Hs, first_qb, lead, k_cap, minmax);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_sparse_forward", &block_sparse_forward, "fused block-sparse attention over per-item key-block slots");
   m.def("token_gather_forward", &token_gather_forward, "attention of each item over its own list of key tokens");
   m.def("block_topk_plan", &block_topk_plan, "block-topk's per-query selection with its causal budget controller");
+  m.def("bf16_supported", &bf16_supported, "whether the bf16 engine (oneDNN packing for bf16 matrix units) runs here");
 }
