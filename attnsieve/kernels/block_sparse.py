@@ -222,7 +222,9 @@ def block_sparse_attention(
 
     # Block-aligned copies: queries on the grid, keys/values padded to whole blocks.
     lead = (Tk - Tq) - first_qb * bs
-    qp = q.new_zeros(B, H, n_q * bs, D)
+    qp = q.new_empty(B, H, n_q * bs, D)  # only the grid's padding rows need zeros
+    qp[:, :, :lead] = 0
+    qp[:, :, lead + Tq :] = 0
     qp[:, :, lead : lead + Tq] = q
     q_items = qp.view(B, Hs, Gs, n_q, bs, D).transpose(2, 3).reshape(B * Hs * n_q, R, D)  # [N, R, D]
     pad = n_k * bs - Tk
@@ -374,10 +376,13 @@ def block_sparse_attention(
                 if diag_items is not None:
                     tiles = sv[diag_items, :, diag_pos]
                     sv[diag_items, :, diag_pos] = tiles.masked_fill(tile[row_off][None], float("-inf"))
-            m = scores.amax(-1)
+            m = scores.amax(-1)  # NaN where a row has a NaN score, -inf where every score is -inf
             p = torch.softmax(scores, -1)
             del scores
             l = m - torch.log(p.amax(-1))  # the row's largest probability is exp(0) / sum
+            none = m == float("-inf")  # no finite score (keys at -inf): weights 0, as in the reference
+            p.masked_fill_(none[..., None], 0.0)
+            l.masked_fill_(none, float("-inf"))
             o = torch.zeros(n, R, Dv, dtype=acc, device=dev)
             sl, it = torch.nonzero(live.t(), as_tuple=True)  # products grouped by slot
             per_slot = live.sum(0).tolist()
@@ -447,11 +452,13 @@ def _compiled_attention(q_items, k_blocks, v_blocks, support, valid, q_valid_pos
         q_ok = q_real[:, None, :, None, :].expand(B, Hs, n_q, Gs, bs).reshape(N, R).contiguous()
     row_mask = empty if support.row_mask is None else support.row_mask.reshape(N, R, K).contiguous()
     cd = compiled.native_dtype(q_items.dtype, bs, q_items.shape[-1], v_blocks.shape[-1])
-    out_items, lse_items, cells = compiled.module().block_sparse_forward(
+    Dv = v_blocks.shape[-1]
+    # the kernel writes normalised rows straight into [B, H, Tq, Dv] in its compute dtype
+    out = torch.empty(B, H, Tq, Dv, dtype=cd, device=dev)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=dev)
+    cells = compiled.module().block_sparse_forward(
         q_items.to(cd).contiguous(), k_blocks.to(cd).contiguous(), v_blocks.to(cd).contiguous(),
         slots, kpos, qpos, row_mask, key_ok, q_ok, bs, causal, -1 if window is None else int(window), float(scale),
+        out, lse, Hs, lead,
     )
-    Dv = v_blocks.shape[-1]
-    out = out_items.view(B, Hs, n_q, Gs, bs, Dv).transpose(2, 3).reshape(B, H, n_q * bs, Dv)
-    lse = lse_items.view(B, Hs, n_q, Gs, bs).transpose(2, 3).reshape(B, H, n_q * bs)
-    return SparseResult(out[:, :, lead : lead + Tq].to(out_dtype), lse[:, :, lead : lead + Tq], int(cells))
+    return SparseResult(out.to(out_dtype), lse, int(cells))

@@ -21,6 +21,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -43,19 +46,19 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 // Widest B panel oneDNN's packing takes (its output leading dimension is 16, 32, 48 or 64).
 constexpr int kPanel = 64;
 
-// C[R x bs] (row-major, ldc = bs) = A[R x D] (row-major) . B[bs x D]^T (row-major)
-inline void scores_gemm(const float* a, const float* b, float* c, int R, int bs, int D, float alpha) {
+// C[R x bs] (row-major, leading dimension ldc) = A[R x D] (row-major) . B[bs x D]^T (row-major)
+inline void scores_gemm(const float* a, const float* b, float* c, int R, int bs, int D, float alpha, int ldc) {
   const char t = 'T', n = 'N';
   const float beta = 0.0f;
   // column-major view: C^T (bs x R) = B (bs x D, i.e. B^T col-major transposed) . A^T (D x R)
-  sgemm_(&t, &n, &bs, &R, &D, &alpha, b, &D, a, &D, &beta, c, &bs);
+  sgemm_(&t, &n, &bs, &R, &D, &alpha, b, &D, a, &D, &beta, c, &ldc);
 }
 
-// C[R x Dv] (row-major) += P[R x bs] (row-major) . V[bs x Dv] (row-major)
-inline void values_gemm(const float* p, const float* v, float* c, int R, int bs, int Dv) {
+// C[R x Dv] (row-major) (+)= P[R x W] (row-major) . V[W x Dv] (row-major)
+inline void values_gemm(const float* p, const float* v, float* c, int R, int W, int Dv, bool add = true) {
   const char n = 'N';
-  const float one = 1.0f;
-  sgemm_(&n, &n, &Dv, &R, &bs, &one, v, &Dv, p, &bs, &one, c, &Dv);
+  const float one = 1.0f, beta = add ? 1.0f : 0.0f;
+  sgemm_(&n, &n, &Dv, &R, &W, &one, v, &Dv, p, &W, &beta, c, &Dv);
 }
 
 // Packs B = src[K x N] (row-major, leading dimension ld) into VNNI panels of kPanel columns (the
@@ -110,10 +113,90 @@ inline int32_t order_key(float x) {
   return bits ^ ((bits >> 31) & 0x7fffffff);
 }
 
-// One tile's step of the online softmax for one row: sr holds w scores (masked ones -inf, at
-// least one not), times `scale`; pr (which may alias sr) receives exp(score - new max) and the
-// running max m, sum l and output row are rescaled. A NaN score (a NaN or infinite query or key
-// the row attends) makes l NaN, and the row comes out NaN, as in the reference.
+// One tile's step of the online softmax for one row: sr holds w scores (masked ones -inf), times
+// `scale`; pr (which may alias sr) receives exp(score - new max) and the running max m, sum l
+// and output row are rescaled. A NaN score (a NaN or infinite query or key the row attends)
+// makes l NaN and the row comes out NaN, as in the reference; a row whose scores so far are all
+// -inf gets weights 0 (an empty row).
+#if defined(__AVX512F__)
+// exp(x) for x <= 0 (or -inf; no NaN), 16 lanes: the scalar softmax_exp's steps.
+inline __m512 exp_nonpos512(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.0f);
+  const __mmask16 zero = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~zero), _mm512_mul_ps(e, _mm512_castsi512_ps(bits)));
+}
+
+inline void store_p(float* dst, __mmask16 k, __m512 p) { _mm512_mask_storeu_ps(dst, k, p); }
+inline void store_p(bf16* dst, __mmask16 k, __m512 p) {
+#if defined(__AVX512BF16__)
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(p));
+#else  // round to nearest even (no NaN reaches here)
+  __m512i b = _mm512_castps_si512(p);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  b = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(b, 16));
+#endif
+  _mm256_mask_storeu_epi16(dst, k, h);
+}
+
+template <typename P>
+inline void online_softmax_row(float* sr, P* pr, int w, float scale, float& m, float& l, float* orow, int64_t Dv) {
+  const __m512 ninf = _mm512_set1_ps(kNegInf), vs = _mm512_set1_ps(scale);
+  __m512 vmax = ninf;
+  __mmask16 nan = 0;
+  for (int c = 0; c < w; c += 16) {
+    const __mmask16 k = c + 16 <= w ? 0xFFFF : static_cast<__mmask16>((1u << (w - c)) - 1);
+    __m512 x = _mm512_mask_loadu_ps(ninf, k, sr + c);
+    if (scale != 1.0f) {
+      x = _mm512_mul_ps(x, vs);
+      _mm512_mask_storeu_ps(sr + c, k, x);
+    }
+    nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(vmax, x);
+  }
+  const float m_new = std::max(m, _mm512_reduce_max_ps(vmax));
+  if (nan || m_new == std::numeric_limits<float>::infinity()) {  // exp(inf - inf) is NaN in the reference
+    for (int c = 0; c < w; ++c) pr[c] = P(0.0f);
+    l = kNaN;
+    return;
+  }
+  if (m_new == kNegInf) {  // every score so far -inf: weights 0
+    for (int c = 0; c < w; ++c) pr[c] = P(0.0f);
+    return;
+  }
+  const float corr = _mm512_cvtss_f32(exp_nonpos512(_mm512_set1_ps(m - m_new)));  // 0 when m = -inf
+  const __m512 vm = _mm512_set1_ps(m_new);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int c = 0; c < w; c += 16) {
+    const __mmask16 k = c + 16 <= w ? 0xFFFF : static_cast<__mmask16>((1u << (w - c)) - 1);
+    const __m512 x = _mm512_mask_loadu_ps(ninf, k, sr + c);
+    const __m512 p = exp_nonpos512(_mm512_sub_ps(x, vm));
+    vsum = _mm512_add_ps(vsum, p);
+    store_p(pr + c, k, p);
+  }
+  if (corr != 1.0f && m != kNegInf) {  // (m = -inf: nothing accumulated yet, the row may be unwritten)
+    const __m512 vc = _mm512_set1_ps(corr);
+    int64_t d = 0;
+    for (; d + 16 <= Dv; d += 16) _mm512_storeu_ps(orow + d, _mm512_mul_ps(_mm512_loadu_ps(orow + d), vc));
+    for (; d < Dv; ++d) orow[d] *= corr;
+  }
+  l = l * corr + _mm512_reduce_add_ps(vsum);
+  m = m_new;
+}
+#else
 template <typename P>
 inline void online_softmax_row(float* sr, P* pr, int w, float scale, float& m, float& l, float* orow, int64_t Dv) {
   float mx = kNegInf;
@@ -141,13 +224,14 @@ inline void online_softmax_row(float* sr, P* pr, int w, float scale, float& m, f
     pr[c] = static_cast<P>(p);
     sum += p;
   }
-  if (corr != 1.0f) {
+  if (corr != 1.0f && m != kNegInf) {  // (m = -inf: nothing accumulated yet, the row may be unwritten)
 #pragma omp simd
     for (int64_t d = 0; d < Dv; ++d) orow[d] *= corr;
   }
   l = l * corr + sum;
   m = m_new;
 }
+#endif
 
 // Final normalisation of an item's rows: out /= l, lse = m + log l; rows that saw no key get
 // out 0 and lse -inf; rows that saw a NaN score get NaN.
@@ -169,8 +253,59 @@ inline void finish_rows(float* on, float* lp, const float* m, const float* l, in
   }
 }
 
-// Tile engines: the two small GEMMs of a tile. `scores` writes S[R x bs] (scaled by `post_scale`
-// afterwards in the softmax pass), `values` adds P[R x bs] . V_blk into out[R x Dv].
+// dst[0, n) = src[0, n) in dst's dtype (bf16: round to nearest even, vectorised where possible).
+inline void write_row(float* dst, const float* src, int64_t n) { std::copy(src, src + n, dst); }
+inline void write_row(bf16* dst, const float* src, int64_t n) {
+  int64_t d = 0;
+#if defined(__AVX512F__)
+  for (; d + 16 <= n; d += 16) {
+    const __m512 x = _mm512_loadu_ps(src + d);
+    if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q)) break;  // NaN: the scalar conversion keeps it NaN
+    store_p(dst + d, 0xFFFF, x);
+  }
+#endif
+  for (; d < n; ++d) dst[d] = bf16(src[d]);
+}
+
+// Where the block kernel writes its results: out [B, H, Tq, Dv] (float32 or bf16, channels
+// contiguous) and lse [B, H, Tq] float32, row r of item n = (b, s, j) being head s * Gs + r / bs
+// at query j * bs + r % bs - lead (rows outside [0, Tq) are grid padding and are not written).
+template <typename O>
+struct RowSink {
+  O* out;
+  float* lse;
+  int64_t os0, os1, os2, ls0, ls1, ls2;
+  int64_t Hs, Gs, NQ, bs, lead, Tq, Dv;
+  // normalised rows of item n (on: [R, Dv] accumulators) written out; see finish_rows
+  void write(int64_t n, float* on, const float* m, const float* l, int64_t R) const {
+    const int64_t b = n / (Hs * NQ), s = (n / NQ) % Hs, j = n % NQ;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t h = s * Gs + r / bs, t = j * bs + r % bs - lead;
+      if (t < 0 || t >= Tq) continue;
+      float* orow = on + r * Dv;
+      float lse_r;
+      if (std::isnan(l[r]) || std::isnan(m[r])) {
+        std::fill(orow, orow + Dv, kNaN);
+        lse_r = kNaN;
+      } else if (l[r] > 0.0f) {
+        const float inv = 1.0f / l[r];
+#pragma omp simd
+        for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+        lse_r = m[r] + std::log(l[r]);
+      } else {
+        std::fill(orow, orow + Dv, 0.0f);
+        lse_r = kNegInf;
+      }
+      write_row(out + b * os0 + h * os1 + t * os2, orow, Dv);
+      lse[b * ls0 + h * ls1 + t * ls2] = lse_r;
+    }
+  }
+};
+
+// Tile engines: the two small GEMMs of a run of g consecutive key blocks (W = g * bs keys).
+// `scores` writes one block's S[R x bs] at S (leading dimension W), scaled afterwards by
+// `post_scale` in the softmax pass; `values` adds P[R x W] . V[blk .. blk + g) into out[R x Dv]
+// with one product of depth W (consecutive blocks lie next to each other in V's layout).
 struct F32Tiles {
   using P = float;
   const float* q;
@@ -179,47 +314,66 @@ struct F32Tiles {
   int R, bs, D, Dv;
   float scale;
   float post_scale() const { return 1.0f; }  // sgemm applies the scale itself
-  void scores(int64_t n, int64_t blk, float* S) const { scores_gemm(q + n * R * D, k + blk * bs * D, S, R, bs, D, scale); }
-  void values(const float* p, int64_t blk, float* on) const { values_gemm(p, v + blk * bs * Dv, on, R, bs, Dv); }
+  void scores(int64_t n, int64_t blk, float* S, int W) const {
+    scores_gemm(q + n * R * D, k + blk * bs * D, S, R, bs, D, scale, W);
+  }
+  void values(const float* p, int64_t blk, int W, float* on, bool add) const {
+    values_gemm(p, v + blk * bs * Dv, on, R, W, Dv, add);
+  }
 };
 
 struct BF16Tiles {
   using P = bf16;
   const bf16* q;
   const bf16* kp;  // [NB, D x bs packed]: each key block transposed and packed
-  const bf16* vp;  // [NB, bs x Dv packed]
+  const bf16* vp;  // value panels: panel at column p0 (width w) holds every block's [bs x w] packed, in block order
+  int64_t NB;
   int R, bs, D, Dv;
   float scale;
   float post_scale() const { return scale; }
-  void scores(int64_t n, int64_t blk, float* S) const {
-    packed_gemm(q + n * R * D, D, kp + blk * bs * D, S, bs, R, bs, D, false);
+  void scores(int64_t n, int64_t blk, float* S, int W) const {
+    packed_gemm(q + n * R * D, D, kp + blk * bs * D, S, W, R, bs, D, false);
   }
-  void values(const bf16* p, int64_t blk, float* on) const { packed_gemm(p, bs, vp + blk * bs * Dv, on, Dv, R, Dv, bs, true); }
+  void values(const bf16* p, int64_t blk, int W, float* on, bool add) const {
+    for (int64_t p0 = 0; p0 < Dv; p0 += kPanel) {
+      const int64_t w = std::min<int64_t>(kPanel, Dv - p0);
+      cpublas::brgemm(R, w, W, W, w, Dv, add, p, vp + p0 * NB * bs + blk * bs * w, on + p0, true);
+    }
+  }
 };
 
+// Longest run of consecutive key blocks one pair of products covers (torch's CPU flash kernel
+// takes 512 keys at a time as well): fewer, deeper P x V products and one softmax rescale per run.
+constexpr int kMaxRun = 512;
+
 // The block kernel's loop over items and their slots, for either tile engine (see
-// block_sparse_forward for the arguments).
-template <typename Tiles>
+// block_sparse_forward for the arguments). Consecutive live slots naming consecutive key blocks
+// run as one tile of up to kMaxRun keys; masks, row masks and cell counts stay per block.
+template <typename Tiles, typename Sink>
 int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, int64_t NB, int64_t Dv, int bs,
                           const int64_t* sl, const int64_t* kps, const int64_t* qps, const bool* rm, const bool* kok,
-                          const bool* qok, bool causal, int64_t window, float* op, float* lp) {
+                          const bool* qok, bool causal, int64_t window, const Sink& sink) {
   using P = typename Tiles::P;
+  constexpr bool kInPlace = std::is_same<P, float>::value;
   std::vector<char> block_full(NB, 1);  // per key block: every key real (no per-token key mask needed)
   if (kok)
     for (int64_t b = 0; b < NB; ++b)
       for (int c = 0; c < bs; ++c)
         if (!kok[b * bs + c]) { block_full[b] = 0; break; }
   const float post = tiles.post_scale();
+  const int max_run = std::max(1, kMaxRun / bs);
   int64_t total_cells = 0;
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) reduction(+ : total_cells)
   {
-    std::vector<float> S(R * bs), m(R), l(R);
-    std::vector<P> Pbuf(std::is_same<P, float>::value ? 0 : R * bs);
+    std::vector<float> S(R * bs * max_run), m(R), l(R), obuf(R * Dv);
+    std::vector<P> Pbuf(kInPlace ? 0 : R * bs * max_run);
     std::vector<int64_t> row_q(R);
+    std::vector<char> row_live(R);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < N; ++n) {
-      float* on = op + n * R * Dv;
+      float* on = obuf.data();  // written by the item's first P x V product (add = false)
+      bool first = true;
       bool q_full = true;
       int64_t q_last = -1, q_first = std::numeric_limits<int64_t>::max();
       for (int64_t r = 0; r < R; ++r) {
@@ -230,55 +384,92 @@ int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, i
         q_full &= ok;
         if (ok) { q_last = std::max(q_last, row_q[r]); q_first = std::min(q_first, row_q[r]); }
       }
-      if (q_last < 0) { for (int64_t r = 0; r < R; ++r) lp[n * R + r] = kNegInf; continue; }
-      int64_t cells = 0;
-      for (int64_t s = 0; s < K; ++s) {
+      if (q_last < 0) {  // no real query row: zeros and lse -inf (l = 0: the rows are filled)
+        sink.write(n, on, m.data(), l.data(), R);
+        continue;
+      }
+      // dead slot: no cell allowed for any real row
+      auto dead = [&](int64_t s) {
         const int64_t blk = sl[n * K + s];
-        if (blk < 0) continue;
+        if (blk < 0) return true;
         const int64_t k0 = kps[n * K + s];
-        // Tile classes: dead (no cell allowed for any real row), full (no token mask), partial.
-        if (causal && k0 > q_last) continue;
-        if (window >= 0 && q_first - (k0 + bs - 1) >= window) continue;
-        const bool full = q_full && block_full[blk] && (!causal || k0 + bs - 1 <= q_first) &&
-                          (window < 0 || q_last - k0 < window);
-        tiles.scores(n, blk, S.data());
-        const bool* kmask = kok ? kok + blk * bs : nullptr;
-        P* pb = std::is_same<P, float>::value ? reinterpret_cast<P*>(S.data()) : Pbuf.data();
-        for (int64_t r = 0; r < R; ++r) {
-          float* sr = S.data() + r * bs;
-          P* pr = pb + r * bs;
-          int64_t allowed = bs;
-          if (!full) {
-            allowed = 0;
-            const bool rok = !qok || qok[n * R + r];
-            const int64_t qr = row_q[r];
-            for (int c = 0; c < bs; ++c) {
-              const int64_t kc = k0 + c;
-              const bool ok = rok && (!kmask || kmask[c]) && (!causal || kc <= qr) && (window < 0 || qr - kc < window);
-              allowed += ok;
-              if (!ok) sr[c] = kNegInf;
+        return (causal && k0 > q_last) || (window >= 0 && q_first - (k0 + bs - 1) >= window);
+      };
+      int64_t cells = 0;
+      for (int64_t s = 0; s < K;) {
+        if (dead(s)) { ++s; continue; }
+        const int64_t blk = sl[n * K + s], k00 = kps[n * K + s];
+        int g = 1;
+        while (g < max_run && s + g < K && sl[n * K + s + g] == blk + g && kps[n * K + s + g] == k00 + g * bs &&
+               !dead(s + g))
+          ++g;
+        const int W = g * bs;
+        std::fill(row_live.begin(), row_live.end(), 0);
+        for (int t = 0; t < g; ++t) {
+          const int64_t b = blk + t, k0 = k00 + t * bs, st = s + t;
+          // Tile classes: full (no token mask) or partial.
+          const bool full = q_full && block_full[b] && (!causal || k0 + bs - 1 <= q_first) &&
+                            (window < 0 || q_last - k0 < window);
+          tiles.scores(n, b, S.data() + t * bs, W);
+          const bool* kmask = kok ? kok + b * bs : nullptr;
+          for (int64_t r = 0; r < R; ++r) {
+            float* sr = S.data() + r * W + t * bs;
+            int64_t allowed = bs;
+            if (!full) {
+              const bool rok = !qok || qok[n * R + r];
+              const int64_t qr = row_q[r];
+              if (!kmask) {  // the allowed keys are one range [lo, hi) of the tile
+                int64_t lo = 0, hi = rok ? bs : 0;
+                if (causal) hi = std::min<int64_t>(hi, qr - k0 + 1);
+                if (window >= 0) lo = std::max<int64_t>(lo, qr - k0 - window + 1);
+                hi = std::max<int64_t>(hi, 0);
+                lo = std::min(lo, hi);
+                allowed = hi - lo;
+                std::fill(sr, sr + lo, kNegInf);
+                std::fill(sr + hi, sr + bs, kNegInf);
+              } else {
+                allowed = 0;
+                for (int c = 0; c < bs; ++c) {
+                  const int64_t kc = k0 + c;
+                  const bool ok = rok && kmask[c] && (!causal || kc <= qr) && (window < 0 || qr - kc < window);
+                  allowed += ok;
+                  if (!ok) sr[c] = kNegInf;
+                }
+              }
+            }
+            cells += allowed;
+            if (allowed > 0 && (!rm || rm[(n * R + r) * K + st])) {
+              row_live[r] = 1;
+            } else {
+              std::fill(sr, sr + bs, kNegInf);  // this row skips this block (its cells still count)
             }
           }
-          cells += allowed;
-          const bool row_on = allowed > 0 && (!rm || rm[(n * R + r) * K + s]);
-          if (!row_on) {
-            std::fill(pr, pr + bs, P(0.0f));
+        }
+        P* pb = kInPlace ? reinterpret_cast<P*>(S.data()) : Pbuf.data();
+        for (int64_t r = 0; r < R; ++r) {
+          P* pr = pb + r * W;
+          if (!row_live[r]) {
+            std::fill(pr, pr + W, P(0.0f));
             continue;
           }
-          online_softmax_row(sr, pr, bs, post, m[r], l[r], on + r * Dv, Dv);
+          online_softmax_row(S.data() + r * W, pr, W, post, m[r], l[r], on + r * Dv, Dv);
         }
-        tiles.values(pb, blk, on);
+        tiles.values(pb, blk, W, on, !first);
+        first = false;
+        s += g;
       }
-      finish_rows(on, lp + n * R, m.data(), l.data(), R, Dv);
+      if (first) std::fill(obuf.begin(), obuf.end(), 0.0f);  // no product ran: rows are empty
+      sink.write(n, on, m.data(), l.data(), R);
       total_cells += cells;
     }
-    if (!std::is_same<P, float>::value) cpublas::brgemm_release(true);
+    if (!kInPlace) cpublas::brgemm_release(true);
   }
   return total_cells;
 }
 
-// Packs every key block transposed ([bs, D] -> D x bs) and every value block ([bs, Dv]) for the
-// bf16 engine; blocks in parallel.
+// Packs every key block transposed ([bs, D] -> D x bs) and the value blocks ([bs, Dv]) for the
+// bf16 engine, in parallel. Values are laid out panel-major (every block's rows of one Dv panel
+// in block order), so a run of consecutive blocks is one packed operand of depth g * bs.
 void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D, int64_t Dv, bf16* kp, bf16* vp) {
   at::parallel_for(0, NB, 1, [&](int64_t lo, int64_t hi) {
     std::vector<bf16> kt(D * bs);
@@ -287,7 +478,10 @@ void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D,
       for (int c = 0; c < bs; ++c)
         for (int64_t d = 0; d < D; ++d) kt[d * bs + c] = kb[c * D + d];
       pack_panels(kt.data(), D, bs, bs, kp + b * bs * D);
-      pack_panels(v + b * bs * Dv, bs, Dv, Dv, vp + b * bs * Dv);
+      for (int64_t p0 = 0; p0 < Dv; p0 += kPanel) {
+        const int64_t w = std::min<int64_t>(kPanel, Dv - p0);
+        cpublas::pack(bs, w, Dv, w, at::kBFloat16, at::kBFloat16, v + b * bs * Dv + p0, vp + p0 * NB * bs + b * bs * w);
+      }
     }
   });
 }
@@ -304,13 +498,16 @@ bool bf16_supported() { return cpublas::could_pack(at::kBFloat16); }
 // row_mask: [N, R, K] bool or empty (restricts a row's softmax to some slots; cells still count)
 // key_ok: [NB, bs] bool or empty; q_ok: [N, R] bool or empty
 // window: < 0 for none; causal: keys after the query are excluded
+// out: [B, H, Tq, Dv] (q's dtype, channels contiguous), lse: [B, H, Tq] float32, written in place;
+// items are (b, s, j) for Hs support heads (N = B * Hs * NQ), row r of an item is head
+// s * (H / Hs) + r / bs at query j * bs + r % bs - lead.
 // bf16 needs bs and Dv multiples of 16 and D even (bf16_supported() true).
-// Returns out [N, R, Dv], lse [N, R] (float32) and the number of computed cells (int64 scalar).
-std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& slots, const at::Tensor& kpos,
-                                             const at::Tensor& qpos, const at::Tensor& row_mask,
-                                             const at::Tensor& key_ok, const at::Tensor& q_ok, int64_t bs64,
-                                             bool causal, int64_t window, double scale_d) {
+// Returns the number of computed cells.
+int64_t block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                             const at::Tensor& kpos, const at::Tensor& qpos, const at::Tensor& row_mask,
+                             const at::Tensor& key_ok, const at::Tensor& q_ok, int64_t bs64, bool causal,
+                             int64_t window, double scale_d, at::Tensor out, at::Tensor lse, int64_t Hs,
+                             int64_t lead) {
   const bool is_bf16 = q.dtype() == at::kBFloat16;
   TORCH_CHECK((q.dtype() == at::kFloat || is_bf16) && k.dtype() == q.dtype() && v.dtype() == q.dtype(),
               "q, k, v must all be float32 or all bfloat16");
@@ -322,6 +519,11 @@ std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tens
   const int bs = static_cast<int>(bs64);
   TORCH_CHECK(k.size(1) == bs && v.size(1) == bs && k.size(2) == D && v.size(0) == NB, "k / v shapes");
   TORCH_CHECK(slots.size(0) == N && kpos.size(0) == N && kpos.size(1) == K && qpos.size(0) == N, "index shapes");
+  TORCH_CHECK(out.dim() == 4 && lse.dim() == 3 && out.size(3) == Dv && out.stride(3) == 1 &&
+              lse.dtype() == at::kFloat && (out.dtype() == at::kFloat || out.dtype() == at::kBFloat16),
+              "out [B, H, Tq, Dv] (float32 or bf16), lse [B, H, Tq] float32");
+  const int64_t B = out.size(0), H = out.size(1), Tq = out.size(2);
+  TORCH_CHECK(Hs > 0 && H % Hs == 0 && N % (B * Hs) == 0 && (H / Hs) * bs == R, "item layout");
   if (is_bf16)
     TORCH_CHECK(bf16_supported() && bs % 16 == 0 && Dv % 16 == 0 && D % 2 == 0,
                 "bf16 kernel needs bf16 matrix units, block size and value dim multiples of 16, even head dim");
@@ -335,28 +537,29 @@ std::vector<at::Tensor> block_sparse_forward(const at::Tensor& q, const at::Tens
   const int64_t* sl = slots.data_ptr<int64_t>();
   for (int64_t i = 0; i < N * K; ++i) TORCH_CHECK(sl[i] < NB, "slot index out of range");
 
-  auto fopt = q.options().dtype(at::kFloat);
-  auto out = at::zeros({N, R, Dv}, fopt);
-  auto lse = at::empty({N, R}, fopt);
   const bool* rm = has_rm ? row_mask.data_ptr<bool>() : nullptr;
   const bool* kok = has_kok ? key_ok.data_ptr<bool>() : nullptr;
   const bool* qok = has_qok ? q_ok.data_ptr<bool>() : nullptr;
   const float scale = static_cast<float>(scale_d);
   const int Ri = static_cast<int>(R), Di = static_cast<int>(D), Dvi = static_cast<int>(Dv);
-  int64_t cells;
+  const int64_t* kp_ = kpos.data_ptr<int64_t>();
+  const int64_t* qp_ = qpos.data_ptr<int64_t>();
+  auto run = [&](const auto& tiles) -> int64_t {
+    auto go = [&](auto* o) {
+      RowSink<std::remove_pointer_t<decltype(o)>> sink{o, lse.data_ptr<float>(), out.stride(0), out.stride(1),
+                                                       out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+                                                       Hs, H / Hs, N / (B * Hs), bs, lead, Tq, Dv};
+      return block_sparse_loop(tiles, N, R, K, NB, Dv, bs, sl, kp_, qp_, rm, kok, qok, causal, window, sink);
+    };
+    return out.dtype() == at::kBFloat16 ? go(out.data_ptr<bf16>()) : go(out.data_ptr<float>());
+  };
   if (is_bf16) {
     auto kpk = at::empty({NB * bs * D}, k.options());
     auto vpk = at::empty({NB * bs * Dv}, v.options());
     pack_kv_blocks(k.data_ptr<bf16>(), v.data_ptr<bf16>(), NB, bs, D, Dv, kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>());
-    BF16Tiles tiles{q.data_ptr<bf16>(), kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>(), Ri, bs, Di, Dvi, scale};
-    cells = block_sparse_loop(tiles, N, R, K, NB, Dv, bs, sl, kpos.data_ptr<int64_t>(), qpos.data_ptr<int64_t>(), rm,
-                              kok, qok, causal, window, out.data_ptr<float>(), lse.data_ptr<float>());
-  } else {
-    F32Tiles tiles{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Ri, bs, Di, Dvi, scale};
-    cells = block_sparse_loop(tiles, N, R, K, NB, Dv, bs, sl, kpos.data_ptr<int64_t>(), qpos.data_ptr<int64_t>(), rm,
-                              kok, qok, causal, window, out.data_ptr<float>(), lse.data_ptr<float>());
+    return run(BF16Tiles{q.data_ptr<bf16>(), kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>(), NB, Ri, bs, Di, Dvi, scale});
   }
-  return {out, lse, at::full({}, cells, at::TensorOptions().dtype(at::kLong))};
+  return run(F32Tiles{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Ri, bs, Di, Dvi, scale});
 }
 
 // Attention of each item (R query rows) over its own list of key tokens: the listed keys are
