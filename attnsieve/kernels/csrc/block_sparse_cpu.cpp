@@ -470,10 +470,21 @@ int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, i
 // Packs every key block transposed ([bs, D] -> D x bs) and the value blocks ([bs, Dv]) for the
 // bf16 engine, in parallel. Values are laid out panel-major (every block's rows of one Dv panel
 // in block order), so a run of consecutive blocks is one packed operand of depth g * bs.
-void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D, int64_t Dv, bf16* kp, bf16* vp) {
-  at::parallel_for(0, NB, 1, [&](int64_t lo, int64_t hi) {
+// Only the blocks some slot names are packed (a decoding step's band touches a few of them).
+void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D, int64_t Dv, bf16* kp, bf16* vp,
+                    const int64_t* slots, int64_t n_slots) {
+  std::vector<int64_t> used;
+  {
+    std::vector<char> mark(NB, 0);
+    for (int64_t i = 0; i < n_slots; ++i)
+      if (slots[i] >= 0) mark[slots[i]] = 1;
+    for (int64_t b = 0; b < NB; ++b)
+      if (mark[b]) used.push_back(b);
+  }
+  at::parallel_for(0, static_cast<int64_t>(used.size()), 1, [&](int64_t lo, int64_t hi) {
     std::vector<bf16> kt(D * bs);
-    for (int64_t b = lo; b < hi; ++b) {
+    for (int64_t u = lo; u < hi; ++u) {
+      const int64_t b = used[u];
       const bf16* kb = k + b * bs * D;
       for (int c = 0; c < bs; ++c)
         for (int64_t d = 0; d < D; ++d) kt[d * bs + c] = kb[c * D + d];
@@ -556,7 +567,8 @@ int64_t block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at:
   if (is_bf16) {
     auto kpk = at::empty({NB * bs * D}, k.options());
     auto vpk = at::empty({NB * bs * Dv}, v.options());
-    pack_kv_blocks(k.data_ptr<bf16>(), v.data_ptr<bf16>(), NB, bs, D, Dv, kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>());
+    pack_kv_blocks(k.data_ptr<bf16>(), v.data_ptr<bf16>(), NB, bs, D, Dv, kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>(),
+                   sl, N * K);
     return run(BF16Tiles{q.data_ptr<bf16>(), kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>(), NB, Ri, bs, Di, Dvi, scale});
   }
   return run(F32Tiles{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Ri, bs, Di, Dvi, scale});
