@@ -565,11 +565,19 @@ int64_t block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at:
     return out.dtype() == at::kBFloat16 ? go(out.data_ptr<bf16>()) : go(out.data_ptr<float>());
   };
   if (is_bf16) {
-    auto kpk = at::empty({NB * bs * D}, k.options());
-    auto vpk = at::empty({NB * bs * Dv}, v.options());
-    pack_kv_blocks(k.data_ptr<bf16>(), v.data_ptr<bf16>(), NB, bs, D, Dv, kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>(),
-                   sl, N * K);
-    return run(BF16Tiles{q.data_ptr<bf16>(), kpk.data_ptr<bf16>(), vpk.data_ptr<bf16>(), NB, Ri, bs, Di, Dvi, scale});
+    // Packed copies live in buffers kept between calls (per calling thread): fresh allocations of
+    // this size come from the OS and would page-fault on every call.
+    thread_local std::vector<bf16> kpk, vpk;
+    auto reserve = [](std::vector<bf16>& buf, int64_t n) {
+      if (static_cast<int64_t>(buf.size()) < n || static_cast<int64_t>(buf.size()) > 4 * n + (1 << 20)) {
+        std::vector<bf16>().swap(buf);
+        buf.resize(n);
+      }
+    };
+    reserve(kpk, NB * bs * D);
+    reserve(vpk, NB * bs * Dv);
+    pack_kv_blocks(k.data_ptr<bf16>(), v.data_ptr<bf16>(), NB, bs, D, Dv, kpk.data(), vpk.data(), sl, N * K);
+    return run(BF16Tiles{q.data_ptr<bf16>(), kpk.data(), vpk.data(), NB, Ri, bs, Di, Dvi, scale});
   }
   return run(F32Tiles{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Ri, bs, Di, Dvi, scale});
 }
@@ -820,10 +828,21 @@ std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tens
             }
             const T* src = qp + b * qs0 + h * qs1 + t * qs2;
             if (minmax) {
-              for (int64_t d = 0; d < D; ++d) {
-                const float x = static_cast<float>(src[d]);
-                dst[d] = static_cast<T>(std::max(x, 0.0f));
-                dst[D + d] = static_cast<T>(std::min(x, 0.0f));
+              if constexpr (kBF16) {  // split by the sign bit: exact, and the loop vectorises
+                const uint16_t* sb = reinterpret_cast<const uint16_t*>(src);
+                uint16_t* db = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+                for (int64_t d = 0; d < D; ++d) {
+                  const uint16_t x = sb[d];
+                  const bool neg = (x & 0x8000) != 0;
+                  db[d] = neg ? 0 : x;
+                  db[D + d] = neg ? x : 0;
+                }
+              } else {
+                for (int64_t d = 0; d < D; ++d) {
+                  dst[d] = std::max(src[d], 0.0f);
+                  dst[D + d] = std::min(src[d], 0.0f);
+                }
               }
             } else {
               std::copy(src, src + D, dst);
