@@ -26,7 +26,7 @@ def test_conversion_runs_once_under_the_lock_and_lands_atomically(tmp_path, monk
         staging = target.parent / ".staging"
         staging.mkdir()
         (staging / "config.json").write_text("{}")
-        (staging / models._DONE).write_text("x")
+        (staging / models._DONE).write_text(models._manifest(staging, gguf.name))
         staging.rename(target)
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
@@ -52,7 +52,7 @@ def test_interrupted_conversion_is_redone(tmp_path, monkeypatch):
     def fake_convert(gguf, target):
         done.append(1)
         target.mkdir()
-        (target / models._DONE).write_text("x")
+        (target / models._DONE).write_text(models._manifest(target, gguf.name))
 
     monkeypatch.setattr(models, "_convert_gguf", fake_convert)
     models._cached_folder("m", tmp_path, lambda work: work / "m.gguf")
