@@ -523,8 +523,10 @@ def _parse_policy_params(kv: str, raw: dict[str, str]) -> dict:
                     continue
             else:
                 typed[key] = None if value.lower() == "none" else value
-        elif isinstance(default, bool):
-            typed[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, bool):  # anything else is an error, never silently False
+            if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"{key} expects true or false, got {value!r}")
+            typed[key] = value.lower() in ("1", "true", "yes", "on")
         elif isinstance(default, (int, float)):
             try:
                 typed[key] = type(default)(value)

@@ -92,6 +92,8 @@ def test_methods_json_lists_the_registry(cli):
         (["bench", "kernel", "--length", "10"], "length"),
         (["bench", "prefill", "--method", "nope"], "unknown method"),
         (["bench", "prefill", "--density", "2"], "density"),
+        (["bench", "decode", "--kv", "razor", "--set", "kv_compensation=maybe"], "kv_compensation"),
+        (["generate", "--method", "block-topk", "--set", "per_head=maybe", "--prompt", "hi"], "per_head"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cli, args, needle):
