@@ -89,6 +89,9 @@ def _cache_problem(target: Path) -> str | None:
         if not weights:
             return "no model.safetensors"
         return next((p for w in weights if (p := _safetensors_problem(w))), None)
+    if not isinstance(files, dict) or not all(isinstance(r, dict) and {"size", "sha256", "mtime_ns"} <= r.keys()
+                                              for r in files.values()):
+        return f"its marker {_DONE} is unreadable"
     for name, rec in files.items():
         p = target / name
         try:

@@ -4,7 +4,8 @@ A value of the wrong type is a `TypeError` naming the parameter, raised before t
 range checks run (which would otherwise fail deep inside with an unhelpful message, or, for
 `per_head="no"`, silently take a non-empty string as true). bool fields take only bools, int
 fields only integers (not bools), float fields any real number; `X | None` also takes None;
-Literal fields one of their values. Only the values a caller passes are checked, never defaults.
+Literal fields one of their values (another value of the right type is a ValueError).
+Only the values a caller passes are checked, never defaults.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def _matches(value: Any, ann: Any) -> bool:
         return value is None
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, a) for a in typing.get_args(ann))
-    if origin is typing.Literal:
-        return any(value == a and type(value) is type(a) for a in typing.get_args(ann))
+    if origin is typing.Literal:  # the type here; which value is the dataclass's range check (ValueError)
+        return any(type(value) is type(a) for a in typing.get_args(ann))
     if ann is bool:
         return isinstance(value, bool)
     if ann is int:
@@ -62,8 +63,14 @@ def check_types(cls: type, values: dict[str, Any]) -> None:
         return
     names = {f.name for f in dataclasses.fields(cls)}
     for name, value in values.items():
-        if name in names and name in hints and not _matches(value, hints[name]):
-            raise TypeError(f"parameter {name} must be {_describe(hints[name])}, got {type(value).__name__} {value!r}")
+        if name not in names or name not in hints:
+            continue
+        ann = hints[name]
+        if not _matches(value, ann):
+            raise TypeError(f"parameter {name} must be {_describe(ann)}, got {type(value).__name__} {value!r}")
+        choices = [a for a in (ann, *typing.get_args(ann)) if typing.get_origin(a) is typing.Literal]
+        if choices and value is not None and not any(value in typing.get_args(c) for c in choices):
+            raise ValueError(f"parameter {name} must be {_describe(choices[0])}, got {value!r}")
 
 
 def enforce_types(cls: type) -> type:
