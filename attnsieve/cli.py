@@ -1,7 +1,9 @@
 """Command-line interface: thin; parses flags, calls the layers below, prints.
 
 Bad input gives one line on stderr and exit code 2, never a traceback (set ATTNSIEVE_DEBUG=1 to
-see the traceback of an unexpected error). Every JSON carries versions, threads and seed.
+see the traceback of an unexpected error); a failure of the machine (disk full, a folder that
+became read-only) gives one line and exit code 1, Ctrl-C "attnsieve: interrupted" and 130.
+Every JSON carries versions, threads and seed.
 """
 
 from __future__ import annotations
@@ -161,9 +163,7 @@ def generate_cmd(
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if prompt_file is not None:
-        if not prompt_file.is_file():
-            raise ValueError(f"--prompt-file {str(prompt_file)!r} does not exist")
-        prompt = prompt_file.read_text()
+        prompt = _read_prompt(prompt_file)
     sets = _parse_sets(set_ or [])
     kv_params = {k: v for k, v in sets.items() if k.startswith("kv_")}
     if kv is None and (kv_params or kv_budget is not None):
@@ -205,6 +205,21 @@ def generate_cmd(
             f"[dim]{method}: prompt {ids.input_ids.shape[1]} tokens, prefill {gen.prefill_s:.2f} s, "
             f"measured density {density if density is None else round(density, 4)}[/dim]"
         )
+
+
+def _read_prompt(path: Path) -> str:
+    """The text of --prompt-file, or a ValueError that names the file and what is wrong with it."""
+    if path.is_dir():
+        raise ValueError(f"--prompt-file {str(path)!r} is a folder, not a file")
+    if not path.exists():
+        raise ValueError(f"--prompt-file {str(path)!r} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompt-file {str(path)!r} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})"
+                         ) from None
+    except OSError as e:
+        raise ValueError(f"--prompt-file {str(path)!r} cannot be read: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager
@@ -345,32 +360,35 @@ def eval_cmd(
         kv_budgets=_float_list(kv_budget, "--kv-budget") if kv_budget else None, kv_sets=kv_sets,
         dtype=str(_dtype(dtype)).removeprefix("torch."),
     )
-    limit = _model_context(model)
-    for n in lens:
-        if n > limit:
-            raise ValueError(f"length {n} is beyond the model's context ({limit} tokens)")
-    _threads(threads)
-    _seed(seed)
+    from attnsieve.eval.results import claim
 
-    from attnsieve.eval.runner import load_rows, pending_work, row_key, run_grid
-    from attnsieve.models import load
+    with claim(out_dir):  # checked and held before the model loads: a second run on it is refused
+        limit = _model_context(model)
+        for n in lens:
+            if n > limit:
+                raise ValueError(f"length {n} is beyond the model's context ({limit} tokens)")
+        _threads(threads)
+        _seed(seed)
 
-    done = {row_key(r) for r in load_rows(out_dir / "results.jsonl")}
-    work = pending_work(spec, done)
-    steps = sum(len(todo) for _, todo in work) if ray is None else len(work)
-    mdl, tok = (None, None)
-    if ray is None:
-        with err.status(f"loading {model} ({spec.dtype})"):
-            mdl, tok = load(model, dtype=spec.dtype)
-    # in-process the runner reports each step as it starts; on Ray each input as it finishes
-    with _progress("eval", steps, calls_start_steps=ray is None) as progress:
-        if ray is not None and tok is None:
-            from transformers import AutoTokenizer
+        from attnsieve.eval.runner import load_rows, pending_work, row_key, run_grid
+        from attnsieve.models import load
 
-            from attnsieve.models import resolve
+        done = {row_key(r) for r in load_rows(out_dir / "results.jsonl")}
+        work = pending_work(spec, done)
+        steps = sum(len(todo) for _, todo in work) if ray is None else len(work)
+        mdl, tok = (None, None)
+        if ray is None and work:
+            with err.status(f"loading {model} ({spec.dtype})"):
+                mdl, tok = load(model, dtype=spec.dtype)
+        # in-process the runner reports each step as it starts; on Ray each input as it finishes
+        with _progress("eval", steps, calls_start_steps=ray is None) as progress:
+            if tok is None:
+                from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(resolve(model), local_files_only=True)
-        rows = run_grid(mdl, tok, spec, progress, ray_address=ray)
+                from attnsieve.models import resolve
+
+                tok = AutoTokenizer.from_pretrained(resolve(model), local_files_only=True)
+            rows = run_grid(mdl, tok, spec, progress, ray_address=ray)
     err.print(f"{len(work)} input(s) evaluated, {len(done)} row(s) reused; report: {out_dir / 'report.md'}")
     _print_json({"command": "eval", "out": str(out_dir), "rows": len(rows), "computed_inputs": len(work)}, seed,
                 spec.dtype)
@@ -579,8 +597,10 @@ def _parse_policy_params(kv: str, raw: dict[str, str]) -> dict:
                     continue
             else:
                 typed[key] = None if value.lower() == "none" else value
-        elif isinstance(default, bool):
-            typed[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, bool):  # anything else is an error, never silently False
+            if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"{key} expects true or false, got {value!r}")
+            typed[key] = value.lower() in ("1", "true", "yes", "on")
         elif isinstance(default, (int, float)):
             try:
                 typed[key] = type(default)(value)
@@ -604,9 +624,20 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError, FileNotFoundError) as e:
         if os.environ.get("ATTNSIEVE_DEBUG"):
             raise
-        print(f"attnsieve: error: {e}", file=sys.stderr)
+        print(f"attnsieve: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except OSError as e:  # the machine, not the arguments: a full disk, a folder made read-only mid-run
+        if os.environ.get("ATTNSIEVE_DEBUG"):
+            raise
+        print(f"attnsieve: error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(1)
+    except (KeyboardInterrupt, cx.Abort):
         print("attnsieve: interrupted", file=sys.stderr)
         sys.exit(130)
+    if rv == 130:  # typer turns Ctrl-C inside a command into exit code 130; no command returns a number
+        print("attnsieve: interrupted", file=sys.stderr)
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

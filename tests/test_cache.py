@@ -296,3 +296,35 @@ def test_quest_step_equals_attention_over_each_heads_top_pages():
         s = (k[0, 0][keep] @ qh) * 0.3
         ref = torch.softmax(s, -1) @ v[0, 0][keep]
         assert_close(out[0, h, 0], ref)
+
+
+@pytest.mark.parametrize("kv", ["streaming", "snapkv"])
+@pytest.mark.parametrize("arch", MODELS)
+def test_unpatch_during_generate_refuses_rather_than_decode_wrongly(kv, arch):
+    """A policy cache holds a compressed past stock attention cannot read: unpatching mid-generate
+    (here from a logits processor at step 3) makes the next step raise, instead of silently running
+    stock SDPA over the current token alone; unpatching after generate is as before."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model = MODELS[arch]()
+    ids, _ = prompt(T=40)
+
+    class UnpatchAtStep3(LogitsProcessor):
+        steps = 0
+
+        def __call__(self, input_ids, scores):
+            UnpatchAtStep3.steps += 1
+            if UnpatchAtStep3.steps == 3:
+                attnsieve.unpatch(model)
+            return scores
+
+    attnsieve.patch(model, "dense", kv=kv, kv_budget=0.1)
+    unpatching = LogitsProcessorList([UnpatchAtStep3()])
+    with pytest.raises(RuntimeError, match=r"unpatch\(\) was called while this KV-policy cache was in use"):
+        model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, logits_processor=unpatching)
+    assert UnpatchAtStep3.steps == 3  # refused at the first step after the unpatch
+    assert getattr(model, "_attnsieve_patch", None) is None
+    with attnsieve.patched(model, "dense", kv=kv, kv_budget=0.1):  # a fresh patch generates as before
+        first = model.generate(ids, max_new_tokens=10, do_sample=False)
+    with attnsieve.patched(model, "dense", kv=kv, kv_budget=0.1):
+        assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), first)

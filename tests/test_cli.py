@@ -1,21 +1,59 @@
-"""The command line: JSON shapes, and one-line errors with exit code 2 for bad input."""
+"""The command line: JSON shapes, and one-line errors with exit code 2 for bad input.
+
+Commands run in this process (`main([...])`, output captured), so a loaded machine slows them
+but never fails them; one test runs `python -m attnsieve` as a user would, without a time limit.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from attnsieve.cli import main
 from attnsieve.methods import names
 
 
-def cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "attnsieve", *args], capture_output=True, text=True, timeout=timeout)
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_methods_json_lists_the_registry():
+@pytest.fixture
+def cli(capsys):
+    def run(*args: str) -> Result:
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run
+
+
+def test_python_dash_m_runs_the_cli():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-m", "attnsieve", "methods", "--json"], capture_output=True, text=True,
+                         env=env)
+    assert res.returncode == 0, res.stderr
+    assert {m["name"] for m in json.loads(res.stdout.strip().splitlines()[-1])["methods"]} == set(names())
+    res = subprocess.run([sys.executable, "-m", "attnsieve", "generate", "--prompt", "a", "--prompt-file", "b"],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "attnsieve: error: give exactly one of --prompt or --prompt-file"
+
+
+def test_methods_json_lists_the_registry(cli):
     res = cli("methods", "--json")
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout.strip().splitlines()[-1])
@@ -54,15 +92,38 @@ def test_methods_json_lists_the_registry():
         (["bench", "kernel", "--length", "10"], "length"),
         (["bench", "prefill", "--method", "nope"], "unknown method"),
         (["bench", "prefill", "--density", "2"], "density"),
+        (["bench", "decode", "--kv", "razor", "--set", "kv_compensation=maybe"], "kv_compensation"),
+        (["generate", "--method", "block-topk", "--set", "per_head=maybe", "--prompt", "hi"], "per_head"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args, needle):
+def test_bad_input_is_one_line_and_exit_2(cli, args, needle):
     res = cli(*args)
     assert res.returncode == 2, (res.returncode, res.stderr)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
     assert needle in lines[0]
     assert "Traceback" not in res.stderr
+
+
+def test_prompt_file_messages_name_the_file_and_the_problem(cli, tmp_path):
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x00\xff\xfe" * 10)
+    for path, needle in [(tmp_path, "is a folder, not a file"), (binary, "is not UTF-8 text"),
+                         (tmp_path / "missing.txt", "does not exist")]:
+        res = cli("generate", "--prompt-file", str(path))
+        assert res.returncode == 2, res.stderr
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and needle in lines[0] and repr(str(path)) in lines[0], res.stderr
+
+
+def test_cache_pointing_at_a_file_is_one_line(cli, tmp_path, monkeypatch):
+    f = tmp_path / "not-a-folder"
+    f.write_text("x")
+    monkeypatch.setenv("ATTNSIEVE_CACHE", str(f))
+    res = cli("generate", "--prompt", "hi")
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"attnsieve: error: ATTNSIEVE_CACHE {str(f)!r} is a file; the conversion cache " \
+        "must be a folder"
 
 
 def test_readme_methods_table_matches_the_registry():
@@ -79,7 +140,7 @@ def test_readme_methods_table_matches_the_registry():
     )
 
 
-def test_bench_kernel_json():
+def test_bench_kernel_json(cli):
     res = cli("bench", "kernel", "--length", "512", "--density", "0.25", "--heads", "2", "--kv-heads", "1",
               "--head-dim", "32", "--reps", "1", "--json")
     assert res.returncode == 0, res.stderr

@@ -177,6 +177,53 @@ def test_patch_errors_are_clear():
         attnsieve.unpatch(model)
 
 
+@pytest.mark.parametrize(
+    "call,error,needle",
+    [
+        (lambda m: attnsieve.patch(torch.nn.Linear(3, 3)), TypeError, "model must be a transformers PreTrainedModel"),
+        (lambda m: attnsieve.patch("gemma3-270m"), TypeError, r"model must be .*attnsieve.load\('gemma3-270m'\)"),
+        (lambda m: attnsieve.unpatch(torch.nn.Linear(3, 3)), TypeError, "model must be"),
+        (lambda m: attnsieve.patch(m, 3), TypeError, "method must be"),
+        (lambda m: attnsieve.patch(m, "block-topk", density="0.1"), TypeError, "parameter density must be a number"),
+        (lambda m: attnsieve.patch(m, "block-topk", block_size=16.0), TypeError, "parameter block_size must be an int"),
+        (lambda m: attnsieve.patch(m, "dense", kv="snapkv", kv_budget="0.5"), TypeError, "kv_budget must be a number"),
+        (lambda m: attnsieve.patch(m, "dense", kv=1), TypeError, "kv must be"),
+        (lambda m: attnsieve.patch(m, "block-topk", per_head="no"), TypeError, "parameter per_head must be a bool"),
+        (lambda m: attnsieve.patch(m, "dense", kv="snapkv", kv_window=1.5), TypeError, "kv_window must be an int"),
+        (lambda m: attnsieve.patch(m, "dense", layers={True: "dense"}), TypeError, "layers keys must be int"),
+        (lambda m: attnsieve.patch(m, "dense", layers=[0]), TypeError, "layers must be a dict"),
+        (lambda m: attnsieve.patch(m, "dense", layers={0: 5}), TypeError, r"layers\[0\] must be"),
+    ],
+    ids=["nn.Linear", "model-name", "unpatch-Linear", "method-int", "density-str", "block_size-float",
+         "kv_budget-str", "kv-int", "per_head-str", "kv_window-float", "layers-bool-key", "layers-list",
+         "layers-value"],
+)
+def test_public_entry_points_check_types_and_name_the_parameter(call, error, needle):
+    model = tiny_llama()
+    with pytest.raises(error, match=needle):
+        call(model)
+    assert getattr(model, "_attnsieve_patch", None) is None  # a refused patch leaves the model untouched
+
+
+def test_every_bool_parameter_takes_only_bools():
+    """per_head="no" used to be taken as true (a non-empty string); every bool field now refuses non-bools."""
+    import dataclasses
+
+    from attnsieve.cache import make_policy, policy_class, policy_names
+    from attnsieve.methods import make
+
+    classes = [(n, method_class(n).Params, lambda n, **kw: make(n, **kw)) for n in names()]
+    classes += [(n, policy_class(n).Params, lambda n, **kw: make_policy(n, **kw)) for n in policy_names()]
+    checked = 0
+    for name, params, build in classes:
+        for f in dataclasses.fields(params):
+            if isinstance(getattr(params(), f.name), bool):
+                with pytest.raises(TypeError, match=f"parameter {f.name} must be a bool"):
+                    build(name, **{f.name: "no"})
+                checked += 1
+    assert checked > 0
+
+
 def test_refuses_logit_softcapping():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 

@@ -179,3 +179,30 @@ def test_parse_params_converts_types():
         parse_params("dense", {"window": "3"})
     with pytest.raises(ValueError, match="unknown method"):
         make("nope")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_integer_key_valid_is_read_as_bool_by_every_method(name):
+    """transformers' attention masks are int64: every method gets them converted once, the same way."""
+    q, k, v = qkv(B=2, T=130)
+    valid = torch.ones(2, 130, dtype=torch.bool)
+    valid[0, :37] = False
+    results = []
+    for mask in (valid, valid.long(), valid.int()):
+        torch.manual_seed(0)  # methods with random projections draw the same ones
+        try:
+            results.append(run(small(name), q, k, v, key_valid=mask))
+        except ValueError as e:  # a method that refuses this layer refuses it for every mask dtype
+            results.append(type(e))
+    if isinstance(results[0], type):
+        assert results == [results[0]] * 3
+        return
+    for res in results[1:]:
+        assert torch.equal(res.out, results[0].out) and res.cells == results[0].cells
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2, 5), torch.full((2, 5), 2), torch.ones(5, dtype=torch.bool), [[1, 0]]],
+                         ids=["float", "int-not-0-1", "1d", "list"])
+def test_key_valid_that_is_not_a_mask_is_a_type_error(bad):
+    with pytest.raises(TypeError, match="key_valid must be"):
+        LayerContext(0, 1.0, None, bad)

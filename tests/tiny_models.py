@@ -32,3 +32,30 @@ def tiny_llama(seed: int = 0):
 
 
 MODELS = {"gemma3": tiny_gemma3, "llama": tiny_llama}
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code (259 tokens, no merges): any text encodes, nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{c: i + 3 for i, c in enumerate(sorted(chars))}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def save_tiny_eval_model(folder, seed: int = 0):
+    """A tiny Gemma-3 and its byte-level tokenizer saved as an HF folder (`--model FOLDER` in the CLI)."""
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=2048, attn_implementation="sdpa", pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    Gemma3ForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -18,6 +18,7 @@ Nothing here imports transformers; integrations/hf_cache.py adapts it to transfo
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from attnsieve.kernels import merge, softmax_with_lse
+from attnsieve.params import enforce_types
 
 
 @dataclass
@@ -206,6 +208,8 @@ class KVPolicy:
     summary: ClassVar[str]
 
     def __init__(self, budget: float | None, params=None, *, n_layers: int = 1):
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)):
+            raise TypeError(f"kv_budget must be a number in (0, 1] or None, got {type(budget).__name__} {budget!r}")
         if budget is not None and not 0 < budget <= 1:
             raise ValueError(f"kv_budget must be in (0, 1], got {budget}")
         self.budget = 1.0 if budget is None else float(budget)
@@ -314,7 +318,7 @@ def register_policy(name: str, *, kind: str, params: type, summary: str):
         for f in params.__dataclass_fields__:
             if not f.startswith("kv_"):
                 raise ValueError(f"KV policy parameters must start with 'kv_' (so they never clash), got {f!r}")
-        cls.name, cls.kind, cls.Params, cls.summary = name, kind, params, summary
+        cls.name, cls.kind, cls.Params, cls.summary = name, kind, enforce_types(params), summary
         _POLICIES[name] = cls
         return cls
 
@@ -332,6 +336,8 @@ def policy_class(name: str) -> type[KVPolicy]:
 
 
 def make_policy(name: str, budget: float | None = None, n_layers: int = 1, **params) -> KVPolicy:
+    if not isinstance(name, str):
+        raise TypeError(f"kv must be a KV-cache policy name (str), got {type(name).__name__} {name!r}")
     cls = policy_class(name)
     fields = cls.Params.__dataclass_fields__
     unknown = sorted(set(params) - set(fields))

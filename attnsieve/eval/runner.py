@@ -3,13 +3,13 @@
 Each input (task, length, sample) is generated once; stock SDPA prefill is timed on it in the same
 process as the methods compared with it; the dense reference (span log-probabilities, captured
 layer inputs, perplexity) is computed once per input and reused by every configuration. Rows are
-appended to `results.jsonl` as they finish, so an interrupted run resumes where it stopped and a
-finished run recomputes nothing.
+appended to `results.jsonl` as they finish (complete lines, under the output folder's lock: see
+`eval/results.py`), so an interrupted run resumes where it stopped, a finished run recomputes
+nothing, and a second run on the same folder is refused instead of duplicating cells.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from attnsieve.eval.efficiency import PeakRSS
 from attnsieve.eval.fidelity import dense_reference, method_fidelity
 from attnsieve.eval.generation import greedy
 from attnsieve.eval.perplexity import perplexity
+from attnsieve.eval.results import RESULTS, append_rows, claim, read_rows, row_key
 from attnsieve.eval.tasks import TASKS, score_contains
 from attnsieve.eval.tasks.base import encode
 from attnsieve.eval.tasks.haystack import haystack_ids
@@ -30,7 +31,6 @@ from attnsieve.methods import has_param, make, names
 from attnsieve.runinfo import run_info
 
 PPL = "ppl"  # perplexity of natural prose: not a retrieval task, scored by ppl against dense
-RESULTS = "results.jsonl"
 
 
 @dataclass(frozen=True)
@@ -134,22 +134,9 @@ class EvalSpec:
         return [(t, n, i) for t in self.tasks for n in self.lengths for i in range(self.samples)]
 
 
-def row_key(row: dict) -> tuple:
-    # rows written before dtype was recorded ran in float32
-    return (row["config"], row["task"], row["haystack"], row["length"], row["sample"], row.get("dtype") or "float32")
-
-
 def load_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by an interrupted run: redo that cell
-                continue
-    return rows
+    """The rows of a results file, one per cell; ValueError naming the file and line for a malformed row."""
+    return read_rows(path)
 
 
 def make_input(tok, spec: EvalSpec, task: str, length: int, i: int):
@@ -246,16 +233,14 @@ def pending_work(spec: EvalSpec, done: set[tuple]) -> list[tuple[tuple[str, int,
 def run_grid(model, tok, spec: EvalSpec, progress: Callable[[str], None] | None = None,
              ray_address: str | None = None) -> list[dict]:
     """Run what is missing from `spec.out/results.jsonl`, write the report, return all rows."""
-    spec.out.mkdir(parents=True, exist_ok=True)
-    path = spec.out / RESULTS
-    rows = load_rows(path)
-    done = {row_key(r) for r in rows}
-    work = pending_work(spec, done)
-    with path.open("a") as f:
+    with claim(spec.out):
+        path = spec.out / RESULTS
+        rows = load_rows(path)
+        done = {row_key(r) for r in rows}
+        work = pending_work(spec, done)
+
         def keep(new_rows: list[dict]) -> None:
-            for r in new_rows:
-                f.write(json.dumps(r, default=str) + "\n")
-            f.flush()
+            append_rows(path, new_rows)
             rows.extend(new_rows)
 
         if ray_address is None:
@@ -265,8 +250,8 @@ def run_grid(model, tok, spec: EvalSpec, progress: Callable[[str], None] | None 
             from attnsieve.eval.distributed import run_on_ray
 
             run_on_ray(spec, work, ray_address, keep, progress)
-    from attnsieve.eval.report import write_report
+        from attnsieve.eval.report import write_report
 
-    write_report(rows, spec.out, spec.command)
+        write_report(rows, spec.out, spec.command)
     return rows
 

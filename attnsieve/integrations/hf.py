@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
+from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
 from attnsieve.cache import KVPolicy, make_policy
@@ -123,13 +123,17 @@ class Patch:
     kv: KVPolicy | None = None  # the decoding-cache policy, if any
     windows: dict[int, int | None] = field(default_factory=dict)  # layer -> native sliding window
     hook: Any = None  # forward pre-hook that gives every new forward an attnsieve cache
+    active: bool = True  # False once unpatched: caches made by this patch then refuse to continue
 
     def unpatch(self) -> None:
         unpatch(self.model)
 
     def new_cache(self) -> PolicyCache:
-        """A fresh cache for this patch: the policy's compressed global layers, exact sliding windows."""
-        return PolicyCache(self.kv, len(self.windows), self.windows)
+        """A fresh cache for this patch: the policy's compressed global layers, exact sliding windows.
+
+        It belongs to this patch: used after `unpatch()` (say, by a `generate` that was running),
+        its next forward raises instead of letting stock attention read a compressed past."""
+        return PolicyCache(self.kv, len(self.windows), self.windows, owner=self)
 
     @contextlib.contextmanager
     def capturing(self):
@@ -342,6 +346,11 @@ def patch(
     kv_params = {k: params.pop(k) for k in list(params) if k.startswith("kv_")}
     if kv is None and (kv_budget is not None or kv_params):
         raise ValueError(f"kv_budget / {sorted(kv_params) or 'kv_*'} need a KV-cache policy: pass kv=NAME")
+    _check_model(model)
+    if kv is not None and not isinstance(kv, str):
+        raise TypeError(f"kv must be a KV-cache policy name (str) or None, got {type(kv).__name__} {kv!r}")
+    if layers is not None and not isinstance(layers, dict):
+        raise TypeError(f"layers must be a dict {{layer index: method}}, got {type(layers).__name__}")
     if getattr(model, _STATE, None) is not None:
         raise ValueError("model is already patched; call attnsieve.unpatch(model) first")
     modules = _attention_modules(model)
@@ -352,8 +361,12 @@ def patch(
     layer_types = getattr(text_cfg, "layer_types", None) or ["full_attention"] * n_layers
     overrides = {}
     for idx, spec in (layers or {}).items():
-        if not isinstance(idx, int) or not 0 <= idx < n_layers:
+        if isinstance(idx, bool) or not isinstance(idx, int):  # True would silently mean layer 1
+            raise TypeError(f"layers keys must be int layer indices, got {type(idx).__name__} {idx!r}")
+        if not 0 <= idx < n_layers:
             raise ValueError(f"layer index {idx!r} out of range [0, {n_layers - 1}]")
+        if not isinstance(spec, (str, Method)):
+            raise TypeError(f"layers[{idx}] must be a registered name or a Method object, got {type(spec).__name__}")
         overrides[idx] = _as_method(spec, {})
     encoder = not any(bool(getattr(m, "is_causal", True)) for m in modules.values())
     for m in [main, *overrides.values()]:
@@ -419,11 +432,25 @@ def _give_policy_cache(handle: Patch):
     return hook
 
 
+def _check_model(model) -> None:
+    if not isinstance(model, PreTrainedModel):
+        hint = f"; load one first: model, tok = attnsieve.load({model!r})" if isinstance(model, str) else ""
+        raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}{hint}")
+
+
 def unpatch(model) -> None:
-    """Restore the attention implementation the model had before patch()."""
+    """Restore the attention implementation the model had before patch().
+
+    With a KV-cache policy, a generation still running on the patch's cache (unpatch from a logits
+    processor or a callback) cannot go on: that cache holds only the policy's compressed past,
+    which stock attention cannot read. Its next step raises a RuntimeError saying so, rather than
+    silently attending to the current token alone. Unpatch after `generate` returns.
+    """
+    _check_model(model)
     handle: Patch | None = getattr(model, _STATE, None)
     if handle is None:
         raise ValueError("model is not patched by attnsieve")
+    handle.active = False
     if handle.hook is not None:
         handle.hook.remove()
     for mod in _attention_modules(model).values():
@@ -444,6 +471,7 @@ def patched(model, method: str | Method = "dense", **kwargs):
 
 
 def stats(model) -> Stats:
+    _check_model(model)
     handle: Patch | None = getattr(model, _STATE, None)
     if handle is None:
         raise ValueError("model is not patched by attnsieve")

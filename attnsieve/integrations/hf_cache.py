@@ -25,9 +25,10 @@ class PolicyCacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, kv: LayerKV):
+    def __init__(self, kv: LayerKV, owner=None):
         super().__init__()
         self.kv = kv
+        self.owner = owner  # the Patch that made this cache (None: not tied to one)
         self.is_sliding = kv.window is not None
         self.sliding_window = kv.window
 
@@ -35,6 +36,12 @@ class PolicyCacheLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        if self.owner is not None and not self.owner.active:
+            raise RuntimeError(
+                "attnsieve.unpatch() was called while this KV-policy cache was in use (e.g. during generate); "
+                "it holds only the policy's compressed past, which the unpatched model cannot read. "
+                "Unpatch after generate returns, or start a new generation"
+            )
         self.is_initialized = True
         extra = kwargs.get("kwargs")
         if isinstance(extra, dict):
@@ -81,7 +88,7 @@ class PolicyCacheLayer(CacheLayerMixin):
 class PolicyCache(Cache):
     """A transformers Cache whose global layers follow a KV policy and sliding layers keep their window."""
 
-    def __init__(self, policy: KVPolicy | None, n_layers: int, windows: dict[int, int | None]):
+    def __init__(self, policy: KVPolicy | None, n_layers: int, windows: dict[int, int | None], owner=None):
         layers = []
         global_rank = 0
         for i in range(n_layers):
@@ -93,7 +100,7 @@ class PolicyCache(Cache):
             else:
                 kv = policy.layer(i, global_rank)
                 global_rank += 1
-            layers.append(PolicyCacheLayer(kv))
+            layers.append(PolicyCacheLayer(kv, owner))
         super().__init__(layers=layers)
         self.policy = policy
 

@@ -28,6 +28,25 @@ class LayerContext:
     key_valid: torch.Tensor | None = None  # [B, Tk] bool, False on padding; None when no padding
     causal: bool = True  # False in bidirectional (encoder) layers; non-causal methods refuse causal ones
 
+    def __post_init__(self):
+        # Every method sees a bool mask: an integer 0/1 mask (transformers' attention_mask is int64)
+        # is converted here once, so no method fails on it or reads it differently from another.
+        kv = self.key_valid
+        if kv is None:
+            return
+        if not isinstance(kv, torch.Tensor) or kv.dim() != 2:
+            raise TypeError(f"key_valid must be a [B, Tk] bool tensor or None, got {_what(kv)}")
+        if kv.dtype is not torch.bool:
+            if kv.dtype.is_floating_point or kv.dtype.is_complex or not bool(((kv == 0) | (kv == 1)).all()):
+                raise TypeError(f"key_valid must be bool, or integer with values 0 and 1, got {_what(kv)}")
+            self.key_valid = kv.to(torch.bool)
+
+
+def _what(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {list(x.shape)}"
+    return f"{type(x).__name__} {x!r}"
+
 
 @dataclass
 class AttnOutput:

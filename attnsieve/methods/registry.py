@@ -13,6 +13,7 @@ import typing
 from typing import Any
 
 from attnsieve.methods.base import Method
+from attnsieve.params import enforce_types
 
 _REGISTRY: dict[str, type[Method]] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
@@ -42,7 +43,7 @@ def register(
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method {name!r} is registered twice")
         cls.name, cls.family, cls.phases, cls.causal = name, family, tuple(phases), causal
-        cls.Params, cls.summary = params, summary
+        cls.Params, cls.summary = enforce_types(params), summary  # density="0.1": TypeError naming density
         _REGISTRY[name] = cls
         return cls
 
@@ -75,6 +76,8 @@ def method_class(name: str) -> type[Method]:
 
 def make(name: str, **params: Any) -> Method:
     """Instantiate a registered method with validated hyperparameters."""
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a registered name (str), got {type(name).__name__} {name!r}")
     cls, defaults = _resolve(name)
     fields = {f.name for f in dataclasses.fields(cls.Params)}
     unknown = sorted(set(params) - fields)
