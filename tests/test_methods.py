@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from attnsieve.kernels import dense_attention, exact_cells
-from attnsieve.methods import LayerContext, describe, make, method_class, names, parse_params
+from attnsieve.methods import LayerContext, describe, leak_free_params, make, method_class, names, parse_params
 from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, topk_support
 
 from helpers import assert_close
 
 ALL = names()
-CAUSAL = [n for n in ALL if method_class(n).causal]
+CAUSAL = [n for n in ALL if method_class(n).supports_causal_mask]
 
 
 def qkv(B=1, H=4, Hkv=1, T=300, D=32, seed=0):
@@ -68,8 +68,13 @@ def test_degenerate_setting_with_left_padding(name):
 @pytest.mark.parametrize("name", CAUSAL)
 @pytest.mark.parametrize("density", [None, 0.2])
 def test_no_causal_leak(name, density):
-    """Changing queries, keys and values from position t on never changes an output before t."""
+    """Changing queries, keys and values from position t on never changes an output before t.
+
+    Every method runs in its causal form: as it is when its default is causal, with `causal=True`
+    when its default looks ahead as its paper does (those are tested in test_lookahead_*).
+    """
     params = {"density": density} if density is not None and "density" in describe(name)["params"] else {}
+    params.update(leak_free_params(name))
     if name == "window":
         params.setdefault("window", 50)
     method = small(name, **params)
