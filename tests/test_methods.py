@@ -11,7 +11,7 @@ from attnsieve.kernels import dense_attention, exact_cells
 from attnsieve.methods import LayerContext, describe, leak_free_params, make, method_class, names, parse_params
 from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, topk_support
 
-from helpers import assert_close
+from helpers import assert_close, masked_dense_reference
 
 ALL = names()
 CAUSAL = [n for n in ALL if method_class(n).supports_causal_mask]
@@ -184,3 +184,59 @@ def test_parse_params_converts_types():
         parse_params("dense", {"window": "3"})
     with pytest.raises(ValueError, match="unknown method"):
         make("nope")
+
+
+LOOKAHEAD = [n for n in ALL if describe(n)["lookahead"]]
+
+
+def support_token_mask(support, H, T):
+    """[B, H, T, T] bool: the key blocks and listed key tokens a support puts in scope, causal (loops)."""
+    bs = support.block_size
+    blocks = support.to_mask(-(-T // bs))
+    B, Hs = blocks.shape[:2]
+    mask = torch.zeros(B, H, T, T, dtype=torch.bool)
+    for b, hs, j, kb in torch.nonzero(blocks).tolist():
+        for h in range(hs * H // Hs, (hs + 1) * H // Hs):
+            mask[b, h, j * bs : (j + 1) * bs, kb * bs : (kb + 1) * bs] = True
+    if support.tokens is not None:
+        Ht = support.tokens.shape[1]
+        for b, ht, j, m in torch.nonzero(support.tokens >= 0).tolist():
+            for h in range(ht * H // Ht, (ht + 1) * H // Ht):
+                mask[b, h, j * bs : (j + 1) * bs, int(support.tokens[b, ht, j, m])] = True
+    return mask & torch.ones(T, T, dtype=torch.bool).tril()
+
+
+def test_registry_declares_the_look_ahead_defaults():
+    assert {"vertical-slash", "block-sparse", "flexprefill"} <= set(LOOKAHEAD)
+    for name in ALL:
+        d = describe(name)
+        assert isinstance(d["lookahead"], bool)
+        assert d["lookahead"] == ("causal" in d["params"] and d["params"]["causal"] is False), name
+        assert leak_free_params(name) == ({"causal": True} if d["lookahead"] else {})
+
+
+@pytest.mark.parametrize("name", LOOKAHEAD)
+def test_lookahead_default_depends_on_the_last_query_block_only_as_the_paper_does(name):
+    """Changing only the last query block's queries changes the chosen support (the paper estimates from
+    the prompt's last queries or a block's own), the leak-free form's support before that block does not
+    change, and both still compute exact attention over the support they chose."""
+    T, bs = 320, 16
+    q, k, v = qkv(T=T, D=32, seed=21)
+    params = {"density": 0.2} if "density" in describe(name)["params"] else {}
+    # forced parts small enough that the density budget leaves room for a choice on 320 tokens
+    params.update({"vertical-slash": dict(sink_columns=2, local_diagonals=4)}.get(name, {}))
+    ctx = LayerContext(0, 32**-0.5)
+    q2 = q.clone()
+    g = torch.Generator().manual_seed(22)
+    q2[:, :, -bs:] = 4 * k[:, :, torch.randint(0, T - bs, (bs,), generator=g)].mean(1, keepdim=True)
+    for causal in (False, True):
+        method = small(name, causal=causal, **params)
+        supports = [method.support(x, k, ctx) for x in (q, q2)]
+        masks = [support_token_mask(s, 4, T) for s in supports]
+        if causal:
+            assert torch.equal(masks[0][:, :, : T - bs], masks[1][:, :, : T - bs]), name
+        else:
+            assert not torch.equal(masks[0], masks[1]), f"{name}: the last queries do not steer the support"
+        for x, mask in zip((q, q2), masks, strict=True):
+            ref, _ = masked_dense_reference(x, k, v, mask, scale=32**-0.5)
+            assert_close(method.prefill(x, k, v, ctx).out, ref, what=f"{name} causal={causal}")
