@@ -240,3 +240,25 @@ def test_lookahead_default_depends_on_the_last_query_block_only_as_the_paper_doe
         for x, mask in zip((q, q2), masks, strict=True):
             ref, _ = masked_dense_reference(x, k, v, mask, scale=32**-0.5)
             assert_close(method.prefill(x, k, v, ctx).out, ref, what=f"{name} causal={causal}")
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_block_topk_token_budget_is_key_tokens_per_query(per_head):
+    """Quest's meaning: token_budget = 256 with blocks of 32 gives every query 8 key blocks of its own
+    (sink and diagonal included), or all it can see when fewer; the union a block computes is larger."""
+    T, bs = 640, 32
+    q, k, v = qkv(T=T, D=32, seed=9)
+    method = make("block-topk", token_budget=256, block_size=bs, per_head=per_head)
+    support = method.support(q, k, LayerContext(0, 32**-0.5))
+    n_k = T // bs
+    blocks = torch.where(support.blocks >= 0, support.blocks, n_k)
+    own = torch.zeros(*support.row_mask.shape[:4], n_k + 1, dtype=torch.bool)
+    own.scatter_(4, blocks[:, :, :, None, :].expand_as(support.row_mask),
+                 support.row_mask & (support.blocks >= 0)[:, :, :, None, :])
+    per_query = own[..., :n_k].sum(-1)  # [B, Hs, NQ, R]
+    for j in range(n_k):
+        assert (per_query[:, :, j] == min(8, j + 1)).all(), (j, per_query[:, :, j].unique())
+    union = (support.blocks >= 0).sum(-1)
+    assert (union[:, :, 10:] > 8).any(), "the union of a block's queries is larger than one query's choice"
+    res = method.prefill(q, k, v, LayerContext(0, 32**-0.5))
+    assert res.cells > 8 * bs * T * q.shape[1] * 0.5  # measured density counts the union
