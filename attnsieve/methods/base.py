@@ -81,7 +81,7 @@ class Method:
     family: ClassVar[str]
     phases: ClassVar[tuple[str, ...]]
     # Whether the method can mask the future at all (Nystrom cannot: it refuses causal layers).
-    supports_causal_mask: ClassVar[bool]
+    supports_causal_mask: ClassVar[bool] = True
     # Whether the method's default estimate looks ahead within the call, as its paper does (the
     # prompt's last queries, a block's own queries); set by @register from the `causal` parameter.
     lookahead: ClassVar[bool] = False
