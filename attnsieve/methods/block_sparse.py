@@ -11,9 +11,16 @@ Hyperparameters (defaults are the reference's, unscaled): `top_k` (key blocks pe
 ranked by its own pooled queries; True: by the pooled queries of the block before it, see below);
 `ref_context` (opt-in, default None: when set, `top_k` scales with Tk / ref_context, which the
 reference does not do); `sink_blocks` / `local_blocks` (first real key blocks / latest key blocks,
-the diagonal included, always kept inside the budget; None: 0 and 0 by default as in the reference,
-1 and 1 when `causal=True`); `density` (when set, overrides `top_k` so that the measured density
-lands near it, via selection.density_budget); `block_size` (64, as in the paper).
+the diagonal included, always kept inside the budget; None: 0 and 0 with the paper's top_k as in
+the reference, 1 and 1 under `density` or `causal=True`); `density` (when set, overrides `top_k` so
+that the measured density lands near it, via selection.density_budget); `block_size` (64, as in the
+paper).
+
+Why the sink and diagonal are kept under `density`: the reference keeps 100 blocks, so at a few
+thousand tokens every early query block keeps all its blocks and a long row keeps many. A density
+budget leaves early rows one or two blocks, and the pooled ranking then often drops a block's own
+keys or the attention sink (on gemma3-270m at 4k, density 0.2, a pass key was lost with nothing
+forced and found with either block forced). Set both to 0 for the bare reference ranking.
 
 Estimation (default, `causal=False`, as in MInference's `_build_block_index` in
 minference/ops/block_sparse_flash_attention.py): queries and keys are mean-pooled over blocks of
@@ -115,7 +122,7 @@ class BlockSparse(SparseMethod):
         bs = p.block_size
         layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, q.device)
         first, n_q, n_k = layout.first_qb, layout.n_q, layout.n_k
-        default = 1 if p.causal else 0
+        default = 1 if p.causal or p.density is not None else 0
         sink_blocks = default if p.sink_blocks is None else p.sink_blocks
         local_blocks = default if p.local_blocks is None else p.local_blocks
         forced = forced_blocks(layout, sink_blocks, local_blocks)  # [B, NQ, NK]
