@@ -126,7 +126,7 @@ class BiLevel(SparseMethod):
         n_forced = forced.sum(-1)
         if p.density is not None and not p.causal:
             # the diagonal is routed like any region, so each kept region counts whole
-            want = torch.round(p.density * (layout.n_avail.to(torch.float64) - 0.5)).to(torch.long)
+            want = torch.floor(p.density * (layout.n_avail.to(torch.float64) - 0.5) + 0.5).to(torch.long)
             keep = torch.minimum(torch.maximum(want, n_forced.clamp_min(1)), layout.n_avail)
         elif p.density is not None:
             keep = density_budget(p.density, layout.n_avail, n_forced)
