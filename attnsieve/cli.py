@@ -101,11 +101,17 @@ def methods_cmd(
 
 def methods_markdown(rows: list[dict]) -> str:
     """The methods table of the README, generated from the registry."""
-    lines = ["| method | family | phases | parameters (defaults) | what it does |", "|---|---|---|---|---|"]
+    lines = [
+        "| method | family | phases | lookahead | parameters (defaults) | what it does |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         params = ", ".join(f"`{k}={v}`" for k, v in r["params"].items()) or "-"
         alias = f" (alias of `{r['alias_of']}`)" if r["alias_of"] else ""
-        lines.append(f"| `{r['name']}`{alias} | {r['family']} | {', '.join(r['phases'])} | {params} | {r['summary']} |")
+        ahead = "yes" if r["lookahead"] else "no"
+        lines.append(
+            f"| `{r['name']}`{alias} | {r['family']} | {', '.join(r['phases'])} | {ahead} | {params} | {r['summary']} |"
+        )
     return "\n".join(lines)
 
 

@@ -9,7 +9,7 @@ import torch
 
 import attnsieve
 from attnsieve.cache import LayerKV, make_policy, policy_class, policy_names
-from attnsieve.cache.pyramidkv import layer_fractions
+from attnsieve.cache.pyramidkv import layer_budget
 from attnsieve.kernels import dense_attention
 
 from helpers import assert_close
@@ -173,9 +173,37 @@ def test_adakv_gives_heads_different_lengths_stored_as_separate_tensors():
 
 
 def test_pyramid_budgets_shrink_with_depth_and_average_the_budget():
-    f = layer_fractions(0.2, 10, 20.0)
-    assert f == sorted(f, reverse=True)
-    assert sum(f) / 10 == pytest.approx(0.2)
+    n = [layer_budget(4000, 0.2, 32, 20.0, 10, i) for i in range(10)]
+    assert n == sorted(n, reverse=True) and n[0] > n[-1]
+    assert sum(n) / 10 == pytest.approx(0.2 * 4000, abs=1)
+    assert n[-1] == round(0.2 * 4000 / 20)  # the top layer: avg / beta
+    # kvpress's fallback: the smallest budget would be under one window -> uniform SnapKV
+    assert layer_budget(4096, 0.1, 32, 20.0, 18, 17) is None
+
+
+def observe(layer, T, D=16, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(1, 2, T, D, generator=g), torch.randn(1, 1, T, D, generator=g), torch.randn(1, 1, T, D)
+
+    def exact(qq, kk, vv):
+        out, lse = dense_attention(qq, kk, vv, causal=True)
+        return attnsieve.methods.AttnOutput(out, 0, lse=lse)
+
+    layer.attend(q, k, v, None, D**-0.5, exact)
+    return layer.pos[0].tolist()
+
+
+@pytest.mark.parametrize("T,beta", [(4096, 20.0), (1000, 2.0)], ids=["fallback", "pyramid"])
+def test_pyramid_keeps_the_first_token_and_the_window_in_every_layer_at_budget_0_1(T, beta):
+    """At kv_budget 0.1 on 18 layers the top layer's share is smaller than its window (fallback to
+    uniform SnapKV), or, with beta 2, the window and sinks come on top of the layer's share."""
+    policy = make_policy("pyramidkv", 0.1, n_layers=18, kv_beta=beta)
+    for rank in (0, 17):
+        kept = observe(policy.layer(rank, rank), T)
+        assert 0 in kept and set(range(T - 32, T)) <= set(kept), rank
+        n = layer_budget(T, 0.1, 32, beta, 18, rank)
+        assert len(kept) == (math.ceil(0.1 * T) if n is None else n + 32 + 4), rank
+    assert (layer_budget(T, 0.1, 32, beta, 18, 17) is None) == (beta == 20.0)
 
 
 def test_chunked_prefill_keeps_kv_memory_near_the_budget_and_is_exact_at_budget_one():

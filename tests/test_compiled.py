@@ -34,7 +34,7 @@ PLANS = [
     pytest.param(1, 4, 1, 600, 600, 64, dict(density=0.1, block_size=32), False, id="gemma-like"),
     pytest.param(2, 6, 2, 500, 500, 32, dict(density=0.3, block_size=32), True, id="padded-batch"),
     pytest.param(1, 4, 2, 150, 400, 32, dict(density=0.2, block_size=16), False, id="chunk-Tq150-Tk400"),
-    pytest.param(1, 4, 2, 400, 400, 32, dict(token_budget=96, block_size=32, summary="mean"), False, id="mean"),
+    pytest.param(1, 4, 2, 400, 400, 32, dict(density=0.15, block_size=32, summary="mean"), False, id="mean"),
     pytest.param(1, 6, 2, 400, 400, 32, dict(density=0.2, block_size=16, per_head=False), False, id="per-group"),
     pytest.param(1, 2, 1, 700, 700, 16, dict(density=0.05, block_size=16, sink_blocks=0, local_blocks=3), False,
                  id="no-sink"),

@@ -161,3 +161,49 @@ def test_grid_with_kv_policies_reports_their_bytes_and_decode_time(tmp_path, mod
         spec(tmp_path, kv_budgets=[0.5])
     with pytest.raises(ValueError, match="kv_budget must be in"):
         spec(tmp_path, kv=["snapkv"], kv_budgets=[2.0])
+
+
+def test_perplexity_runs_look_ahead_methods_causally_and_rows_record_the_mode(tmp_path, model, tok):
+    s = spec(tmp_path, methods=["dense", "vertical-slash"], tasks=["ppl", "passkey"], samples=1, densities=[0.3],
+             sets={"vertical-slash": {"block_size": 16}})
+    rows = run_grid(model, tok, s)
+    for r in rows:
+        assert isinstance(r["causal"], bool), r["method"]
+        if r["method"] == "dense":
+            assert r["causal"] and not r["causal_forced"]
+        elif r["task"] == "ppl":  # the estimate would see the tokens it is scored on: forced leak-free
+            assert r["causal"] and r["causal_forced"]
+        else:  # generation tasks run the paper's default
+            assert not r["causal"] and not r["causal_forced"]
+
+
+def test_fidelity_prefills_the_prompt_alone_then_decodes_the_answer(model, tok):
+    """No call the method's estimator sees contains an answer token: the prompt is one prefill, the
+    answer tokens are decoding steps; and for dense this equals one teacher-forced forward pass."""
+    from attnsieve.eval.fidelity import continuation_logprobs, dense_reference, method_fidelity
+    from attnsieve.methods import make
+
+    prompt = torch.randint(1, 1000, (1, 200), generator=torch.Generator().manual_seed(0))
+    answer = [11, 12, 13, 14]
+    method = make("vertical-slash", block_size=16, density=0.3)
+    calls = []
+    prefill = method.prefill
+
+    def spy(q, k, v, ctx):
+        calls.append((q.shape[2], k.shape[2]))
+        return prefill(q, k, v, ctx)
+
+    method.prefill = spy
+    ref = dense_reference(model, prompt, answer)
+    fid = method_fidelity(model, method, ref)
+    assert calls and all(tk == 200 for _, tk in calls), calls  # replayed layers and the model's prefill
+    assert 0 <= fid["top1_agree"] <= 1 and fid["kl"] >= 0
+    with torch.no_grad():
+        ids = torch.cat([prompt, torch.tensor([answer[:-1]])], 1)
+        forced = torch.log_softmax(model(ids, logits_to_keep=len(answer)).logits[0].float(), -1)
+    from attnsieve.integrations.hf import patched
+
+    with patched(model, "dense"):
+        stepwise = continuation_logprobs(model, prompt, answer)
+    torch.testing.assert_close(stepwise, forced, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ref.logprobs, forced, atol=1e-4, rtol=1e-4)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnsieve
-from attnsieve.methods import describe, method_class, names
+from attnsieve.methods import describe, leak_free_params, method_class, names
 
 from helpers import assert_close
 from tiny_models import MODELS, VOCAB, tiny_gemma3, tiny_llama
@@ -49,11 +49,11 @@ def test_degenerate_setting_equals_stock_in_model(name):
     assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in names() if method_class(n).causal])
+@pytest.mark.parametrize("name", [n for n in names() if method_class(n).supports_causal_mask])
 def test_no_causal_leak_in_model(name):
-    """Changing a later token never changes an earlier position's logits."""
+    """Changing a later token never changes an earlier position's logits (methods in their causal form)."""
     model = tiny_gemma3()
-    params = dict(SMALL_BLOCKS[name])
+    params = {**SMALL_BLOCKS[name], **leak_free_params(name)}
     if "density" in describe(name)["params"]:
         params["density"] = 0.2
     x = ids(300)
@@ -79,7 +79,7 @@ def test_prefill_then_cached_decode_equals_full_forward(arch):
     assert_close(torch.stack(steps[:-1], 1), full[:, 69:79], atol=1e-4, rtol=1e-4)
 
 
-DECODER_METHODS = [n for n in names() if method_class(n).causal]  # non-causal methods refuse decoders
+DECODER_METHODS = [n for n in names() if method_class(n).supports_causal_mask]  # non-causal methods refuse decoders
 
 
 @pytest.mark.parametrize("name", DECODER_METHODS)
@@ -320,7 +320,7 @@ def test_bidirectional_encoder_runs_dense_exactly_and_non_causal_methods():
         attnsieve.patch(model, "dense", kv="snapkv")
 
 
-@pytest.mark.parametrize("name", [n for n in names() if not method_class(n).causal])
+@pytest.mark.parametrize("name", [n for n in names() if not method_class(n).supports_causal_mask])
 def test_non_causal_methods_refuse_decoders_at_patch_time(name):
     with pytest.raises(ValueError, match="non-causal"):
         attnsieve.patch(tiny_llama(), name)

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from attnsieve.kernels import dense_attention, exact_cells
-from attnsieve.methods import LayerContext, describe, make, method_class, names, parse_params
+from attnsieve.methods import LayerContext, describe, leak_free_params, make, method_class, names, parse_params
 from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, topk_support
 
-from helpers import assert_close
+from helpers import assert_close, masked_dense_reference
 
 ALL = names()
-CAUSAL = [n for n in ALL if method_class(n).causal]
+CAUSAL = [n for n in ALL if method_class(n).supports_causal_mask]
 
 
 def qkv(B=1, H=4, Hkv=1, T=300, D=32, seed=0):
@@ -68,8 +68,13 @@ def test_degenerate_setting_with_left_padding(name):
 @pytest.mark.parametrize("name", CAUSAL)
 @pytest.mark.parametrize("density", [None, 0.2])
 def test_no_causal_leak(name, density):
-    """Changing queries, keys and values from position t on never changes an output before t."""
+    """Changing queries, keys and values from position t on never changes an output before t.
+
+    Every method runs in its causal form: as it is when its default is causal, with `causal=True`
+    when its default looks ahead as its paper does (those are tested in test_lookahead_*).
+    """
     params = {"density": density} if density is not None and "density" in describe(name)["params"] else {}
+    params.update(leak_free_params(name))
     if name == "window":
         params.setdefault("window", 50)
     method = small(name, **params)
@@ -206,3 +211,81 @@ def test_integer_key_valid_is_read_as_bool_by_every_method(name):
 def test_key_valid_that_is_not_a_mask_is_a_type_error(bad):
     with pytest.raises(TypeError, match="key_valid must be"):
         LayerContext(0, 1.0, None, bad)
+
+
+LOOKAHEAD = [n for n in ALL if describe(n)["lookahead"]]
+
+
+def support_token_mask(support, H, T):
+    """[B, H, T, T] bool: the key blocks and listed key tokens a support puts in scope, causal (loops)."""
+    bs = support.block_size
+    blocks = support.to_mask(-(-T // bs))
+    B, Hs = blocks.shape[:2]
+    mask = torch.zeros(B, H, T, T, dtype=torch.bool)
+    for b, hs, j, kb in torch.nonzero(blocks).tolist():
+        for h in range(hs * H // Hs, (hs + 1) * H // Hs):
+            mask[b, h, j * bs : (j + 1) * bs, kb * bs : (kb + 1) * bs] = True
+    if support.tokens is not None:
+        Ht = support.tokens.shape[1]
+        for b, ht, j, m in torch.nonzero(support.tokens >= 0).tolist():
+            for h in range(ht * H // Ht, (ht + 1) * H // Ht):
+                mask[b, h, j * bs : (j + 1) * bs, int(support.tokens[b, ht, j, m])] = True
+    return mask & torch.ones(T, T, dtype=torch.bool).tril()
+
+
+def test_registry_declares_the_look_ahead_defaults():
+    assert {"vertical-slash", "block-sparse", "flexprefill"} <= set(LOOKAHEAD)
+    for name in ALL:
+        d = describe(name)
+        assert isinstance(d["lookahead"], bool)
+        assert d["lookahead"] == ("causal" in d["params"] and d["params"]["causal"] is False), name
+        assert leak_free_params(name) == ({"causal": True} if d["lookahead"] else {})
+
+
+@pytest.mark.parametrize("name", LOOKAHEAD)
+def test_lookahead_default_depends_on_the_last_query_block_only_as_the_paper_does(name):
+    """Changing only the last query block's queries changes the chosen support (the paper estimates from
+    the prompt's last queries or a block's own), the leak-free form's support before that block does not
+    change, and both still compute exact attention over the support they chose."""
+    T, bs = 320, 16
+    q, k, v = qkv(T=T, D=32, seed=21)
+    params = {"density": 0.2} if "density" in describe(name)["params"] else {}
+    # forced parts small enough that the density budget leaves room for a choice on 320 tokens
+    params.update({"vertical-slash": dict(sink_columns=2, local_diagonals=4)}.get(name, {}))
+    ctx = LayerContext(0, 32**-0.5)
+    q2 = q.clone()
+    g = torch.Generator().manual_seed(22)
+    q2[:, :, -bs:] = 4 * k[:, :, torch.randint(0, T - bs, (bs,), generator=g)].mean(1, keepdim=True)
+    for causal in (False, True):
+        method = small(name, causal=causal, **params)
+        supports = [method.support(x, k, ctx) for x in (q, q2)]
+        masks = [support_token_mask(s, 4, T) for s in supports]
+        if causal:
+            assert torch.equal(masks[0][:, :, : T - bs], masks[1][:, :, : T - bs]), name
+        else:
+            assert not torch.equal(masks[0], masks[1]), f"{name}: the last queries do not steer the support"
+        for x, mask in zip((q, q2), masks, strict=True):
+            ref, _ = masked_dense_reference(x, k, v, mask, scale=32**-0.5)
+            assert_close(method.prefill(x, k, v, ctx).out, ref, what=f"{name} causal={causal}")
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_block_topk_token_budget_is_key_tokens_per_query(per_head):
+    """Quest's meaning: token_budget = 256 with blocks of 32 gives every query 8 key blocks of its own
+    (sink and diagonal included), or all it can see when fewer; the union a block computes is larger."""
+    T, bs = 640, 32
+    q, k, v = qkv(T=T, D=32, seed=9)
+    method = make("block-topk", token_budget=256, block_size=bs, per_head=per_head)
+    support = method.support(q, k, LayerContext(0, 32**-0.5))
+    n_k = T // bs
+    blocks = torch.where(support.blocks >= 0, support.blocks, n_k)
+    own = torch.zeros(*support.row_mask.shape[:4], n_k + 1, dtype=torch.bool)
+    own.scatter_(4, blocks[:, :, :, None, :].expand_as(support.row_mask),
+                 support.row_mask & (support.blocks >= 0)[:, :, :, None, :])
+    per_query = own[..., :n_k].sum(-1)  # [B, Hs, NQ, R]
+    for j in range(n_k):
+        assert (per_query[:, :, j] == min(8, j + 1)).all(), (j, per_query[:, :, j].unique())
+    union = (support.blocks >= 0).sum(-1)
+    assert (union[:, :, 10:] > 8).any(), "the union of a block's queries is larger than one query's choice"
+    res = method.prefill(q, k, v, LayerContext(0, 32**-0.5))
+    assert res.cells > 8 * bs * T * q.shape[1] * 0.5  # measured density counts the union

@@ -43,7 +43,7 @@ class HeadProbe(Method):
     name = "head-probe"
     family = "dense"
     phases = ("prefill",)
-    causal = True
+    supports_causal_mask = True
     Params = _NoParams
     summary = "exact attention observed by a calibration callback"
 

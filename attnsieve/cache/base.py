@@ -267,7 +267,9 @@ class EvictingKV(LayerKV):
         for r, (p, s) in enumerate(zip(self.pos, scores, strict=True)):
             n = min(budgets[r], p.numel())
             forced = forced_mask(p, self.seen, self.p.kv_sink, self.p.kv_recent)
-            s = torch.where(forced, torch.finfo(s.dtype).max, s)
+            # forced tokens outrank everything, a policy's own always-kept tokens (scored +inf) included,
+            # so the first tokens survive a budget smaller than an observation window
+            s = torch.where(forced, torch.inf, torch.where(s == torch.inf, torch.finfo(s.dtype).max, s))
             keep.append(torch.topk(s, n).indices)
         self.keep_rows(keep)
         self.after_keep(keep)

@@ -7,8 +7,19 @@ requested budget; within a layer, tokens are chosen as SnapKV does. Cai et al., 
 Dynamic KV Cache Compression based on Pyramidal Information Funneling", arXiv:2406.02069.
 
 Parameters: `kv_beta` (ratio of the average to the top layer's budget, paper 20), and SnapKV's
-`kv_window`, `kv_kernel`, `kv_pooling`, `kv_sink`. Layer budgets are capped at keeping everything;
-the model-level fraction kept is then at most `kv_budget`.
+`kv_window`, `kv_kernel`, `kv_pooling`, `kv_sink`.
+
+Layer budgets follow the reference (kvpress's `PyramidKVPress.get_layer_budget`, after
+KVCache-Factory's pyramidkv_utils.py): with L real prompt tokens and W = `kv_window`, the selected
+(non-window) tokens average L * kv_budget and fall linearly from max_num = 2 L kv_budget - min_num
+at the first compressed layer to min_num = L kv_budget / beta at the last, max_num capped at
+L - W (min_num then rising to keep the average). The observation window and the `kv_sink` first
+tokens are kept on top of a layer's selected tokens (outside its budget), as KVCache-Factory keeps
+its window. When the pyramid is impossible (not L >= max_num >= min_num >= W: the smallest layer
+would hold less than one window) every layer falls back to uniform SnapKV, keeping
+ceil(kv_budget * L) tokens with the window and sinks inside, as kvpress does. So the first token
+survives in every layer at any budget (the top layer of a short prompt no longer keeps only its
+window).
 """
 
 from __future__ import annotations
@@ -29,22 +40,32 @@ class PyramidKVParams(SnapKVParams):
             raise ValueError(f"kv_beta must be > 1, got {self.kv_beta}")
 
 
-def layer_fractions(avg: float, n_layers: int, beta: float) -> list[float]:
-    """Arithmetic budgets from the first to the last compressed layer, averaging `avg`."""
-    if n_layers == 1:
-        return [avg]
-    low = avg / beta
-    high = 2 * avg - low
-    return [high - (high - low) * i / (n_layers - 1) for i in range(n_layers)]
+def layer_budget(L: int, avg: float, window: int, beta: float, n_layers: int, rank: int) -> int | None:
+    """Selected (non-window) tokens of compressed layer `rank` for L prompt tokens, None: fall back to SnapKV."""
+    low = L * avg / beta
+    high = 2 * L * avg - low
+    if high >= L - window:
+        high = L - window
+        low = 2 * L * avg - high
+    if not (L >= high >= low >= window):
+        return None
+    step = (high - low) / (n_layers - 1) if n_layers > 1 else 0.0
+    return round(high - min(rank, n_layers - 1) * step)
 
 
 class PyramidLayer(SnapKVLayer):
-    def __init__(self, layer_idx, policy, fraction):
+    def __init__(self, layer_idx, policy, rank):
         super().__init__(layer_idx, policy)
-        self.fraction = min(1.0, fraction)
+        self.rank = rank
 
     def row_budgets(self):
-        return [keep_count(int(self.valid_seen[r // self.Hkv]), self.fraction) for r in range(len(self.pos))]
+        p, out = self.p, []
+        for r in range(len(self.pos)):
+            L = int(self.valid_seen[r // self.Hkv])
+            n = layer_budget(L, self.policy.budget, p.kv_window, p.kv_beta, self.policy.n_layers, self.rank)
+            # the window and sinks are forced (kept first), so they come on top of the selected tokens
+            out.append(keep_count(L, self.policy.budget) if n is None else min(L, n + p.kv_window + p.kv_sink))
+        return out
 
 
 @register_policy(
@@ -55,5 +76,4 @@ class PyramidLayer(SnapKVLayer):
 )
 class PyramidKV(KVPolicy):
     def layer(self, layer_idx, rank=0):
-        fractions = layer_fractions(self.budget, self.n_layers, self.params.kv_beta)
-        return PyramidLayer(layer_idx, self, fractions[min(rank, self.n_layers - 1)])
+        return PyramidLayer(layer_idx, self, rank)

@@ -1,11 +1,17 @@
 """Fidelity of a method to exact attention on the same input.
 
-- KL(dense || method) of the next-token distributions over a teacher-forced answer span, and the
-  share of span positions whose top-1 token agrees.
-- Per replaced layer, on the *exact* run's own layer inputs (so errors do not compound): the
-  relative Frobenius error of the attention output, and the share of each query's true attention
-  mass that the method's support covered, read from log-sum-exps: exp(lse_method - lse_exact)
-  is exactly the exact softmax mass on the keys the method computed.
+- KL(dense || method) of the next-token distributions over an answer span, and the share of span
+  positions whose top-1 token agrees, measured the way generation runs: the prompt alone is
+  prefilled with the method (a look-ahead method sees the prompt's queries, never the answer's),
+  then the answer tokens but the last are fed one at a time as a continuation over that cache, with
+  decoding's attention (exact for prefill-only methods). Position i's distribution is the one that
+  predicts answer token i. This is the definition; the answer is never teacher-forced in one
+  forward pass together with the prompt, which would let a look-ahead estimate see the answer and
+  would score a prefill the method never runs in generation.
+- Per replaced layer, on the *exact* run's own layer inputs of the prompt prefill (so errors do not
+  compound): the relative Frobenius error of the attention output, and the share of each query's
+  true attention mass that the method's support covered, read from log-sum-exps:
+  exp(lse_method - lse_exact) is exactly the exact softmax mass on the keys the method computed.
 
 The dense reference (span log-probabilities and captured layer inputs) is computed once per input
 and reused for every method evaluated on it.
@@ -13,6 +19,7 @@ and reused for every method evaluated on it.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,35 +31,51 @@ from attnsieve.methods import Method
 
 @dataclass
 class DenseReference:
-    input_ids: torch.Tensor  # [1, P + n - 1]: prompt followed by the answer without its last token
-    span: int  # n: answer tokens scored
-    logprobs: torch.Tensor  # [n, V] dense next-token log-probabilities over the span
-    layers: dict[int, CapturedLayer]  # inputs of the global (method-replaced) layers
+    prompt_ids: torch.Tensor  # [1, P]
+    answer_ids: list[int]  # the n answer tokens scored
+    logprobs: torch.Tensor  # [n, V] dense next-token log-probabilities over the answer
+    layers: dict[int, CapturedLayer]  # inputs of the global (method-replaced) layers in the prompt prefill
     exact: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (out, lse), filled once
 
-
-def teacher_forced_ids(prompt_ids: torch.Tensor, answer_ids: list[int]) -> tuple[torch.Tensor, int]:
-    """Prompt + answer[:-1], and the number n of positions whose next token is an answer token."""
-    if not answer_ids:
-        raise ValueError("the teacher-forced answer span is empty")
-    tail = torch.tensor([answer_ids[:-1]], dtype=prompt_ids.dtype)
-    return torch.cat([prompt_ids, tail], dim=1), len(answer_ids)
+    @property
+    def span(self) -> int:
+        return len(self.answer_ids)
 
 
 @torch.no_grad()
-def span_logprobs(model, input_ids: torch.Tensor, span: int) -> torch.Tensor:
-    logits = model(input_ids, logits_to_keep=span, use_cache=False).logits[0]  # [n, V]
-    return torch.log_softmax(logits.float(), dim=-1)
+def continuation_logprobs(model, prompt_ids: torch.Tensor, answer_ids: list[int], capture=None) -> torch.Tensor:
+    """[n, V] next-token log-probabilities over an answer, as generation computes them.
+
+    The prompt is prefilled alone (by whatever attention is patched in), then answer tokens 0 .. n-2
+    are fed one at a time over the cache. `capture`, a context manager, wraps the prompt prefill only.
+    """
+    if not answer_ids:
+        raise ValueError("the answer span is empty")
+    with capture if capture is not None else contextlib.nullcontext():
+        out = model(prompt_ids, use_cache=True, logits_to_keep=1)
+    rows = [out.logits[0, -1]]
+    for t in answer_ids[:-1]:
+        step = torch.tensor([[t]], dtype=prompt_ids.dtype, device=prompt_ids.device)
+        out = model(step, cache=out.cache, use_cache=True, logits_to_keep=1)
+        rows.append(out.logits[0, -1])
+    return torch.log_softmax(torch.stack(rows).float(), dim=-1)
 
 
 @torch.no_grad()
 def dense_reference(model, prompt_ids: torch.Tensor, answer_ids: list[int]) -> DenseReference:
-    """Exact-path span log-probabilities plus the captured inputs of every global layer."""
-    ids, n = teacher_forced_ids(prompt_ids, answer_ids)
-    with patched(model, "dense") as p, p.capturing() as captured:
-        logprobs = span_logprobs(model, ids, n)
+    """Exact-path answer log-probabilities plus the captured inputs of every global layer in the prompt prefill."""
+    captured: dict[int, CapturedLayer] = {}
+    with patched(model, "dense") as p:
+
+        @contextlib.contextmanager
+        def capture_prompt():
+            with p.capturing() as store:
+                yield
+            captured.update(store)
+
+        logprobs = continuation_logprobs(model, prompt_ids, answer_ids, capture=capture_prompt())
     layers = {i: c for i, c in captured.items() if c.role == "method"}
-    return DenseReference(ids, n, logprobs, layers)
+    return DenseReference(prompt_ids, list(answer_ids), logprobs, layers)
 
 
 def kl_and_top1(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> tuple[float, float]:
@@ -95,9 +118,9 @@ def layer_fidelity(
 
 @torch.no_grad()
 def method_fidelity(model, method: Method, ref: DenseReference) -> dict:
-    """KL, top-1 agreement, per-layer errors and covered mass of `method` against `ref`."""
+    """KL, top-1 agreement, per-layer errors and covered mass of `method` against `ref` (see the module doc)."""
     with patched(model, method):
-        logprobs = span_logprobs(model, ref.input_ids, ref.span)
+        logprobs = continuation_logprobs(model, ref.prompt_ids, ref.answer_ids)
     kl, top1 = kl_and_top1(ref.logprobs, logprobs)
     if ref.exact is None:
         ref.exact = {}

@@ -171,7 +171,10 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
     for cfg in configs:
         if tick:
             tick(f"{task} {length} #{i}: {cfg.label}")
-        method = cfg.make()
+        # Perplexity scores every token it prefills: a look-ahead estimate would see the tokens it is
+        # scored on, so methods with a `causal` switch run leak-free there.
+        forced_causal = sample is None and has_param(cfg.method, "causal")
+        method = make(cfg.method, **{**dict(cfg.params), "causal": True}) if forced_causal else cfg.make()
         with PeakRSS() as mem, patched(model, method, **cfg.patch_kwargs()) as p:
             if sample is None:
                 ppl, prefill_s = _timed_ppl(model, ids)
@@ -183,6 +186,7 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
             exact_s = prefill_s
         row = {
             "method": cfg.method, "params": dict(cfg.params), "config": cfg.label, "task": task,
+            "causal": bool(getattr(method.params, "causal", True)), "causal_forced": forced_causal,
             "haystack": "prose" if sample is None else spec.haystack, "length": length, "sample": i,
             "depth": None if sample is None else sample.depth,
             "density": p.stats.density(), "local_density": p.stats.local_density(),

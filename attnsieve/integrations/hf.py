@@ -372,7 +372,7 @@ def patch(
     for m in [main, *overrides.values()]:
         if encoder and not m.runs_bidirectional():
             raise ValueError(f"{m.name} is a causal method; this model's attention is bidirectional")
-        if not encoder and not m.causal:
+        if not encoder and not m.supports_causal_mask:
             raise ValueError(
                 f"{m.name} is non-causal (it cannot mask the future); use it in a bidirectional encoder"
             )

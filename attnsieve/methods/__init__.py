@@ -7,7 +7,16 @@ import importlib
 import pkgutil
 
 from attnsieve.methods.base import AttnOutput, LayerContext, Method, SparseMethod, exact_attention
-from attnsieve.methods.registry import describe, has_param, make, method_class, names, parse_params, register
+from attnsieve.methods.registry import (
+    describe,
+    has_param,
+    leak_free_params,
+    make,
+    method_class,
+    names,
+    parse_params,
+    register,
+)
 
 _INFRA = {"base", "registry", "selection"}
 for _mod in pkgutil.iter_modules(__path__):
@@ -22,6 +31,7 @@ __all__ = [
     "describe",
     "exact_attention",
     "has_param",
+    "leak_free_params",
     "make",
     "method_class",
     "names",

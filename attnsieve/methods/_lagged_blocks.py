@@ -53,6 +53,20 @@ def lagged_block_queries(q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Ten
     return torch.where((prev_cnt > 0)[:, None, :, None], lagged, first_q)
 
 
+def own_block_queries(q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """[B, H, NQ, D] float32: the mean of each query block's own real queries (zero where it has none).
+
+    The papers' routing query (BiFormer's region query, SeerAttention's pooled gate query): a later
+    token of the block changes the keys its earlier tokens see, so methods use it only when their
+    estimate looks ahead (`causal=False`).
+    """
+    B, H, Tq, D = q.shape
+    qg, _ = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D]
+    real = real_query_rows(Tq, Tk, bs, key_valid, B, q.device)  # [B, NQ, bs]
+    sums = (qg * real[:, None, :, :, None]).sum(3)
+    return sums / real.sum(-1).clamp_min(1)[:, None, :, None]
+
+
 def before_diagonal(layout: BlockLayout) -> torch.Tensor:
     """[B, NQ, NK] bool: allowed key blocks strictly before each query block (all keys visible to it)."""
     kb = torch.arange(layout.n_k, device=layout.allowed.device)[None, None, :]

@@ -99,7 +99,11 @@ class Method:
     name: ClassVar[str]
     family: ClassVar[str]
     phases: ClassVar[tuple[str, ...]]
-    causal: ClassVar[bool]
+    # Whether the method can mask the future at all (Nystrom cannot: it refuses causal layers).
+    supports_causal_mask: ClassVar[bool] = True
+    # Whether the method's default estimate looks ahead within the call, as its paper does (the
+    # prompt's last queries, a block's own queries); set by @register from the `causal` parameter.
+    lookahead: ClassVar[bool] = False
     Params: ClassVar[type]
     summary: ClassVar[str]
     # Parameters under which the method must equal dense attention (None: it has no such setting).
@@ -109,7 +113,7 @@ class Method:
 
     @classmethod
     def runs_bidirectional(cls) -> bool:
-        return cls.bidirectional or not cls.causal
+        return cls.bidirectional or not cls.supports_causal_mask
 
     def __init__(self, params=None):
         self.params = self.Params() if params is None else params

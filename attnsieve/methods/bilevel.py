@@ -7,8 +7,8 @@ diagonal region). Zhu, Wang, Ke, Li, Lau, "BiFormer: Vision Transformer with Bi-
 Attention", CVPR 2023 (arXiv:2303.08125).
 
 Hyperparameters:
-- `topk`: key regions routed per query region, the diagonal region added on top (None: `topk_ratio`
-  of each query region's causal candidates, rounded up).
+- `topk`: key regions routed per query region (with `causal=True` the diagonal region is added on top;
+  None: `topk_ratio` of each query region's causal candidates, rounded up).
 - `topk_ratio`: used when `topk` is None. BiFormer fixes the number of regions (S x S = 7 x 7 = 49
   per image) and routes topk = 4 of them in its second stage, so each query sees a fixed fraction
   4/49 of the image whatever its size; a text sequence has as many regions as blocks, so the
@@ -20,13 +20,18 @@ Hyperparameters:
   heads (False, the default: affinities summed over heads, one list for every head); True routes
   each query head separately.
 - `sink_blocks`: first regions always kept, counted inside the budget (default 1; see deviations).
+- `causal`: False (the paper, default): a query region is routed with the mean of its own queries
+  over the key regions at or before it, its own (diagonal) region scored like the others; the
+  token-level causal mask applies inside the routed regions, and a later token of a region can
+  change the regions its earlier tokens see. When prefill is chunked (Tq < Tk) the chunk's own
+  queries form the region queries. True: leak-free routing (below).
 
 Deviations from the paper, and why:
-- Causality (leak-free routing): BiFormer pools a region's queries over the whole region. Here query
-  region j is routed with the mean of the queries of region j - 1 (positions before region j; the
-  first region of a call falls back to its first query) and chooses only among key regions strictly
-  before j, so no query's keys depend on a later token; the diagonal region is always attended
-  (causally masked), which BiFormer gets from routing since a region's own affinity is high.
+- `causal=True` (leak-free routing): query region j is routed with the mean of the queries of region
+  j - 1 (positions before region j; the first region of a call falls back to its first query) and
+  chooses only among key regions strictly before j, so no query's keys depend on a later token; the
+  diagonal region is always attended (causally masked) and comes on top of `topk`, which BiFormer
+  gets from routing since a region's own affinity is high.
 - Attention sink: BiFormer routes every region by affinity alone. A pretrained LLM parks much of its
   attention on its first tokens (StreamingLLM, arXiv:2309.17453), whose region mean rarely wins the
   affinity ranking; without it, on gemma3-270m at 4k, routed rows covered about a third of their exact
@@ -42,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnsieve.methods._lagged_blocks import lagged_block_queries
+from attnsieve.methods._lagged_blocks import lagged_block_queries, own_block_queries
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.block_topk import key_block_summaries
 from attnsieve.methods.registry import register
@@ -52,7 +57,7 @@ from attnsieve.methods.selection import block_layout, density_budget, forced_blo
 @dataclass
 class BiLevelParams:
     topk: int | None = field(
-        default=None, metadata={"help": "key regions routed per query region, diagonal added (None: topk_ratio)"}
+        default=None, metadata={"help": "key regions routed per query region (causal: + diagonal; None: topk_ratio)"}
     )
     topk_ratio: float = field(
         default=4 / 49, metadata={"help": "fraction of causal candidate regions routed when topk is None (0, 1]"}
@@ -65,6 +70,10 @@ class BiLevelParams:
         default=False, metadata={"help": "route each query head (True) or share one routing across heads (False)"}
     )
     sink_blocks: int = field(default=1, metadata={"help": "first regions always kept (>= 0; BiFormer has none)"})
+    causal: bool = field(
+        default=False,
+        metadata={"help": "False (paper): route with each region's own queries; True: the previous region's"},
+    )
 
     def __post_init__(self):
         if self.topk is not None and self.topk < 0:
@@ -107,11 +116,19 @@ class BiLevel(SparseMethod):
         bs = p.block_size
         layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, q.device)
         _, _, k_r = key_block_summaries(k, ctx.key_valid, bs, layout.n_k)  # region keys: means
-        q_r = lagged_block_queries(q, Tk, bs, ctx.key_valid)  # region queries, lagged by one block
+        if p.causal:
+            q_r = lagged_block_queries(q, Tk, bs, ctx.key_valid)  # region queries, lagged by one block
+            forced = forced_blocks(layout, p.sink_blocks, 1)  # sinks and the diagonal region
+        else:
+            q_r = own_block_queries(q, Tk, bs, ctx.key_valid)  # each region's own queries, as BiFormer
+            forced = forced_blocks(layout, p.sink_blocks, 0)  # sinks only: the own region is routed
         aff = region_affinity(q_r, k_r, p.per_head)
-        forced = forced_blocks(layout, p.sink_blocks, 1)  # sinks and the diagonal region
         n_forced = forced.sum(-1)
-        if p.density is not None:
+        if p.density is not None and not p.causal:
+            # the diagonal is routed like any region, so each kept region counts whole
+            want = torch.floor(p.density * (layout.n_avail.to(torch.float64) - 0.5) + 0.5).to(torch.long)
+            keep = torch.minimum(torch.maximum(want, n_forced.clamp_min(1)), layout.n_avail)
+        elif p.density is not None:
             keep = density_budget(p.density, layout.n_avail, n_forced)
         else:
             n_cand = layout.n_avail - n_forced

@@ -10,14 +10,20 @@ summaries after Mohtashami & Jaggi, arXiv:2305.16300.
 Prefill runs the per-query choices at block granularity: a query block computes the union of its
 queries' blocks (all of it counts as computed), and each query's softmax covers only its own
 blocks. Selecting per query block from pooled queries would let a later token of the block change
-the blocks an earlier token sees (a causal leak), so we do not. Because the union is larger than
-one query's choice, a budget controller sets each query block's per-query k from the union growth
-measured on the *previous* blocks only, keeping the measured density near `density` without any
-output depending on a later token. Quest's 16-token pages become 64-token blocks by default so
-the CPU kernel runs large matmuls.
+the blocks an earlier token sees (a causal leak), so we do not. Quest's 16-token pages become
+64-token blocks by default so the CPU kernel runs large matmuls.
 
-Hyperparameters: `token_budget` (Quest's key tokens per query, default 1024), `density` (when
-set, overrides the token budget so the measured density lands near it), `block_size`, `summary`
+Budget, one meaning: `token_budget` is Quest's, key tokens *per query*: every query keeps
+ceil(token_budget / block_size) key blocks of its own (its sink and local blocks included, as
+Quest's budget includes its pages), or all it can see when fewer; the union a query block computes
+is larger, and measured density reports it. With `density` instead, the union is what is budgeted:
+a controller sets each query block's per-query k from the union growth measured on the *previous*
+blocks only, keeping the measured density near `density` without any output depending on a later
+token (this controller is what the compiled planner runs; the fixed per-query budget runs on the
+torch planner).
+
+Hyperparameters: `token_budget` (key tokens per query, Quest's default 1024), `density` (when set,
+overrides the token budget so the measured density lands near it), `block_size`, `summary`
 ("minmax": Quest's upper bound; "mean": dot product with the block mean), `sink_blocks`,
 `local_blocks`, `per_head` (one selection per query head as Quest does, or one per KV group).
 """
@@ -46,7 +52,9 @@ SCORE_CHUNK_ROWS = 4096
 
 @dataclass
 class BlockTopKParams:
-    token_budget: int = field(default=1024, metadata={"help": "key tokens per query block (Quest's budget, >= 1)"})
+    token_budget: int = field(
+        default=1024, metadata={"help": "key tokens per query, as whole blocks (Quest's budget, >= 1)"}
+    )
     density: float | None = field(
         default=None, metadata={"help": "target measured density in (0, 1]; overrides token_budget when set"}
     )
@@ -145,7 +153,8 @@ class BlockTopK(SparseMethod):
             full = layout.allowed[:, None].expand(B, Hs, n_q, n_k)
             return BlockSupport.from_mask(full & rows.any(-1)[:, None, :, None], bs)
 
-        if self.use_compiled and q.device.type == "cpu" and compiled.available():
+        per_query = p.density is None  # token_budget: a fixed k per query, no union controller
+        if self.use_compiled and not per_query and q.device.type == "cpu" and compiled.available():
             # bf16 queries plan on the CPU's bf16 matrix units where present (bounds accumulate in
             # float32; only the order of accumulation differs from the float32 planner)
             pd = torch.bfloat16 if q.dtype == torch.bfloat16 and compiled.native_dtype(q.dtype, 16, D, 16) == q.dtype \
@@ -195,7 +204,10 @@ class BlockTopK(SparseMethod):
         hist = torch.zeros(B, Hs, n_q, k_cap + 1, dtype=torch.int32, device=q.device)
         hist.scatter_add_(-1, first_rank.long(), torch.ones_like(first_rank))
         union_size = hist.cumsum(-1)  # union_size[..., k - 1] = blocks whose best rank is < k
-        k_per = self._controller(union_size, budget, n_forced, layout.n_avail, row_real.any(-1))
+        if per_query:
+            k_per = budget[:, None].expand(B, Hs, n_q).long()
+        else:
+            k_per = self._controller(union_size, budget, n_forced, layout.n_avail, row_real.any(-1))
 
         union = first_rank < k_per[..., None]  # [B, Hs, NQ, NK]
         support = BlockSupport.from_mask(union, bs)

@@ -8,47 +8,63 @@ mass reaches `gamma`; any other head keeps the vertical key tokens and slash (di
 `gamma`. Lai et al., "FlexPrefill: A Context-Aware Sparse Attention Mechanism for Efficient Long-Sequence
 Inference", ICLR 2025 (arXiv:2502.20766); reference code bytedance/FlexPrefill.
 
-Hyperparameters:
+Hyperparameters (defaults are the reference's, unscaled):
 - `gamma`: cumulative attention mass the selection must cover (paper 0.9-0.95; default 0.9).
 - `tau`: sqrt-JS-divergence threshold below which a head is query-aware (paper 0.1).
-- `min_budget`: fewest vertical tokens and slash offsets per head (paper 1024 at up to 128k tokens; scaled here
-  by Tk / 131072, at least 1 token, so short inputs are not forced dense).
-- `max_budget`: most vertical tokens and slash offsets per head (None: unbounded; not scaled).
-- `density`: when set, overrides `gamma`: gamma is calibrated per chunk so the measured density lands near it.
+- `min_budget`: fewest vertical / slash tokens per head, as whole blocks ceil(min_budget / block_size) (1024, at
+  every length in the reference's RULER scripts).
+- `max_budget`: most vertical / slash tokens per head (None: unbounded).
+- `causal`: False (the paper): estimate from the call's own last queries; True: the leak-free chunked estimate.
+- `ref_context`: opt-in (default None): when set, `min_budget` scales by Tk / ref_context, which the reference
+  does not do.
+- `density`: when set, overrides `gamma` and `min_budget`: gamma is calibrated so the measured density lands
+  near it.
 - `block_size`: query/key block of the pooled estimate and of the kernel (paper 128).
-- `last_q`: estimation queries per chunk (None: one block, the paper's last query block).
-- `chunks`: estimation chunks the sequence is split into (see below).
+- `last_q`: estimation queries (None: one block, the paper's last query block).
+- `chunks`: estimation chunks of the leak-free estimate (`causal=True` only).
 
-Execution: slashes are kept at block granularity (a chosen block diagonal s gives query block j its key block
-j - s, as the reference implementation does after pooling the slash mass by offset blocks) and run on the block
-kernel with the always-kept sink (first) and diagonal blocks; vertical key tokens run on the token-gather kernel
-(tokens inside the kept blocks are dropped first) and the two parts merge through their log-sum-exp. Sequences of
-at most max(2 * block_size, min_budget) tokens run dense, as in the paper.
+Estimation (default, `causal=False`), as the reference's `get_active_blocks` in
+flex_prefill/ops/flex_prefill_attention.py: a call of at most max(2 * block_size, ceil(min_budget / block_size) *
+block_size) keys runs dense. Otherwise the call's last `last_q` queries attend all keys exactly (causal on the
+tail); vertical = mean attention per key, slash = diagonal sums / last_q. Per head, the vertical (slash) budget is
+the number of tokens (offsets) whose sorted mass first covers gamma, turned into blocks as `count // block_size +
+1` and clamped to [ceil(min_budget / bs), min(ceil(max_budget / bs), blocks)]. A head is query-aware when the
+sqrt-JS divergence between softmax(mean estimation query . mean-pooled keys) and the block sums of the vertical
+mass is below `tau`; its budgets drop to the minimum. Vertical and slash masses are summed into key blocks and
+block diagonals (the slash pooled from the main diagonal outwards, as the reference pools its reversed offsets),
+the first key block and the main block diagonal forced; each head keeps its top vertical key blocks (for every
+query block at or after them) and its top block diagonals. A query-aware head adds: each query block's own
+pooled queries against the pooled keys, softmax per row over the key blocks at or before it (diagonal
+included), and the blocks of the flattened matrix taken largest first while their cumulative mass stays within
+gamma x (number of query blocks). Everything runs on the block kernel with the token-level causal mask. In a
+single prefill Tq = Tk and the estimation queries are the prompt's last ones, so early outputs depend on the
+prompt's last tokens. When prefill is chunked (Tq < Tk) the chunk's own last queries estimate against all keys
+so far, and the short-input rule looks at Tk.
 
-Deviations from the paper, and why:
-- No causal leak. The paper estimates every head's pattern from the LAST query block and applies it to all
-  queries, so a late token changes which keys early queries see. Here the sequence is split into `chunks`
-  block-aligned estimation chunks; the decision, the budgets and the vertical/slash choice for chunk c come
-  from the `last_q` queries just before chunk c's start against the keys before it. The first chunk has nothing
-  before it: it runs dense when it is short (the paper's short-input rule), else only its sink, diagonal and
-  `min_budget` slash blocks. Vertical tokens inside a chunk cannot be chosen for that chunk (slash and diagonal
-  blocks still reach them).
-- Query-aware selection is per query block and lagged: query block j ranks the key blocks before it with the
-  pooled query of block j - 1 (which lies wholly before block j) and keeps blocks until their mass reaches
-  `gamma` within that row. The paper pools each block's own queries and thresholds the flattened block matrix
-  of all rows at once, both of which let later tokens change earlier rows' blocks. As in the reference code,
-  query-aware heads also keep the `min_budget` vertical-slash pattern.
-- Budgets in tokens: the reference converts token counts to blocks with a hard-coded `// 128 + 1`; here
-  vertical tokens are kept as tokens and slash counts become ceil(offsets / block_size) block diagonals.
-- `density`: gamma is calibrated per (batch row, chunk) on the vertical-slash heads from that chunk's estimate,
-  and query-aware rows keep density-sized top-k blocks; each chunk's target carries over what earlier chunks
-  over- or under-spent, so the whole layer lands near the target without using later tokens.
+Deviations from the reference (default path): block counts use `// block_size + 1` where the reference
+hard-codes `// 128 + 1` (the same at the default block of 128); padding keys (left padding in a batch) are left
+out of every mean and the first real key block is the forced one; the reference's batch-size-1 restriction does
+not apply.
 
-Cost and a consequence of the leak-free estimate: the estimate scores about last_q * Tk * chunks / 2 cells (a
-fifth of the causal cells at 4k with the defaults, against the paper's last_q * Tk). A question at the very end
-of a prompt cannot steer the keys its own chunk keeps: on a 4k pass-key prompt the retrieval heads put ~17% of
-the question's attention on the needle but ~0% of the attention of the queries before the last chunk, so at
-density 0.2 the needle is not selected for the final position and the pass key is not retrieved.
+`density` (a budget the paper does not have) replaces gamma (one for all heads, by bisection) and the minimum
+budget (one block), and counts the vertical / slash blocks as the fewest ranked blocks (the forced one first)
+whose pooled mass covers gamma. The reference's `count // block_size + 1` gives a peaked head that covers gamma
+with a few tokens one block, which the forced first block takes, so under a tight budget a retrieval head keeps
+its sink and loses the needle it attends (gemma3-270m, 4k pass key, density 0.2, the first two samples: 0 of 2
+keys found with the token count, 1 of 2 with the block cover).
+
+`causal=True` (leak-free, for prefix-consistent outputs). The sequence is split into `chunks` block-aligned
+estimation chunks; the decision, the budgets and the vertical/slash choice for chunk c come from the `last_q`
+queries just before chunk c's start against the keys before it. The first chunk has nothing before it: it runs
+dense when it is short (the paper's short-input rule), else only its sink, diagonal and `min_budget` slash
+blocks. Vertical tokens are kept as single tokens (run on the token-gather kernel) and cannot be chosen inside
+their own chunk; slashes are block diagonals. Query-aware selection is per query block and lagged: query block j
+ranks the key blocks before it with the pooled query of block j - 1 and keeps blocks until their mass reaches
+`gamma` within that row. Under `density`, gamma is calibrated per (batch row, chunk) on the vertical-slash heads
+from that chunk's estimate, and each chunk's target carries over what earlier chunks over- or under-spent. The
+estimate scores about last_q * Tk * chunks / 2 cells. A question at the very end of a prompt cannot steer the
+keys its own chunk keeps: on a 4k pass-key prompt the retrieval heads put ~17% of the question's attention on
+the needle but ~0% of the attention of the queries before the last chunk.
 """
 
 from __future__ import annotations
@@ -59,7 +75,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnsieve.kernels import BlockSupport
-from attnsieve.methods._block_token import PAPER_CONTEXT, GridCells, mask_to_list
+from attnsieve.methods._block_token import GridCells, mask_to_list
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, grid_queries
@@ -72,20 +88,25 @@ CALIBRATION_POINTS = 33
 class FlexPrefillParams:
     gamma: float = field(default=0.9, metadata={"help": "attention mass each selection must cover, in (0, 1]"})
     tau: float = field(default=0.1, metadata={"help": "sqrt-JS-divergence threshold for query-aware heads (>= 0)"})
-    min_budget: int = field(
-        default=1024, metadata={"help": "fewest vertical/slash tokens per head at 128k, scaled by Tk/131072 (>= 1)"}
-    )
+    min_budget: int = field(default=1024, metadata={"help": "fewest vertical/slash tokens per head (>= 1)"})
     max_budget: int | None = field(
         default=None, metadata={"help": "most vertical/slash tokens per head (>= 1; None: unbounded)"}
     )
+    causal: bool = field(
+        default=False,
+        metadata={"help": "False (paper): estimate from the call's own last queries; True: leak-free chunked estimate"},
+    )
+    ref_context: int | None = field(
+        default=None, metadata={"help": "opt-in: context min_budget is for, scaled by Tk/ref_context (None: unscaled)"}
+    )
     density: float | None = field(
-        default=None, metadata={"help": "target measured density in (0, 1]; overrides gamma when set"}
+        default=None, metadata={"help": "target measured density in (0, 1]; overrides gamma and min_budget when set"}
     )
     block_size: int = field(default=128, metadata={"help": "tokens per query/key block (16..512; paper 128)"})
     last_q: int | None = field(
         default=None, metadata={"help": "estimation queries before each chunk (>= 1; None: block_size)"}
     )
-    chunks: int = field(default=8, metadata={"help": "leak-free estimation chunks per sequence (>= 1)"})
+    chunks: int = field(default=8, metadata={"help": "causal=True: estimation chunks per sequence (>= 1)"})
 
     def __post_init__(self):
         if not 0 < self.gamma <= 1:
@@ -102,6 +123,8 @@ class FlexPrefillParams:
             raise ValueError(f"block_size must be in [16, 512], got {self.block_size}")
         if self.last_q is not None and self.last_q < 1:
             raise ValueError(f"last_q must be >= 1 query or None, got {self.last_q}")
+        if self.ref_context is not None and self.ref_context < 1:
+            raise ValueError(f"ref_context must be >= 1 token or None, got {self.ref_context}")
         if self.chunks < 1:
             raise ValueError(f"chunks must be >= 1, got {self.chunks}")
 
@@ -117,7 +140,7 @@ class FlexPlan:
     chunk_blocks: int  # grid blocks per chunk
     vertical: list  # per chunk: [B, H, s_c] vertical mass of its estimate (None when not estimated)
     slash: list  # per chunk: [B, H, s_c] slash mass by offset (None when not estimated)
-    gamma: list  # per chunk: [B] gamma used
+    gamma: list  # per chunk: [B] gamma used ([B, H] on the default look-ahead path, equal over heads)
 
 
 def sqrt_js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -165,13 +188,21 @@ class FlexPrefill(SparseMethod):
         fq, n_q, n_k = layout.first_qb, layout.n_q, layout.n_k
         L = -(-n_k // p.chunks)  # grid blocks per chunk, chunks aligned on the absolute grid
         n_c = -(-n_k // L)
-        min_tok = max(1, round(p.min_budget * Tk / PAPER_CONTEXT))
+        min_tok = p.min_budget if p.ref_context is None else max(1, round(p.min_budget * Tk / p.ref_context))
+        if p.density is not None:  # the density target replaces every budget
+            min_tok = 1
         max_tok = Tk if p.max_budget is None else p.max_budget
         plan = FlexPlan(
             None, None, torch.zeros(B, H, n_c, dtype=torch.bool, device=dev),
             torch.zeros(B, n_c, dtype=torch.bool, device=dev), L, [None] * n_c, [None] * n_c, [None] * n_c,
         )
         allowed = layout.allowed[:, None].expand(B, H, n_q, n_k)
+        if not p.causal:
+            short = max(2 * bs, -(-min_tok // bs) * bs)
+            if (p.density is not None and p.density >= 1) or Tk <= short:
+                plan.support = BlockSupport.from_mask(allowed, bs)
+                return plan
+            return self._paper_plan(q, k, ctx, layout, plan, min_tok, max_tok)
         if (p.density is not None and p.density >= 1) or Tk <= max(2 * bs, min_tok):
             plan.support = BlockSupport.from_mask(allowed, bs)
             return plan
@@ -250,6 +281,125 @@ class FlexPrefill(SparseMethod):
             for ja, je, t in lists:
                 tokens[:, :, ja:je, : t.shape[-1]] = t[:, :, None]
             plan.tokens = tokens
+        return plan
+
+    def _paper_plan(self, q, k, ctx, layout, plan, min_tok, max_tok) -> FlexPlan:
+        """The reference's `get_active_blocks` on this call: one estimate from its last queries (see the docstring)."""
+        p = self.params
+        B, H, Tq, D = q.shape
+        Hkv, Tk = k.shape[1], k.shape[2]
+        G, bs, dev = H // Hkv, p.block_size, q.device
+        fq, n_q, n_k = layout.first_qb, layout.n_q, layout.n_k
+        grid = GridCells.build(Tq, Tk, bs, ctx.key_valid, B, dev)
+        valid = grid.real_key  # [B, NK * bs]
+        has_key = valid.view(B, n_k, bs).any(-1)  # [B, NK]
+
+        # 1. The last n queries of the call against every key, exactly (causal on the n x n tail).
+        n = min(p.last_q or bs, Tq)
+        qe = q[:, :, Tq - n :].float()  # [B, H, n, D]
+        kf = k.float()
+        scores = (qe.view(B, Hkv, G, n, D) @ kf[:, :, None].transpose(-1, -2)).view(B, H, n, Tk) * ctx.scale
+        pos = torch.arange(Tk - n, Tk, device=dev)
+        kpos = torch.arange(Tk, device=dev)
+        future = kpos[None, :] > pos[:, None]
+        if ctx.window is not None:
+            future = future | (pos[:, None] - kpos[None, :] >= ctx.window)
+        scores = scores.masked_fill(future, float("-inf"))
+        q_real = valid[:, Tk - n : Tk]  # [B, n]
+        if ctx.key_valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :Tk], float("-inf"))
+        probs = scores.softmax(-1)
+        if ctx.key_valid is not None:  # padding queries (rows with no key) contribute nothing
+            probs = probs.nan_to_num(0.0) * q_real[:, None, :, None]
+        n_real = q_real.sum(-1).clamp_min(1)[:, None, None]  # [B, 1, 1]
+        vert = probs.sum(2) / n_real  # [B, H, Tk] mean attention per key
+        shifted = torch.nn.functional.pad(probs.flip(2), (0, n)).flatten(2)[..., : n * (Tk + n - 1)]
+        slash = shifted.view(B, H, n, Tk + n - 1).sum(2)[..., :Tk].flip(-1) / n_real  # [B, H, Tk] by offset
+
+        # 2. Masses in blocks: vertical by key block; slash by block diagonal s (offsets pooled from the
+        # main diagonal outwards: the reference sum-pools offsets reversed, Tk - 1 - o, from index 0).
+        pad = n_k * bs - Tk
+        v_blk = torch.nn.functional.pad(vert, (0, pad)).view(B, H, n_k, bs).sum(-1)  # [B, H, NK]
+        s_blk = torch.nn.functional.pad(slash.flip(-1), (0, pad)).view(B, H, n_k, bs).sum(-1).flip(-1)  # [B, H, NK]
+
+        # 3. Pattern decision: softmax(mean estimation query . mean-pooled keys) against the block mass.
+        kvm = valid.view(B, 1, n_k, bs, 1)
+        kbar = (torch.nn.functional.pad(kf, (0, 0, 0, pad)).view(B, Hkv, n_k, bs, D) * kvm).sum(3)
+        kbar = kbar / kvm.sum(3).clamp_min(1)  # [B, Hkv, NK, D] mean of real keys
+        qe_bar = (qe * q_real[:, None, :, None]).sum(2) / n_real  # [B, H, D]
+        pooled = (qe_bar.view(B, Hkv, G, 1, D) @ kbar[:, :, None].transpose(-1, -2)).view(B, H, n_k) * ctx.scale
+        pooled = torch.where(has_key[:, None], pooled.masked_fill(~has_key[:, None], float("-inf")).softmax(-1), 0.0)
+        query_aware = sqrt_js_divergence(pooled, v_blk) < p.tau  # [B, H]
+
+        # 4. Query-aware heads: own-block pooled queries, per-row softmax, flattened cover.
+        qg, rows = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D]
+        qreal = rows[None] & valid.view(B, n_k, bs)[:, fq:]  # [B, NQ, bs]
+        qbar = (qg * qreal[:, None, :, :, None]).sum(3) / qreal.sum(-1)[:, None, :, None].clamp_min(1)
+        qa_scores = (qbar.view(B, Hkv, G * n_q, D) @ kbar.transpose(-1, -2)).view(B, H, n_q, n_k) * ctx.scale
+        cand = layout.allowed & qreal.any(-1)[..., None]  # [B, NQ, NK] blocks at or before each query block
+        qa_probs = torch.where(cand[:, None], qa_scores.masked_fill(~cand[:, None], float("-inf")).softmax(-1), 0.0)
+        flat = qa_probs.flatten(2)  # [B, H, NQ * NK]
+        order = flat.argsort(-1, descending=True)
+        csum = flat.gather(-1, order).cumsum(-1)
+        qa_rank = inverse_rank(order)
+        n_rows = cand.any(-1).sum(-1).double()  # [B] query blocks with a candidate
+
+        # 5. Vertical-slash blocks.
+        v_rank = inverse_rank(v_blk.masked_fill(~has_key[:, None], float("-inf"))
+                              .scatter(-1, layout.sink[:, None, None].expand(B, H, 1), float("inf"))
+                              .argsort(-1, descending=True))
+        s_rank = inverse_rank(s_blk.clone().index_fill_(-1, torch.tensor([0], device=dev), float("inf"))
+                              .argsort(-1, descending=True))
+        cv = vert.sort(-1, descending=True).values.cumsum(-1)  # [B, H, Tk]
+        cs = slash.sort(-1, descending=True).values.cumsum(-1)
+        # Under `density`: cumulative block mass in rank order (forced block first), for block covers.
+        cv_blk = torch.gather(v_blk, -1, v_rank.argsort(-1)).cumsum(-1)  # [B, H, NK]
+        cs_blk = torch.gather(s_blk, -1, s_rank.argsort(-1)).cumsum(-1)
+        qb = torch.arange(fq, fq + n_q, device=dev)[:, None]  # [NQ, 1]
+        kb = torch.arange(n_k, device=dev)[None, :]  # [1, NK]
+        diag_of = (qb - kb).clamp(0, n_k - 1)  # [NQ, NK] block diagonal of each (query block, key block)
+        max_b = min(-(-max_tok // bs), n_k)
+
+        def select(gamma: torch.Tensor, min_b: int) -> torch.Tensor:  # gamma [B, H] -> blocks [B, H, NQ, NK]
+            g = gamma.contiguous()[..., None]
+            if p.density is None:  # the reference: tokens covering gamma -> count // bs + 1 blocks
+                nv = (torch.searchsorted(cv, g, right=True)[..., 0] + 1) // bs + 1
+                ns = (torch.searchsorted(cs, g, right=True)[..., 0] + 1) // bs + 1
+            else:  # density: the fewest ranked blocks (forced one first) whose mass covers gamma
+                nv = torch.searchsorted(cv_blk, g)[..., 0] + 1
+                ns = torch.searchsorted(cs_blk, g)[..., 0] + 1
+            nv = torch.where(query_aware, min_b, nv.clamp(min_b, max_b))
+            ns = torch.where(query_aware, min_b, ns.clamp(min_b, max_b))
+            vs = (v_rank < nv[..., None])[:, :, None, :] | torch.gather(
+                (s_rank < ns[..., None]), -1, diag_of.reshape(1, 1, -1).expand(B, H, -1)
+            ).view(B, H, n_q, n_k)
+            aware = (csum <= (gamma * n_rows[:, None])[..., None]).gather(-1, qa_rank).view(B, H, n_q, n_k)
+            blocks = vs | (aware & query_aware[..., None, None])
+            return blocks & layout.allowed[:, None]
+
+        if p.density is None:
+            gamma = torch.full((B, H), p.gamma, dtype=torch.float64, device=dev)
+            blocks = select(gamma.float(), min(-(-min_tok // bs), max_b))
+        else:  # cells grow with gamma: bisection for the one gamma whose cells land nearest the target
+            target = p.density * grid.exact.sum(-1).double() * H  # [B]
+            lo = torch.zeros(B, dtype=torch.float64, device=dev)
+            hi = torch.ones(B, dtype=torch.float64, device=dev)
+
+            def cells(gm):  # [B] -> [B]
+                return grid.block_cells(select(gm[:, None].expand(B, H).float(), 1)).sum((1, 2)).double()
+
+            for _ in range(20):
+                mid = (lo + hi) / 2
+                over = cells(mid) > target
+                hi, lo = torch.where(over, mid, hi), torch.where(over, lo, mid)
+            below, above = cells(lo), cells(hi)
+            gamma = torch.where((above - target).abs() < (target - below).abs(), hi, lo)[:, None].expand(B, H)
+            blocks = select(gamma.float(), 1)
+        plan.support = BlockSupport.from_mask(blocks, bs)
+        plan.query_aware = query_aware[..., None]
+        plan.estimated = q_real.any(-1)[:, None]
+        plan.chunk_blocks = n_k
+        plan.vertical, plan.slash, plan.gamma = [vert], [slash], [gamma.float()]
         return plan
 
     def _estimate(self, q, kf, kbar, has_key, valid, lo_q, s_c, Tq, Tk, ctx):

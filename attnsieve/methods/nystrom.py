@@ -50,7 +50,7 @@ class NystromParams:
     "nystrom",
     family="lowrank",
     phases=("prefill",),
-    causal=False,
+    supports_causal_mask=False,
     params=NystromParams,
     summary="Nystromformer: segment-mean landmarks and an iterative pseudo-inverse (non-causal layers only).",
 )

@@ -27,11 +27,18 @@ def register(
     *,
     family: str,
     phases: tuple[str, ...] = ("prefill",),
-    causal: bool = True,
+    supports_causal_mask: bool = True,
     params: type,
     summary: str,
 ):
-    """Class decorator: register a Method subclass under `name` with its hyperparameter dataclass."""
+    """Class decorator: register a Method subclass under `name` with its hyperparameter dataclass.
+
+    `supports_causal_mask`: the method can mask the future at all (False only for non-causal
+    approximations such as Nystrom). Whether the method's default estimate looks ahead (`lookahead`)
+    is read from its parameters: a method whose paper estimates from the prompt's own last queries
+    or a block's own queries has a `causal: bool` parameter whose default is False (the paper's
+    behaviour); `causal=True` selects its leak-free estimator.
+    """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if not set(phases) <= set(PHASES):
@@ -42,7 +49,12 @@ def register(
     def wrap(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"method {name!r} is registered twice")
-        cls.name, cls.family, cls.phases, cls.causal = name, family, tuple(phases), causal
+        cls.name, cls.family, cls.phases = name, family, tuple(phases)
+        cls.supports_causal_mask = supports_causal_mask
+        causal_field = next((f for f in dataclasses.fields(params) if f.name == "causal"), None)
+        if causal_field is not None and not isinstance(causal_field.default, bool):
+            raise TypeError(f"the `causal` parameter of {name!r} must default to a bool")
+        cls.lookahead = causal_field is not None and not causal_field.default
         cls.Params, cls.summary = enforce_types(params), summary  # density="0.1": TypeError naming density
         _REGISTRY[name] = cls
         return cls
@@ -129,14 +141,19 @@ def parse_params(name: str, pairs: dict[str, str]) -> dict[str, Any]:
 
 
 def describe(name: str) -> dict[str, Any]:
-    """JSON-ready description: name, family, phases, causal, params (name -> default), param_help."""
+    """JSON-ready description: name, family, phases, supports_causal_mask, lookahead, params, param_help.
+
+    `lookahead`: the default estimate looks at later queries of the same call, as the method's paper
+    does; such a method takes `causal=True` for a leak-free estimate (see `leak_free_params`).
+    """
     cls, defaults = _resolve(name)
     fields = dataclasses.fields(cls.Params)
     return {
         "name": name,
         "family": cls.family,
         "phases": list(cls.phases),
-        "causal": cls.causal,
+        "supports_causal_mask": cls.supports_causal_mask,
+        "lookahead": bool(defaults.get("causal") is False) if "causal" in defaults else cls.lookahead,
         "alias_of": _ALIASES[name][0] if name in _ALIASES else None,
         "summary": cls.summary,
         "params": {f.name: defaults.get(f.name, f.default) for f in fields},
@@ -146,3 +163,10 @@ def describe(name: str) -> dict[str, Any]:
 
 def has_param(name: str, param: str) -> bool:
     return any(f.name == param for f in dataclasses.fields(method_class(name).Params))
+
+
+def leak_free_params(name: str) -> dict[str, Any]:
+    """Parameters that make `name` prefix-consistent: {"causal": True} for a look-ahead default, else {}."""
+    cls, defaults = _resolve(name)
+    lookahead = not defaults["causal"] if "causal" in defaults else cls.lookahead
+    return {"causal": True} if lookahead else {}

@@ -71,7 +71,7 @@ def density_budget(density: float, n_avail: torch.Tensor, n_forced: torch.Tensor
 
 
 def token_budget_blocks(tokens: int, block_size: int, n_avail: torch.Tensor, n_forced: torch.Tensor) -> torch.Tensor:
-    """Blocks to keep per query block for a fixed key-token budget (Quest's `token_budget`)."""
+    """Blocks each query keeps for a fixed key-token budget per query (Quest's `token_budget`)."""
     k = torch.full_like(n_avail, max(1, -(-tokens // block_size)))
     return torch.minimum(torch.maximum(k, n_forced), n_avail)
 

@@ -7,41 +7,54 @@ and the nearest diagonals (local window) always included. Jiang et al., "MInfere
 Accelerating Pre-filling for Long-Context LLMs via Dynamic Sparse Attention", NeurIPS 2024
 (arXiv:2407.02490); reference implementation microsoft/MInference.
 
-Hyperparameters: `vertical_size` (columns kept, paper default 1000) and `slash_size` (diagonals
-kept, paper default 6096), both given for a context of `ref_context` tokens (131072, the 128k the
-defaults were set for) and scaled linearly to the layer's context, with MInference's floors of 30
-and 50; `last_q` (estimation queries, 64); `sink_columns` (first real key columns always kept,
-30); `local_diagonals` (nearest diagonals always kept, 100); `chunk` (query tokens per estimation
-chunk, see below); `density` (when set, scales `vertical_size` and `slash_size` together, keeping
-their ratio, so the measured density lands near it); `block_size` (64, MInference's kernel block).
+Hyperparameters (defaults are the reference's, unscaled): `vertical_size` (columns kept per head,
+1000) and `slash_size` (diagonals kept per head, 6096), with MInference's floors of 30 and 50 and
+capped at the context; `last_q` (estimation queries, 64); `sink_columns` (first real key columns
+always kept, 30); `local_diagonals` (nearest diagonals always kept, 100); `causal` (False, the
+paper: estimate from the call's own last queries; True: the leak-free chunked estimate below);
+`ref_context` (opt-in, default None: when set, both sizes scale with Tk / ref_context, a scaling
+the reference does not do); `chunk` (query tokens per estimation chunk when `causal=True`);
+`density` (when set, scales `vertical_size` and `slash_size` together, keeping their ratio, so the
+measured density lands near it); `block_size` (64, MInference's kernel block).
+
+Estimation (default, `causal=False`, as in MInference's `vertical_and_slash_kernel` in
+minference/modules/minference_forward.py): per head, the softmax of the call's last `last_q`
+queries against all keys (causal on the last_q x last_q tail) gives column sums and diagonal sums;
+the first `sink_columns` columns and the `local_diagonals` nearest diagonals are forced; the top
+`vertical_size` columns and `slash_size` diagonals form one pattern that every query of the call
+uses (each query only sees keys at or before its position). In a single prefill Tq = Tk and the
+estimation queries are the prompt's last ones, so an early output depends on the prompt's last
+tokens: outputs are not prefix-consistent. When prefill is chunked (Tq < Tk) the pattern of a
+chunk comes from the chunk's own last queries against all keys so far, as a serving engine with
+chunked prefill does.
 
 Execution follows MInference's kernel: per query block a diagonal at offset o covers the keys
 [start - o, end - o), i.e. at most two key blocks (block offsets floor(o / bs) and ceil(o / bs));
 the union of these is run by the block kernel. Columns not already inside a covered key block go
-through the token-gather kernel, and the two parts merge through their log-sum-exp.
+through the token-gather kernel (only columns before the end of the query block), and the two
+parts merge through their log-sum-exp.
 
-Deviations from the paper, and why:
-- No causal leak: MInference estimates from the last 64 queries of the whole input and applies
-  the pattern to every query, so a late token changes what an early query attends. Here the query
-  blocks are split into chunks of `chunk` tokens (default: the context / 8, rounded up to whole
-  blocks, at least 4 blocks); the pattern of chunk c is estimated from the `last_q` queries just
-  before the chunk's start against the keys before that start, and is then applied to the chunk's
-  queries causally (the kernels mask at token level). The first chunk has nothing before it: it
-  gets the static part of the pattern (sink columns and the nearest diagonals). Estimation cost is
-  about n_chunks x last_q x T / 2 score cells instead of last_q x T. The price: a question at the
-  end of a prompt no longer picks the columns its own chunk attends. On gemma3-270m at 4k (pass
-  key), the needle's first digit ranks 5th in the retrieval heads' column sums over the prompt's
-  own last 64 queries, but ~3500th of 3584 over the 64 queries before the last chunk, so the
-  leak-free pattern misses it.
+`causal=True` (leak-free, for prefix-consistent outputs): the query blocks are split into chunks
+of `chunk` tokens (default: the context / 8, rounded up to whole blocks, at least 4 blocks); the
+pattern of chunk c is estimated from the `last_q` queries just before the chunk's start against the
+keys before that start, and applied to the chunk's queries. The first chunk has nothing before it:
+it gets the static part of the pattern (sink columns and the nearest diagonals). Estimation cost is
+about n_chunks x last_q x T / 2 score cells instead of last_q x T. The price: a question at the end
+of a prompt no longer picks the columns its own chunk attends. On gemma3-270m at 4k (pass key), the
+needle's first digit ranks 5th in the retrieval heads' column sums over the prompt's own last 64
+queries, but ~3500th of 3584 over the 64 queries before the last chunk.
+
+Deviations from the reference, and why:
 - Slash ranges are covered with aligned key blocks rather than MInference's unaligned 64-wide
   ranges (the shared block kernel works on aligned blocks), so an isolated diagonal costs up to
   two blocks instead of one; runs of neighbouring diagonals cost the same.
 - Under `density`, the floors (30 / 50) give way to the target: forced columns and diagonals keep
   top priority (nearest diagonals and earliest sinks first), and the main diagonal is always kept.
-  The scale is calibrated per chunk by bisection on the cell count of the resulting support
-  (computed from block and column counts, no attention), so it only uses tokens before the chunk.
+  The scale is calibrated (per chunk when causal) by bisection on the cell count of the resulting
+  support (computed from block and column counts, no attention).
 - MInference's per-head pattern search (offline, one sample) is not run: every head uses the
   vertical-slash pattern with the shared sizes, MInference's default for heads without a search.
+- Padding keys (left padding in a batch) never count as columns, sinks or estimation queries.
 
 Exact setting: `density=1.0` keeps every causal block (equals dense attention).
 """
@@ -73,17 +86,23 @@ N_CHUNKS, MIN_CHUNK_BLOCKS = 8, 4
 
 @dataclass
 class VerticalSlashParams:
-    vertical_size: int = field(default=1000, metadata={"help": "key columns kept per head at ref_context (>= 0)"})
-    slash_size: int = field(default=6096, metadata={"help": "diagonals kept per head at ref_context (>= 1)"})
-    ref_context: int = field(
-        default=131072, metadata={"help": "context (tokens) the sizes are given for; they scale with Tk / ref_context"}
+    vertical_size: int = field(default=1000, metadata={"help": "key columns kept per head (>= 0; floor 30)"})
+    slash_size: int = field(default=6096, metadata={"help": "diagonals kept per head (>= 1; floor 50)"})
+    causal: bool = field(
+        default=False,
+        metadata={"help": "False (paper): estimate from the call's own last queries; True: leak-free chunked estimate"},
     )
-    last_q: int = field(default=64, metadata={"help": "queries before a chunk that estimate its pattern (>= 1)"})
+    ref_context: int | None = field(
+        default=None, metadata={"help": "opt-in: context the sizes are for, scaled by Tk/ref_context (None: unscaled)"}
+    )
+    last_q: int = field(
+        default=64, metadata={"help": "estimation queries: the call's last ones (causal: before a chunk) (>= 1)"}
+    )
     sink_columns: int = field(default=30, metadata={"help": "first real key columns always kept (>= 0)"})
     local_diagonals: int = field(default=100, metadata={"help": "nearest diagonals always kept (>= 1, the main one)"})
     chunk: int | None = field(
         default=None,
-        metadata={"help": "query tokens per estimation chunk, a multiple of block_size; None: Tk/8, >= 4 blocks"},
+        metadata={"help": "causal=True: query tokens per estimation chunk, a multiple of block_size; None: Tk/8"},
     )
     density: float | None = field(
         default=None, metadata={"help": "target measured density in (0, 1]; scales both sizes when set"}
@@ -95,8 +114,8 @@ class VerticalSlashParams:
             raise ValueError(f"vertical_size must be >= 0, got {self.vertical_size}")
         if self.slash_size < 1:
             raise ValueError(f"slash_size must be >= 1, got {self.slash_size}")
-        if self.ref_context < 1:
-            raise ValueError(f"ref_context must be >= 1 token, got {self.ref_context}")
+        if self.ref_context is not None and self.ref_context < 1:
+            raise ValueError(f"ref_context must be >= 1 token or None, got {self.ref_context}")
         if self.last_q < 1:
             raise ValueError(f"last_q must be >= 1, got {self.last_q}")
         if self.sink_columns < 0:
@@ -205,7 +224,12 @@ class _Choice:
         allowed = grid.layout.allowed[:, None, j0:j1]  # [B, 1, nj, NK]
         self.first = first[:, :, diff].masked_fill(~allowed, Ls)  # [B, H, nj, NK] rank covering the block
         self.cellw = grid.cellw[:, None, j0:j1]  # [B, 1, nj, NK] (zero where not allowed)
-        self.roww = grid.rows[:, None, j0:j1, None] * allowed  # [B, 1, nj, NK] rows a column adds cells to
+        # Rows a column outside the blocks adds cells to: all rows of a query block for a column in an
+        # earlier key block, about half in its own block, none after it (look-ahead columns can be).
+        kb = torch.arange(n_k, device=dev)[None, :]
+        qb = grid.abs_qb[j0:j1, None]
+        part = torch.where(kb < qb, 1.0, torch.where(kb == qb, 0.5, 0.0)).double()  # [nj, NK]
+        self.roww = grid.rows[:, None, j0:j1, None] * allowed * part  # [B, 1, nj, NK]
         self.n_k = n_k
 
     def blocks(self, ns: torch.Tensor) -> torch.Tensor:
@@ -241,7 +265,7 @@ def cdiv_t(a: torch.Tensor, b: int) -> torch.Tensor:
     family="sparse",
     phases=("prefill",),
     params=VerticalSlashParams,
-    summary="MInference: per-head top key columns + top diagonals estimated from the last queries (chunked).",
+    summary="MInference: per-head top key columns + top diagonals estimated from the prompt's last queries.",
 )
 class VerticalSlash(SparseMethod):
     selects_tokens = True  # support() adds single key tokens to its blocks
@@ -255,11 +279,10 @@ class VerticalSlash(SparseMethod):
         return max(MIN_CHUNK_BLOCKS * bs, cdiv(cdiv(Tk, N_CHUNKS), bs) * bs)
 
     def sizes(self, Tk: int) -> tuple[int, int]:
-        """Paper sizes scaled to the context, with MInference's floors."""
+        """The reference sizes with MInference's floors (scaled by Tk / ref_context only when that is set)."""
         p = self.params
-        nv = max(VERTICAL_FLOOR, round(p.vertical_size * Tk / p.ref_context))
-        ns = max(SLASH_FLOOR, round(p.slash_size * Tk / p.ref_context))
-        return nv, ns
+        f = 1.0 if p.ref_context is None else Tk / p.ref_context
+        return max(VERTICAL_FLOOR, round(p.vertical_size * f)), max(SLASH_FLOOR, round(p.slash_size * f))
 
     def plan(self, q: torch.Tensor, k: torch.Tensor, ctx) -> tuple[BlockSupport, torch.Tensor]:
         """The support: key blocks [B, H, NQ, K] and extra column tokens [B, H, NQ, M] (disjoint)."""
@@ -285,11 +308,14 @@ class VerticalSlash(SparseMethod):
         sink = real & (rank < p.sink_columns)
         mask = torch.zeros(B, H, n_q, n_k, dtype=torch.bool, device=dev)
         col_parts = []
-        chunk_of = (grid.abs_qb * bs) // C  # [NQ]
-        for c in torch.unique(chunk_of).tolist():
-            j0 = int((chunk_of < c).sum())
-            j1 = int((chunk_of <= c).sum())
-            start = c * C
+        if p.causal:  # chunk c: query blocks [j0, j1), estimated from the queries before `start`
+            chunk_of = (grid.abs_qb * bs) // C  # [NQ]
+            chunks = [(int((chunk_of < c).sum()), int((chunk_of <= c).sum()), c * C)
+                      for c in torch.unique(chunk_of).tolist()]
+        else:  # the paper: one pattern for the whole call, from its own last queries over all keys
+            chunks = [(0, n_q, Tk)]
+        for j0, j1, start in chunks:
+            c = start // C
             est = last_q_scores(q, k, start, p.last_q, ctx.scale, ctx.window, ctx.key_valid) if start else None
             if est is not None:
                 vscore, sscore = est
@@ -312,11 +338,14 @@ class VerticalSlash(SparseMethod):
         tokens = torch.full((B, H, n_q, M), -1, dtype=torch.long, device=dev)
         for j0, j1, cols in col_parts:
             tokens[:, :, j0:j1, : cols.shape[-1]] = cols[:, :, None]
+        # A query block never attends keys after its last position (only look-ahead columns can be).
+        block_end = ((grid.abs_qb + 1) * bs)[None, None, :, None]
+        tokens = torch.where(tokens < block_end, tokens, -1)
         support = BlockSupport.from_mask(mask, bs)
         return support, drop_covered(tokens, support)
 
     def _budget(self, choice: _Choice, grid: _Grid, j0, j1, L, nv0, ns0, B, dev):
-        """(nv, ns) per batch row: the paper sizes, or the scale whose cells land near the density."""
+        """(nv, ns) per batch row: the paper sizes capped at the context, or a scale landing near the density."""
         p = self.params
         if p.density is None:
             nv = torch.full((B,), min(nv0, L), dtype=torch.long, device=dev)
