@@ -45,7 +45,10 @@ def _cpu_signature() -> str:
 
 
 def _build_dir() -> Path:
-    parts = [SOURCE.read_text(), torch.__version__, sys.version, platform.machine(), _cpu_signature(), *FLAGS]
+    # the source's path too: ninja records it, so two checkouts sharing one cache would otherwise
+    # rebuild each other's extension on every load
+    parts = [SOURCE.read_text(), str(SOURCE.resolve()), torch.__version__, sys.version, platform.machine(),
+             _cpu_signature(), *FLAGS]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
     root = Path(os.environ.get("ATTNSIEVE_CACHE") or Path.home() / ".cache" / "attnsieve").expanduser()
     path = root / "build" / f"block_sparse_cpu-{key}"
