@@ -233,24 +233,26 @@ inline void online_softmax_row(float* sr, P* pr, int w, float scale, float& m, f
 }
 #endif
 
-// Final normalisation of an item's rows: out /= l, lse = m + log l; rows that saw no key get
-// out 0 and lse -inf; rows that saw a NaN score get NaN.
-inline void finish_rows(float* on, float* lp, const float* m, const float* l, int64_t R, int64_t Dv) {
-  for (int64_t r = 0; r < R; ++r) {
-    float* orow = on + r * Dv;
-    if (std::isnan(l[r]) || std::isnan(m[r])) {
-      std::fill(orow, orow + Dv, kNaN);
-      lp[r] = kNaN;
-    } else if (l[r] > 0.0f) {
-      const float inv = 1.0f / l[r];
-#pragma omp simd
-      for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
-      lp[r] = m[r] + std::log(l[r]);
-    } else {
-      std::fill(orow, orow + Dv, 0.0f);
-      lp[r] = kNegInf;
-    }
+// Final normalisation of one row: orow /= l, returns lse = m + log l; a row that saw no key gets
+// 0 and lse -inf, a row that saw a NaN score gets NaN.
+inline float finish_row(float* orow, float m, float l, int64_t Dv) {
+  if (std::isnan(l) || std::isnan(m)) {
+    std::fill(orow, orow + Dv, kNaN);
+    return kNaN;
   }
+  if (l > 0.0f) {
+    const float inv = 1.0f / l;
+#pragma omp simd
+    for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
+    return m + std::log(l);
+  }
+  std::fill(orow, orow + Dv, 0.0f);
+  return kNegInf;
+}
+
+// The same for an item's R rows, lse into lp.
+inline void finish_rows(float* on, float* lp, const float* m, const float* l, int64_t R, int64_t Dv) {
+  for (int64_t r = 0; r < R; ++r) lp[r] = finish_row(on + r * Dv, m[r], l[r], Dv);
 }
 
 // dst[0, n) = src[0, n) in dst's dtype (bf16: round to nearest even, vectorised where possible).
@@ -276,28 +278,15 @@ struct RowSink {
   float* lse;
   int64_t os0, os1, os2, ls0, ls1, ls2;
   int64_t Hs, Gs, NQ, bs, lead, Tq, Dv;
-  // normalised rows of item n (on: [R, Dv] accumulators) written out; see finish_rows
+  // normalised rows of item n (on: [R, Dv] accumulators) written out; see finish_row
   void write(int64_t n, float* on, const float* m, const float* l, int64_t R) const {
     const int64_t b = n / (Hs * NQ), s = (n / NQ) % Hs, j = n % NQ;
     for (int64_t r = 0; r < R; ++r) {
       const int64_t h = s * Gs + r / bs, t = j * bs + r % bs - lead;
       if (t < 0 || t >= Tq) continue;
       float* orow = on + r * Dv;
-      float lse_r;
-      if (std::isnan(l[r]) || std::isnan(m[r])) {
-        std::fill(orow, orow + Dv, kNaN);
-        lse_r = kNaN;
-      } else if (l[r] > 0.0f) {
-        const float inv = 1.0f / l[r];
-#pragma omp simd
-        for (int64_t d = 0; d < Dv; ++d) orow[d] *= inv;
-        lse_r = m[r] + std::log(l[r]);
-      } else {
-        std::fill(orow, orow + Dv, 0.0f);
-        lse_r = kNegInf;
-      }
+      lse[b * ls0 + h * ls1 + t * ls2] = finish_row(orow, m[r], l[r], Dv);
       write_row(out + b * os0 + h * os1 + t * os2, orow, Dv);
-      lse[b * ls0 + h * ls1 + t * ls2] = lse_r;
     }
   }
 };
