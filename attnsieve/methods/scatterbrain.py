@@ -23,8 +23,10 @@ Deviations, and why:
 - Where rounding or estimate noise makes the support's feature mass exceed the all-keys feature
   mass, the off-support part is taken as empty (the reference clamps the normaliser at 1e-24).
 - Feature shifts are per key (see performer.py), so no later key rescales an earlier one.
-- Causality: the support comes from the inner method (leak-free by its contract) and the low-rank
-  sums are causal prefix sums.
+- Causality: the low-rank sums are causal prefix sums, so scatterbrain is exactly as causal as its
+  inner method's support: leak-free with the default block-topk, looking ahead where the inner
+  method's default does (vertical-slash, block-sparse, seer, ...; pass
+  `inner_params={"causal": True}` for their leak-free form).
 Measured density = the exact part's cells (the support, diagonal blocks included); on sliding
 layers the feature products computed one by one on the window edge are added.
 """
