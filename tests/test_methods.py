@@ -251,7 +251,8 @@ def test_lookahead_default_depends_on_the_last_query_block_only_as_the_paper_doe
     q, k, v = qkv(T=T, D=32, seed=21)
     params = {"density": 0.2} if "density" in describe(name)["params"] else {}
     # forced parts small enough that the density budget leaves room for a choice on 320 tokens
-    params.update({"vertical-slash": dict(sink_columns=2, local_diagonals=4)}.get(name, {}))
+    params.update({"vertical-slash": dict(sink_columns=2, local_diagonals=4),
+                   "dhsa": dict(global_tokens=16, local_tokens=16)}.get(name, {}))
     ctx = LayerContext(0, 32**-0.5)
     q2 = q.clone()
     g = torch.Generator().manual_seed(22)
