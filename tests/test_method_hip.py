@@ -9,7 +9,7 @@ import torch
 
 from attnsieve.kernels import block_grid, dense_attention, exact_cells
 from attnsieve.methods import LayerContext, make
-from attnsieve.methods._lagged import lagged_queries
+from attnsieve.methods._lagged import lagged_queries, own_queries
 from attnsieve.methods.hip import hierarchical_topk
 
 from helpers import assert_close, masked_dense_reference
@@ -107,6 +107,28 @@ def test_lagged_representatives_precede_their_block():
     assert_close(reps[0, :, 1, 0], q[0, :, 20])  # falls back to its own first real query
 
 
+def test_own_representatives_are_the_block_s_sampled_rows():
+    q = torch.randn(1, 2, 70, 4)
+    reps, ok = own_queries(q, 70, 16, None, stride=2)  # grid blocks of 16, queries 0..69
+    assert reps.shape == (1, 2, 5, 8, 4)
+    assert_close(reps[0, :, 0], q[0, :, 1:16:2])  # rows 1, 3, ..., 15 of the block itself
+    assert_close(reps[0, :, 3], q[0, :, 49:64:2])
+    assert ok[0, 4].tolist() == [True] * 3 + [False] * 5  # block 4 holds queries 64..69: rows 1, 3, 5
+    valid = torch.ones(1, 70, dtype=torch.bool)
+    valid[0, :31] = False  # left padding: block 1 has one real query, row 15 (position 31)
+    reps, ok = own_queries(q, 70, 16, valid, stride=2)
+    assert ok[0, 1].tolist() == [False] * 7 + [True]
+    assert not ok[0, 0].any()
+    # a chunk (Tq < Tk) samples only its own queries: block 2 of 70 keys holds chunk rows 2..15
+    reps, ok = own_queries(q[:, :, 34:], 70, 16, None, stride=2)
+    assert ok[0, 0].tolist() == [False] + [True] * 7
+    assert_close(reps[0, :, 0, 1:], q[0, :, 35:48:2])
+    # a chunk starting at 47 holds only row 15 of block 2, not a sampled row of stride 3 (2, 5, .., 14)
+    reps, ok = own_queries(q[:, :, 47:], 70, 16, None, stride=3)
+    assert ok[0, 0].tolist() == [True] + [False] * 4
+    assert_close(reps[0, :, 0, 0], q[0, :, 47])  # its last (only) real query stands in
+
+
 def implied_mask(band, tokens, H, Tq, Tk, bs, window=None, key_valid=None):
     """[B, H, Tq, Tk] bool mask of the band blocks plus the listed tokens (slow and obvious)."""
     B = band.shape[0]
@@ -136,10 +158,11 @@ def implied_mask(band, tokens, H, Tq, Tk, bs, window=None, key_valid=None):
     return mask
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["lookahead", "causal"])
 @pytest.mark.parametrize("heads,per_head", [((4, 1), True), ((4, 2), False), ((2, 2), True)], ids=str)
 @pytest.mark.parametrize("window", [None, 70], ids=["global", "win70"])
 @pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
-def test_executed_attention_equals_masked_dense(heads, per_head, window, padded):
+def test_executed_attention_equals_masked_dense(heads, per_head, window, padded, causal):
     H, Hkv = heads
     T, bs = 230, 16
     g = torch.Generator().manual_seed(H + Hkv + (window or 0))
@@ -148,7 +171,8 @@ def test_executed_attention_equals_masked_dense(heads, per_head, window, padded)
     if padded:
         valid[1, :41] = False
     kv = valid if padded else None
-    method = make("hip", mask_k=24, block_size=bs, block_size_k=3, window=20, sink=5, per_head=per_head)
+    method = make("hip", mask_k=24, block_size=bs, block_size_k=3, window=20, sink=5, per_head=per_head,
+                  causal=causal)
     ctx = LayerContext(0, 0.25, window, kv)
     band, tokens = method.plan(q, k, ctx)
     assert tokens is not None and tokens.shape[1] == (H if per_head else Hkv)
@@ -163,7 +187,8 @@ def test_executed_attention_equals_masked_dense(heads, per_head, window, padded)
     assert mask[:, :, T_idx, T_idx][valid[:, None].expand(-1, H, -1)].all()
 
 
-def test_finds_a_planted_key_block():
+@pytest.mark.parametrize("causal", [False, True], ids=["lookahead", "causal"])
+def test_finds_a_planted_key_block(causal):
     """Keys aligned with the late queries far back in the context are found and attended.
 
     HiP rests on attention locality (a chunk's representative stands for its neighbours), so the
@@ -177,7 +202,7 @@ def test_finds_a_planted_key_block():
     q = q[:, :, :1] + 0.3 * q  # neighbouring queries are correlated, as in real models
     bump = torch.exp(-((torch.arange(T) - 600.0) / 8) ** 2)
     k = k + 10 * bump[:, None] * q[:, :, -1:].mean(1, keepdim=True)
-    method = make("hip", density=0.2, block_size=32)
+    method = make("hip", density=0.2, block_size=32, causal=causal)
     ctx = LayerContext(0, D**-0.5)
     _, tokens = method.plan(q, k, ctx)
     for h in range(4):  # the last query block of every head holds the peak
@@ -217,3 +242,89 @@ def test_default_budget_scales_nothing_and_covers_short_inputs():
 def test_bad_parameters_raise_value_error_naming_the_value(key, value):
     with pytest.raises(ValueError, match=key):
         make("hip", **{key: value})
+
+
+# --- The paper's (look-ahead) estimate against a loop re-implementation of the reference ---
+
+
+def naive_hip_reference(q, k, method):
+    """HiP's mask estimation, one (query head, query block) at a time: {(h, j): selected key tokens}.
+
+    Follows DeepAuto-AI/hip-attention v1.1, src/hip_attn/v1_1/attention2_draft_prefetch.py,
+    `masking_iteration_draft_cuda_initialize` and `masking_iteration_draft_cuda_dup_and_score`
+    (parameters of `HiPAttentionArgs`), one search per query head:
+    1. the scoring queries of block j are its OWN rows block_stride_q - 1, 2 * block_stride_q - 1, ...
+       (the reference's `idx_tdst`), never rows of another block (a last block too short to hold one uses
+       its last query, where the reference's rows would be masked out);
+    2. candidates are the b_k-token key units of [sink, start of the block's local window) (attnsieve's
+       window is block aligned: its start is (j - ceil(window / bs)) * bs);
+    3. k = mask_k / b_k chunks split the candidates (evenly: attnsieve's documented deviation from the
+       power-of-two alignment); while a chunk spans more than one unit each is halved (ceil/floor) and
+       each half is scored by its centre unit: the max over the sampled queries and the unit's keys of
+       q . k; the k best halves stay (`naive_tree_search`);
+    4. the block attends the k units' tokens and the `sink` first tokens (besides its band).
+    Causal masking of the listed tokens is left to the kernel.
+    """
+    p = method.params
+    _, H, T, _ = q.shape
+    G = H // k.shape[1]
+    bs, b_k, s = p.block_size, p.block_size_k, p.block_stride_q
+    band = 1 + -(-p.window // bs)
+    out = {}
+    for h in range(H):
+        for j in range(-(-T // bs)):
+            rows = [r for r in range(j * bs + s - 1, (j + 1) * bs, s) if r < T] or [T - 1]
+            band_start = (j - band + 1) * bs
+            lo, hi = p.sink, max(band_start, p.sink)
+            units, _ = naive_tree_search(q[0, h, rows], k[0, h // G], lo, hi, p.mask_k // b_k, b_k, "center")
+            chosen = {t for u in units for t in range(u * b_k, (u + 1) * b_k) if lo <= t < hi}
+            out[h, j] = chosen | {t for t in range(min(p.sink, T)) if t < band_start}
+    return out
+
+
+@pytest.mark.parametrize("T,stride,heads", [(300, 2, (4, 2)), (257, 3, (2, 1))], ids=["T300-s2-GQA2", "T257-s3-GQA"])
+def test_paper_selection_equals_reference_loop(T, stride, heads):
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(1, heads[0], T, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(1, heads[1], T, 16, generator=g, dtype=torch.float64)
+    method = make("hip", mask_k=12, block_size=16, block_size_k=2, block_stride_q=stride, window=32, sink=4)
+    assert method.params.causal is False  # the paper's estimate is the default
+    _, tokens = method.plan(q, k, LayerContext(0, 0.25))
+    want = naive_hip_reference(q, k, method)
+    for (h, j), chosen in want.items():
+        assert {int(t) for t in tokens[0, h, j] if t >= 0} == chosen, (h, j)
+
+
+def test_paper_selection_of_a_planted_pattern():
+    """Written out by hand: only the question (queries 480..511) points at a smooth bump of keys peaking
+    at 201; with 4 units of 2 the question's own block keeps exactly the 8 tokens 198..205 around it."""
+    T, D = 512, 32
+    g = torch.Generator().manual_seed(12)
+    q, k = 0.3 * torch.randn(1, 1, T, D, generator=g), 0.3 * torch.randn(1, 1, T, D, generator=g)
+    u = torch.nn.functional.normalize(torch.ones(D), dim=0)
+    q = q - (q @ u)[..., None] * u  # no query but the question's has a component along u
+    q[:, :, -32:] += 3 * u
+    k = k + 4 * D**0.5 * torch.exp(-((torch.arange(T) - 201.0) / 12) ** 2)[:, None] * u
+    kw = dict(mask_k=8, block_size=32, block_size_k=2, window=32, sink=0)
+    _, tokens = make("hip", **kw).plan(q, k, LayerContext(0, D**-0.5))
+    assert sorted(t for t in tokens[0, 0, 15].tolist() if t >= 0) == list(range(198, 206))
+    # the leak-free form scores block 15's candidates with block 14's queries, blind to the bump
+    _, lagged = make("hip", causal=True, **kw).plan(q, k, LayerContext(0, D**-0.5))
+    assert not set(range(198, 206)) & set(lagged[0, 0, 15].tolist())
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["lookahead", "causal"])
+def test_chunked_prefill_equals_masked_dense(causal):
+    """Tq < Tk: the chunk's own queries (or, causal, the previous block's) score; outputs stay exact."""
+    Tq, Tk, bs = 90, 230, 16
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, Tq, 16, generator=g)
+    k, v = torch.randn(1, 2, Tk, 16, generator=g), torch.randn(1, 2, Tk, 16, generator=g)
+    method = make("hip", mask_k=24, block_size=bs, block_size_k=3, window=20, sink=5, causal=causal)
+    ctx = LayerContext(0, 0.25)
+    band, tokens = method.plan(q, k, ctx)
+    mask = implied_mask(band, tokens, 4, Tq, Tk, bs)
+    ref, _ = masked_dense_reference(q, k, v, mask, scale=0.25)
+    res = method.prefill(q, k, v, ctx)
+    assert_close(res.out, ref, atol=1e-5, rtol=1e-4)
+    assert res.cells == int(mask.sum())

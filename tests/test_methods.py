@@ -253,7 +253,8 @@ def test_lookahead_default_depends_on_the_last_query_block_only_as_the_paper_doe
     # forced parts small enough that the density budget leaves room for a choice on 320 tokens; seer's
     # last two query blocks are dense by default (the paper's last_block_dense), so nothing there to steer
     params.update({"vertical-slash": dict(sink_columns=2, local_diagonals=4),
-                   "seer": dict(last_block_dense=False)}.get(name, {}))
+                   "seer": dict(last_block_dense=False),
+                   "dhsa": dict(global_tokens=16, local_tokens=16)}.get(name, {}))
     ctx = LayerContext(0, 32**-0.5)
     q2 = q.clone()
     g = torch.Generator().manual_seed(22)

@@ -1,8 +1,9 @@
-"""Query-side representatives lagged by one block, shared by the hip and dhsa methods.
+"""Query-side representatives of a query block, shared by the hip and dhsa methods.
 
 Block-selection methods summarise a query block by its queries (HiP scores keys against the
-block's queries, DHSA pools them). Using a block's own queries lets a later token of the block
-change which keys an earlier token of the same block sees: a causal leak. Here block j is
+block's queries, DHSA pools them). The papers use a block's own queries (`own_queries`), which lets
+a later token of the block change which keys an earlier token of the same block sees; the methods
+do so by default (their look-ahead form). Their `causal=True` form uses `lagged_queries`: block j is
 represented by the real queries of block j - 1 instead, all of which lie before block j starts;
 a block whose previous block holds no real query (the first block of a call, or one after left
 padding) falls back to its own first real query, which precedes every other query of the block.
@@ -60,4 +61,35 @@ def lagged_queries(
 
     reps = torch.where(has_prev[:, None, :, None, None], prev_q, own_q)
     ok = torch.where(has_prev[..., None], prev_ok, own_ok)
+    return reps, ok
+
+
+def own_queries(
+    q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Tensor | None, stride: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Representative queries of every query block taken from the block itself (the papers' form).
+
+    Returns (reps [B, H, NQ, S, D], ok [B, NQ, S]) with S = ceil(bs / stride): the rows
+    `stride - 1, 2 * stride - 1, ...` of block j that hold real queries (HiP samples every
+    `stride`-th query of its own block), or, when none of those rows is real but the block holds a
+    real query (a block cut by the start of a chunk or by left padding), its last real query alone.
+    Later queries of a block steer the keys its earlier queries see: not prefix-consistent.
+    """
+    B, H, _, D = q.shape
+    qg, _ = grid_queries(q, Tk, bs)  # [B, H, NQ, bs, D]
+    real = real_query_rows(q, Tk, bs, key_valid)  # [B, NQ, bs]
+    n_q = qg.shape[2]
+    pick = torch.arange(stride - 1, bs, stride, device=q.device)
+    if pick.numel() == 0:
+        pick = torch.tensor([bs - 1], device=q.device)
+    S = pick.numel()
+    reps, ok = qg[:, :, :, pick], real[:, :, pick]  # [B, H, NQ, S, D], [B, NQ, S]
+    last_row = bs - 1 - real.flip(-1).to(torch.int8).argmax(-1)  # [B, NQ] last real row of the block
+    last_q = torch.gather(qg, 3, last_row[:, None, :, None, None].expand(B, H, n_q, 1, D))
+    last_q = F.pad(last_q, (0, 0, 0, S - 1))  # [B, H, NQ, S, D]
+    last_ok = torch.zeros(B, n_q, S, dtype=torch.bool, device=q.device)
+    last_ok[..., 0] = real.any(-1)
+    has = ok.any(-1)  # [B, NQ]
+    reps = torch.where(has[:, None, :, None, None], reps, last_q)
+    ok = torch.where(has[..., None], ok, last_ok)
     return reps, ok

@@ -20,27 +20,39 @@ Hyperparameters (paper/reference defaults):
 - `sink` (16): first real tokens always attended.
 - `representative` ("center"): the key unit that stands for a half ("first" is the paper's other rule).
 - `per_head` (True): one search per query head, as the reference does; False shares one per KV group.
+- `causal` (False): False (the paper) scores with the query block's own queries; True with the
+  previous block's (leak-free, below).
 - `density`: when set, overrides `mask_k` and `window`, scaling both by one factor so the measured
   density lands near it (the sink is kept); 1.0 is exact attention.
 
-Deviations from the paper, and why:
-- Causality: the reference scores each query block's representatives against its own queries (max
-  over them), so a later token of the block changes the keys an earlier token sees. Here block j is
-  scored with the queries of block j - 1 (every `block_stride_q`-th one), which all precede block j;
-  the first block of a call falls back to its own first query (`_lagged.py`). The candidate range
-  ends where block j's local window begins, so every scored key precedes block j.
+Estimation (default, `causal=False`, as the reference's mask estimation does it:
+src/hip_attn/v1_1/attention2_draft_prefetch.py, `masking_iteration_draft_cuda_dup_and_score` with
+`masking_iteration_draft_cuda_initialize`): each query block scores a representative key unit of
+every half against its OWN queries, rows `block_stride_q - 1, 2 * block_stride_q - 1, ...` of the
+block (the reference's `idx_tdst`), the score being the max over those queries and the unit's keys;
+a block's later queries therefore steer the keys its earlier queries see, and outputs are not
+prefix-consistent. When prefill is chunked (Tq < Tk) a query block samples the chunk's own queries
+in it (a block cut by the chunk's start whose sampled rows all precede the chunk uses its last
+query), as the reference does on that chunk.
+
+`causal=True` (leak-free): block j is scored with the queries of block j - 1 (every
+`block_stride_q`-th one), which all precede block j; the first block of a call falls back to its own
+first query (`_lagged.py`). The candidate range (both forms) ends where block j's local window
+begins, so every scored key precedes block j and no query's keys depend on a later token.
+
+Deviations from the reference, and why:
 - The initial k chunks split the candidate range evenly without the reference's power-of-two
-  alignment, and a chunk of odd size splits into halves of ceil/floor size.
-- The local window is block aligned (attended by the block kernel) rather than per-token; the
+  alignment, and a chunk of odd size splits into halves of ceil/floor size (the reference: floor/ceil).
+- The local window is block aligned (attended by the block kernel) rather than per-token, and the
+  search range ends where that band begins (the reference: the block's last query - window); the
   selected units and the sink run through the token-gather kernel and merge exactly with it.
 - The reference keeps the first layers dense and reuses masks across decoding steps; both are
   left to per-layer overrides (`layers=`) and decoding stays exact.
 
 Known limit (measured on gemma3-270m, 4k passkey over a repeated filler): a key unit scores its max
 over a block's 32 sampled queries, so when only the last few queries (the question) point at a
-needle, the filler queries lift every unit to the needle's level and the search misses it; this
-holds with the block's own queries too (no lag), so it is the paper's block-max scoring, not the
-causal fix.
+needle, the filler queries lift every unit to the needle's level and the search misses it; this is
+the paper's block-max scoring and holds in both forms.
 """
 
 from __future__ import annotations
@@ -53,7 +65,7 @@ from typing import Literal
 import torch
 
 from attnsieve.kernels import BlockSupport
-from attnsieve.methods._lagged import lagged_queries, real_query_rows
+from attnsieve.methods._lagged import lagged_queries, own_queries, real_query_rows
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, forced_blocks
@@ -77,6 +89,10 @@ class HipParams:
         default="center", metadata={"help": "key unit that represents a half: center or first"}
     )
     per_head: bool = field(default=True, metadata={"help": "search per query head (True) or per KV group (False)"})
+    causal: bool = field(
+        default=False,
+        metadata={"help": "False (paper): score with each query block's own queries; True: the previous block's"},
+    )
 
     def __post_init__(self):
         if self.mask_k < 1:
@@ -266,6 +282,7 @@ class Hip(SparseMethod):
         B, Hkv = k.shape[:2]
         blocks = BlockSupport.from_mask(band[:, None].expand(B, Hkv, *band.shape[1:]), self.params.block_size)
         return dataclasses.replace(blocks, tokens=tokens)
+
     def _search(self, q, k, ctx, layout, band_blocks, mask_k, has_rows):
         """Token lists [B, Hs, NQ, M]: the sink tokens and the units the tree search keeps."""
         p = self.params
@@ -276,7 +293,8 @@ class Hip(SparseMethod):
         Gs = H // Hs
         n_q, first = layout.n_q, layout.first_qb
         dev = q.device
-        reps, ok = lagged_queries(q.float(), Tk, bs, ctx.key_valid, p.block_stride_q)  # [B, H, NQ, S, D]
+        queries = lagged_queries if p.causal else own_queries
+        reps, ok = queries(q.float(), Tk, bs, ctx.key_valid, p.block_stride_q)  # [B, H, NQ, S, D]
         S = reps.shape[3]
         reps = reps.view(B, Hs, Gs, n_q, S, D).transpose(2, 3).reshape(B * Hs * n_q, Gs * S, D)
         ok = ok[:, None, :, None, :].expand(B, Hs, n_q, Gs, S).reshape(B * Hs * n_q, Gs * S)
