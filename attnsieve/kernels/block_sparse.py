@@ -222,11 +222,14 @@ def block_sparse_attention(
 
     # Block-aligned copies: queries on the grid, keys/values padded to whole blocks.
     lead = (Tk - Tq) - first_qb * bs
-    qp = q.new_empty(B, H, n_q * bs, D)  # only the grid's padding rows need zeros
-    qp[:, :, :lead] = 0
-    qp[:, :, lead + Tq :] = 0
-    qp[:, :, lead : lead + Tq] = q
-    q_items = qp.view(B, Hs, Gs, n_q, bs, D).transpose(2, 3).reshape(B * Hs * n_q, R, D)  # [N, R, D]
+    if lead == 0 and n_q * bs == Tq:  # the queries fill the grid exactly: no padded copy
+        qp = q
+    else:
+        qp = q.new_empty(B, H, n_q * bs, D)  # only the grid's padding rows need zeros
+        qp[:, :, :lead] = 0
+        qp[:, :, lead + Tq :] = 0
+        qp[:, :, lead : lead + Tq] = q
+    q_items = qp.reshape(B, Hs, Gs, n_q, bs, D).transpose(2, 3).reshape(B * Hs * n_q, R, D)  # [N, R, D]
     pad = n_k * bs - Tk
     kp = torch.nn.functional.pad(k, (0, 0, 0, pad)) if pad else k
     vp = torch.nn.functional.pad(v, (0, 0, 0, pad)) if pad else v
