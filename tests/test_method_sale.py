@@ -1,4 +1,4 @@
-"""SALE: low-bit estimates, the relative-score selection against a naive loop, and the executed attention."""
+"""SALE: low-bit estimates, the paper's and the causal selection against naive loops, planted keys, execution."""
 
 from __future__ import annotations
 
@@ -91,13 +91,152 @@ def naive_selection(q, k, p, key_valid=None, window=None, chunk_blocks=None, exa
 
 
 def support_masks(sup, n_k):
-    """(union [B, H, NQ, NK], per-row blocks [B, H, NQ, bs, NK]) from a BlockSupport with row_mask."""
+    """(union [B, H, NQ, NK], per-row blocks [B, H, NQ, bs, NK]) from a BlockSupport (row_mask or not)."""
     union = sup.to_mask(n_k)
+    if sup.row_mask is None:
+        return union, union[:, :, :, None].expand(-1, -1, -1, sup.block_size, -1)
     blocks = sup.blocks
     own = torch.zeros(*blocks.shape[:3], sup.row_mask.shape[3], n_k + 1, dtype=torch.bool)
     idx = torch.where(blocks >= 0, blocks, n_k)[:, :, :, None, :].expand_as(sup.row_mask)
     own.scatter_(4, idx, sup.row_mask)
     return union, own[..., :n_k]
+
+
+def naive_sale(q, k, bs, query_block, segment, local_window, tau, bits, key_valid=None):
+    """The key blocks each query block of `query_block` rows attends in SALE, loop by loop: {(b, h, m): blocks}.
+
+    Follows BirdChristopher/SALE (`flash_attn_func_int4_skip`, impl_version 2 = two passes):
+    1. int4_flash_attn/quant_triton.py: smooth with the means of all queries and all keys (q - mean q,
+       k - mean k), quantise each token symmetrically to [-7, 7] (bits 4), qmk = mean q . (k - mean k);
+    2. csrc/flash_attn/src/flash_fwd_int4_sparse_kernel_v2.h, `compute_attn_1rowblock_skipping_v2`: query block
+       m's keys end in key block NB - 1; after the sink block 0 the N = NB - 1 blocks are cut into segments of
+       S = segment / bs blocks; with remain = N - S * ceil(N / S), the local window is the last
+       S * ceil((L - remain) / S) + remain blocks (L = local_window / bs), the whole segments before it are
+       the candidates;
+    3. each row's exact log-sum-exp over the sink and local keys (causal, smoothed keys) gives its threshold
+       lse + log(tau); a candidate block is kept for the whole query block when some row's largest estimate
+       sq * sk * (q_int . k_int) + qmk (times the softmax scale) in it is above the threshold (the rows' OR).
+    Head h reads KV head h // (H / Hkv) (the reference repeats KV). Padding (which the reference never has)
+    is left out of the means, rows and keys, and the sink is the first block holding a real key.
+    """
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    scale = D**-0.5
+    S, L = segment // bs, -(-local_window // bs)
+    top = 2 ** (bits - 1) - 1
+    valid = torch.ones(B, T, dtype=torch.bool) if key_valid is None else key_valid
+
+    def quant(x):  # symmetric per token, float32 like the method's inputs
+        step = x.abs().max() / top
+        step = step if step > 0 else torch.tensor(1.0)
+        return torch.round(x / step).clamp(-top, top), float(step)
+
+    out, picked = {}, {}
+    for b in range(B):
+        real = [t for t in range(T) if valid[b, t]]
+        sink = real[0] // bs
+        for h in range(H):
+            kh = k[b, h // G].double()
+            q_mean, k_mean = q[b, h, real].double().mean(0), kh[real].mean(0)
+            ks = kh - k_mean
+            kq = [quant(ks[t].float()) for t in range(T)]
+            k_int = torch.stack([x for x, _ in kq]).double()  # [T, D]
+            k_step = torch.tensor([s for _, s in kq], dtype=torch.float64)
+            qmk = (ks * q_mean).sum(-1)  # [T] the exact mean-query term
+            for m in range(-(-T // query_block)):
+                n_blocks = -(-min(T, (m + 1) * query_block) // bs)
+                N = n_blocks - sink - 1
+                segs = -(-N // S)
+                remain = N - segs * S
+                segs = max(0, segs - -(-(L - remain) // S))
+                start = sink + 1 + segs * S
+                forced = {sink, *range(start, n_blocks)}
+                chosen = set()
+                for r in range(m * query_block, min((m + 1) * query_block, T)):
+                    if not valid[b, r]:
+                        continue
+                    keys = [t for kb in forced for t in range(kb * bs, min((kb + 1) * bs, r + 1)) if valid[b, t]]
+                    lse = float(torch.logsumexp((ks[keys] * q[b, h, r].double()).sum(-1) * scale, 0))
+                    qi, sq = quant((q[b, h, r].double() - q_mean).float())
+                    est = (sq * k_step * (k_int * qi.double()).sum(-1) + qmk) * scale  # [T] every key's estimate
+                    est = est.masked_fill(~valid[b], -math.inf)
+                    for kb in range(sink + 1, start):
+                        if float(est[kb * bs : (kb + 1) * bs].max()) > lse + math.log(tau):
+                            chosen.add(kb)
+                out[b, h, m] = {kb for kb in forced | chosen if bool(valid[b, kb * bs : (kb + 1) * bs].any())}
+                picked[b, h, m] = chosen, set(range(sink + 1, start))
+    return out, picked
+
+
+@pytest.mark.parametrize("T", [512, 500])
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "leftpad"])
+def test_paper_selection_equals_reference_loop(T, padded):
+    H, Hkv = 4, 2
+    g = torch.Generator().manual_seed(T + H)
+    u = torch.nn.functional.normalize(torch.randn(16, generator=g), dim=0)
+    noise = torch.randn(2, H, T, 16, generator=g)
+    q = 3 * u + noise - (noise @ u)[..., None] * u  # every query: 3 along u
+    spread = (0.4 + torch.rand(-(-T // 16), generator=g)).repeat_interleave(16)[:T, None]  # per key block
+    k = torch.randn(2, Hkv, T, 16, generator=g) * spread
+    pad = 41 if padded else 0
+    k[:, :, pad] = 10 * u  # a heavy first real key (score 7.5), so some blocks pass tau and some do not
+    valid = torch.ones(2, T, dtype=torch.bool)
+    valid[1, :pad] = False
+    key_valid = valid if padded else None
+    bs, qb, seg, local, tau = 16, 32, 32, 32, 0.02
+    method = make("sale", threshold=tau, block_size=bs, query_block=qb, segment=seg, local_window=local)
+    assert method.params.causal is False
+    sup = method.support(q, k, LayerContext(0, q.shape[-1] ** -0.5, key_valid=key_valid))
+    assert sup.row_mask is None  # one union per query block, as the reference
+    mask = sup.to_mask(-(-T // bs))
+    ref, picked = naive_sale(q, k, bs, qb, seg, local, tau, 4, key_valid)
+    n_chosen, n_cand = (sum(len(v[i]) for v in picked.values()) for i in (0, 1))
+    assert 0.1 * n_cand < n_chosen < 0.9 * n_cand, (n_chosen, n_cand)  # the test must select and skip
+    for j in range(mask.shape[2]):
+        for b in range(2):
+            for h in range(H):
+                want = {kb for kb in ref[b, h, j * bs // qb] if kb <= j}
+                assert set(torch.nonzero(mask[b, h, j]).flatten().tolist()) == want, (b, h, j)
+
+
+def test_paper_selection_of_a_planted_pattern():
+    """Written out by hand: the question (the last 32 queries) attends key 100 (block 3), and so, through the
+    union of its 64-row query block, do the 32 queries before it; the causal form gives it to the question's
+    own rows only.
+
+    Every query shares a direction with the sink key 0, which scores 8, so every row's sink + local log-sum-exp
+    is about 8; key 100 scores 12 with the question's queries (relative score e^4) and about 0 with the others,
+    random keys about 0 (relative score e^-8 < tau = 0.004)."""
+    T, bs, D = 512, 32, 32
+    g = torch.Generator().manual_seed(15)
+    u, w = torch.eye(D)[0], torch.eye(D)[1]
+    q, k = 0.1 * torch.randn(1, 1, T, D, generator=g), 0.1 * torch.randn(1, 1, T, D, generator=g)
+    q[..., 0] = 0.0
+    scale = D**-0.5
+    q += w * 2.0  # 2 w . 4 sqrt(D) w * scale = 8
+    k[:, :, 0] = 4 * D**0.5 * w
+    k[:, :, 100] = 4 * D**0.5 * u
+    q[:, :, -32:] += 3 * u  # 3 u . 4 sqrt(D) u * scale = 12
+    ctx = LayerContext(0, scale)
+    method = make("sale")  # the reference's defaults: blocks of 32, query blocks of 64, segments of 128
+    mask = method.support(q, k, ctx).to_mask(T // bs)[0, 0]
+    # query block 7 (grid blocks 14, 15) ends at key block 16: sink 0, local 9..15 (7 blocks), candidates 1..8
+    assert set(torch.nonzero(mask[15]).flatten().tolist()) == {0, 3, *range(9, 16)}
+    assert set(torch.nonzero(mask[14]).flatten().tolist()) == {0, 3, *range(9, 15)}
+    # query block 6 (grid blocks 12, 13): sink 0, local 9..13, candidates 1..8, none above tau
+    assert set(torch.nonzero(mask[13]).flatten().tolist()) == {0, *range(9, 14)}
+    # key block 3 is a candidate of query blocks 4..6 (grid blocks 8..13), local before; none keeps it
+    assert not mask[8:14, 3].any()
+    # causal=True: per-row masks; the question's rows keep block 3, the rows of block 14 do not see it
+    sup = make("sale", causal=True).support(q, k, ctx)
+    own = support_masks(sup, T // bs)[1][0, 0]  # [NQ, bs, NK]
+    assert own[15, :, 3].all() and not own[14, :, 3].any()
+
+
+def test_defaults_are_the_references():
+    p = make("sale").params
+    assert (p.bits, p.threshold, p.block_size, p.query_block, p.segment, p.local_window, p.sink_blocks, p.causal) == (
+        4, 0.004, 32, 64, 128, 128, 1, False)
 
 
 CASES = {  # B, H, Hkv, T, window, left padding of row 0
@@ -116,7 +255,7 @@ def test_selection_equals_naive_loop(case, bits, monkeypatch):
     if pad:
         valid = torch.ones(B, T, dtype=torch.bool)
         valid[0, :pad] = False
-    p = sale_mod.SaleParams(bits=bits, threshold=0.02, block_size=16, local_window=32)
+    p = sale_mod.SaleParams(bits=bits, threshold=0.02, block_size=16, local_window=32, causal=True)
     # Small estimate steps: several row chunks, each smoothed with the means before it.
     monkeypatch.setattr(sale_mod, "ESTIMATE_ELEMS", (H // Hkv) * 16 * T * 4)
     sup = make("sale", **vars(p)).support(q, k, LayerContext(0, q.shape[-1] ** -0.5, window, valid))
@@ -146,7 +285,7 @@ def test_quantised_estimate_error_falls_from_4_to_8_bits():
 
 def test_selection_errors_fall_from_4_to_8_bits(monkeypatch):
     """Against the same rule on exact scores, the 8-bit selection disagrees on fewer (row, block) pairs."""
-    p = sale_mod.SaleParams(threshold=0.05, block_size=16, local_window=32)
+    p = sale_mod.SaleParams(threshold=0.05, block_size=16, local_window=32, causal=True)
     monkeypatch.setattr(sale_mod, "ESTIMATE_ELEMS", 2 * 16 * 256 * 4)
     wrong = {4: 0, 8: 0}
     for seed in (7, 8):
@@ -159,14 +298,16 @@ def test_selection_errors_fall_from_4_to_8_bits(monkeypatch):
     assert wrong[8] < wrong[4], wrong
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["paper", "causal"])
 @pytest.mark.parametrize("density", [None, 0.3])
 @pytest.mark.parametrize("window", [None, 60], ids=["global", "sliding60"])
-def test_executed_attention_equals_masked_dense(density, window):
+def test_executed_attention_equals_masked_dense(density, window, causal):
     q, k, v = qkv(B=2, H=4, Hkv=2, T=180, seed=3)
     valid = torch.ones(2, 180, dtype=torch.bool)
     valid[1, :30] = False
     ctx = LayerContext(0, q.shape[-1] ** -0.5, window, valid)
-    method = make("sale", threshold=0.02, density=density, block_size=16, local_window=32, calib_chunks=4)
+    method = make("sale", threshold=0.02, density=density, block_size=16, local_window=32, segment=32,
+                  calib_chunks=4, causal=causal)
     res = method.prefill(q, k, v, ctx)
     union, own = support_masks(method.support(q, k, ctx), -(-180 // 16))
     pos = torch.arange(180)
@@ -195,20 +336,24 @@ def structured(T=2048, D=32, seed=0, q_scale=2.0, sink=3.0, k_bias=1.0):
     return q, k, torch.randn(1, 1, T, D, generator=g)
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["paper", "causal"])
 @pytest.mark.parametrize("density", [0.1, 0.2, 0.4])
-def test_density_lands_near_target(density):
+def test_density_lands_near_target(density, causal):
     q, k, v = structured()
-    res = make("sale", density=density, block_size=16, local_window=32).prefill(q, k, v, LayerContext(0, 32**-0.5))
+    method = make("sale", density=density, block_size=16, local_window=32, segment=32, causal=causal)
+    res = method.prefill(q, k, v, LayerContext(0, 32**-0.5))
     measured = res.cells / (4 * exact_cells(2048, 2048))
     # sink + local blocks are a floor of about 0.05 here; counts are whole blocks
     assert 0.7 * density <= measured <= 1.3 * density + 0.02, measured
 
 
-def test_threshold_trades_blocks_for_accuracy():
+@pytest.mark.parametrize("causal", [False, True], ids=["paper", "causal"])
+def test_threshold_trades_blocks_for_accuracy(causal):
     q, k, v = structured(T=1024, seed=1, q_scale=3.0, sink=1.0, k_bias=0.0)
     ctx = LayerContext(0, 32**-0.5)
     ref, _ = dense_attention(q, k, v)
-    runs = [make("sale", threshold=t, block_size=16, local_window=32).prefill(q, k, v, ctx) for t in (0.1, 0.01, 0.001)]
+    runs = [make("sale", threshold=t, block_size=16, local_window=32, segment=32, causal=causal).prefill(q, k, v, ctx)
+            for t in (0.1, 0.01, 0.001)]
     cells = [r.cells for r in runs]
     errs = [float((r.out - ref).norm() / ref.norm()) for r in runs]
     assert cells[0] < cells[1] < cells[2], cells
@@ -218,7 +363,7 @@ def test_threshold_trades_blocks_for_accuracy():
 
 def test_no_causal_leak_with_several_smoothing_chunks(monkeypatch):
     monkeypatch.setattr(sale_mod, "ESTIMATE_ELEMS", 2 * 16 * 400 * 3)
-    method = make("sale", threshold=0.02, block_size=16, local_window=32)
+    method = make("sale", threshold=0.02, block_size=16, local_window=32, causal=True)
     q, k, v = qkv(H=4, Hkv=2, T=400, seed=5)
     ctx = LayerContext(0, q.shape[-1] ** -0.5)
     base = method.prefill(q, k, v, ctx).out
@@ -233,7 +378,7 @@ def test_no_causal_leak_with_several_smoothing_chunks(monkeypatch):
 @pytest.mark.parametrize(
     "key,value",
     [("bits", 3), ("threshold", 1.5), ("density", 0.0), ("block_size", 8), ("local_window", 0),
-     ("sink_blocks", -1), ("calib_chunks", 0)],
+     ("sink_blocks", -1), ("calib_chunks", 0), ("query_block", 48), ("segment", 100)],
 )
 def test_bad_parameters_raise_value_error_naming_the_value(key, value):
     with pytest.raises(ValueError, match=key):

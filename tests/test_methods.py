@@ -217,14 +217,19 @@ LOOKAHEAD = [n for n in ALL if describe(n)["lookahead"]]
 
 
 def support_token_mask(support, H, T):
-    """[B, H, T, T] bool: the key blocks and listed key tokens a support puts in scope, causal (loops)."""
+    """[B, H, T, T] bool: the key blocks (per row where a row_mask restricts them) and listed key tokens a
+    support puts in scope, causal (loops)."""
     bs = support.block_size
-    blocks = support.to_mask(-(-T // bs))
-    B, Hs = blocks.shape[:2]
+    B, Hs = support.blocks.shape[:2]
+    G = H // Hs
     mask = torch.zeros(B, H, T, T, dtype=torch.bool)
-    for b, hs, j, kb in torch.nonzero(blocks).tolist():
-        for h in range(hs * H // Hs, (hs + 1) * H // Hs):
-            mask[b, h, j * bs : (j + 1) * bs, kb * bs : (kb + 1) * bs] = True
+    for b, hs, j, slot in torch.nonzero(support.blocks >= 0).tolist():
+        kb = int(support.blocks[b, hs, j, slot])
+        for g in range(G):
+            rows = torch.ones(bs, dtype=torch.bool) if support.row_mask is None else (
+                support.row_mask[b, hs, j, g * bs : (g + 1) * bs, slot])
+            r = j * bs + torch.nonzero(rows).flatten()
+            mask[b, hs * G + g, r[r < T], kb * bs : (kb + 1) * bs] = True
     if support.tokens is not None:
         Ht = support.tokens.shape[1]
         for b, ht, j, m in torch.nonzero(support.tokens >= 0).tolist():
@@ -254,7 +259,8 @@ def test_lookahead_default_depends_on_the_last_query_block_only_as_the_paper_doe
     # last two query blocks are dense by default (the paper's last_block_dense), so nothing there to steer
     params.update({"vertical-slash": dict(sink_columns=2, local_diagonals=4),
                    "seer": dict(last_block_dense=False),
-                   "dhsa": dict(global_tokens=16, local_tokens=16)}.get(name, {}))
+                   "dhsa": dict(global_tokens=16, local_tokens=16),
+                   "sale": dict(query_block=16, segment=16, local_window=16)}.get(name, {}))
     ctx = LayerContext(0, 32**-0.5)
     q2 = q.clone()
     g = torch.Generator().manual_seed(22)

@@ -1,17 +1,41 @@
 """AnchorAttention: keep the key columns (stripes) whose pooled-query score comes within `theta` of an anchor.
 
-Every query computes its initial block and local window exactly; the largest of those scores is its anchor
+Every query computes its initial region and local window exactly; the largest of those scores is its anchor
 (initial tokens and the local window hold the maxima of most attention rows). Queries pooled per block then
-score every other key, and a key is kept, as a stripe shared by a group of query blocks, where its pooled score
-is at most `theta` below the pooled anchor. Zhang et al., "AnchorAttention: Difference-Aware Sparse Attention
-with Stripe Granularity", EMNLP 2025 (arXiv:2505.23520).
+score the other earlier keys, and a key is kept, as a stripe shared by a group of `step` query blocks, where its
+pooled score is at most `theta` below the pooled anchor of some block of the group. Zhang et al.,
+"AnchorAttention: Difference-Aware Sparse Attention with Stripe Granularity", EMNLP 2025 (arXiv:2505.23520);
+reference: the authors' AnchorAttn code, `anchorattn` (block_size 128, step 16, difference 12) with its three
+Triton steps `get_mask_fused_anchor_triton` (anchors), `get_q_mask_triton` (stripes; the PyTorch twin is
+`get_mask_block`) and `_triton_stripe_sparse_attn_fwd_kernel_step3`.
 
-Hyperparameters:
-- `theta`: score difference to the anchor within which a key is kept (paper 12, in nats of the scaled score).
-- `step`: query blocks per group sharing one stripe list; the initial region and the local window are one
-  group long. Paper: 16 blocks of 128 (2048 tokens) at 128k; None scales it by Tk / 131072 (at least 1).
+Hyperparameters (defaults are the reference's, unscaled by length):
+- `theta`: score difference to the anchor within which a key is kept (12, in nats of the scaled score).
+- `step`: query blocks per group sharing one stripe list; the initial region and the local window are one group
+  long (None: 16, the reference's, at every length; under `density`, the largest step up to 16 whose initial
+  region and local windows stay within half the target, so stripes have room: 1 at 4k).
+- `causal`: False (the paper, default): a group's stripes come from its own blocks' pooled queries and anchors;
+  True: from the previous group's (leak-free, below).
 - `density`: when set, overrides `theta`: theta is calibrated per group so the measured density lands near it.
-- `block_size`: tokens per query block of the pooled estimate and per key block of the exact part (paper 128).
+- `block_size`: tokens per query block of the pooled estimate and per key block of the exact part (128).
+
+At the reference's defaults a group is 2048 tokens, so up to 4k the initial region and the local window cover
+every key and the method is dense; stripes start to matter from 6k on.
+
+Estimation (default, `causal=False`, as the reference's `get_q_mask_triton`): the queries of each block of group g
+are averaged (its own queries), and so are their anchors; key t is a stripe of group g when, for some block of
+the group, pooled anchor - scale * pooled query . k_t <= theta. Candidates are the keys from the second block to
+the block before the last one ahead of the group (the reference scans key blocks 1 .. g * step - 2; those inside
+the initial region are already attended). Every query of the group attends the union, so a later block of the
+group changes the keys an earlier one sees; outputs are not prefix-consistent. When prefill is chunked (Tq < Tk)
+only the group's blocks present in the call are pooled.
+
+`causal=True` (leak-free, for prefix caching and teacher-forced perplexity): the stripes of group g are chosen by
+the pooled queries and pooled anchors of group g - 1 (lagged by one group; all of it lies before group g starts),
+among all real keys between the initial region and the group's start; groups 0 and 1 have only their initial
+region and local window, as group 0 does in the paper. The price: a question at the very end of a prompt cannot
+steer the stripes of its own group (on a 4k pass-key prompt the needle gets ~17% of the question's attention in
+the retrieval heads but ~0.5% of the previous block's), so at density 0.2 the lagged stripes miss the needle.
 
 Execution: the initial region (the first group of real keys) and the local window (from the start of the
 query's group to the query) run on the block kernel; stripes run on the token-gather kernel; the parts cover
@@ -19,21 +43,14 @@ disjoint keys and merge through their log-sum-exp. The paper reuses the online-s
 for the initial + local part; here the anchors (row maxima) are computed in a separate score-only pass, which is
 reported as estimation time, because the shared block kernel returns a log-sum-exp, not a row maximum.
 
-Deviations from the paper, and why:
-- No causal leak. The paper pools a block's own queries and anchors and shares the union of a group's choices
-  with all of that group's queries, so a late token changes which keys earlier queries see. Here the stripes
-  of group g are chosen by the pooled queries and pooled anchors of group g - 1 (lagged by one group; all of it
-  lies before group g starts). Groups 0 and 1 have only their initial region and local window, as group 0 does
-  in the paper.
-- The stripe candidates are all real keys between the initial region and the group's start (the reference
-  scans from the second block to one block before the group, overlapping its initial region); here the
-  initial region, stripes and local window never overlap, so no key is counted twice.
+Deviations:
+- Stripes inside the initial region are not listed again: the reference's stripe pass adds them on top of its
+  initial + local state, counting such a key twice in group 1 and beyond; here each key counts once.
+- Lengths that are not a multiple of step * block_size (the reference asserts they are) and left padding: blocks
+  pool their real queries only, the initial region starts at the first real key block.
+- GQA: the reference repeats the KV heads; here each query head scores its group's KV head.
 - `density`: per (batch row, group), theta is set to the largest value whose stripes (over all heads) fit the
   group's share of the target cells, carrying over what earlier groups over- or under-spent.
-
-A consequence of the lag: a question at the very end of a prompt cannot steer the stripes of its own group (on a
-4k pass-key prompt the needle gets ~17% of the question's attention in the retrieval heads but ~0.5% of the
-previous block's), so at density 0.2 the needle is not among the final group's stripes.
 """
 
 from __future__ import annotations
@@ -44,7 +61,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnsieve.kernels import BlockSupport
-from attnsieve.methods._block_token import PAPER_CONTEXT, GridCells, mask_to_list
+from attnsieve.methods._block_token import GridCells, mask_to_list
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, grid_queries
@@ -60,12 +77,16 @@ class AnchorParams:
         default=12.0, metadata={"help": "keep keys whose pooled score is within theta of the pooled anchor (> 0)"}
     )
     step: int | None = field(
-        default=None, metadata={"help": "query blocks per stripe group (1..64; None: 16 at 128k, scaled by Tk)"}
+        default=None, metadata={"help": "query blocks per stripe group (1..64; None: 16, or sized to density)"}
     )
     density: float | None = field(
         default=None, metadata={"help": "target measured density in (0, 1]; overrides theta when set"}
     )
     block_size: int = field(default=128, metadata={"help": "tokens per query/key block (16..512; paper 128)"})
+    causal: bool = field(
+        default=False,
+        metadata={"help": "False (paper): stripes from the group's own pooled queries; True: the previous group's"},
+    )
 
     def __post_init__(self):
         if not self.theta > 0:
@@ -89,8 +110,24 @@ class AnchorPlan:
     theta: list  # per group: [B] theta used (None where the group had no stripe candidates)
 
 
-def scaled_step(step: int | None, Tk: int) -> int:
-    return step if step is not None else max(1, min(PAPER_STEP, round(PAPER_STEP * Tk / PAPER_CONTEXT)))
+def exact_blocks(layout, S: int) -> torch.Tensor:
+    """[B, NQ, NK] bool: the initial region (S blocks from the first real one) and each block's local window."""
+    kb = torch.arange(layout.n_k, device=layout.allowed.device)
+    jabs = torch.arange(layout.first_qb, layout.first_qb + layout.n_q, device=kb.device)
+    sink = layout.sink[:, None, None]  # [B, 1, 1]
+    init = (kb >= sink) & (kb < sink + S)  # [B, 1, NK]
+    local = (kb[None, :] >= (jabs[:, None] // S) * S) & (kb[None, :] <= jabs[:, None])  # [NQ, NK]
+    return (init | local[None]) & layout.allowed
+
+
+def density_step(density: float, layout, grid: GridCells) -> int:
+    """The largest step <= PAPER_STEP whose exact part takes at most half of `density` (at least 1)."""
+    total = float(grid.exact.sum().clamp_min(1))
+    for S in range(PAPER_STEP, 1, -1):
+        cells = float(grid.block_cells(exact_blocks(layout, S)[:, None], 0).sum())
+        if cells <= density / 2 * total:
+            return S
+    return 1
 
 
 @register(
@@ -114,23 +151,30 @@ class Anchor(SparseMethod):
         Hkv, Tk = k.shape[1], k.shape[2]
         G = H // Hkv
         bs, dev = p.block_size, q.device
-        S = scaled_step(p.step, Tk)
         layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, dev)
         fq, n_q, n_k = layout.first_qb, layout.n_q, layout.n_k
+        grid = GridCells.build(Tq, Tk, bs, ctx.key_valid, B, dev)
+        if p.step is not None:
+            S = p.step
+        elif p.density is None:
+            S = PAPER_STEP
+        else:
+            S = density_step(p.density, layout, grid)
         if p.density is not None and p.density >= 1:
             full = layout.allowed[:, None].expand(B, H, n_q, n_k)
             return AnchorPlan(BlockSupport.from_mask(full, bs), None, None, S, [])
 
         # Exact part: the initial region (first group of real keys) and the local window (own group so far).
-        kb = torch.arange(n_k, device=dev)
-        jabs = torch.arange(fq, fq + n_q, device=dev)
-        sink = layout.sink[:, None, None]  # [B, 1, 1]
-        init = (kb >= sink) & (kb < sink + S)  # [B, 1, NK]
-        local = (kb[None, :] >= (jabs[:, None] // S) * S) & (kb[None, :] <= jabs[:, None])  # [NQ, NK]
-        exact_part = (init | local[None]) & layout.allowed  # [B, NQ, NK]
+        exact_part = exact_blocks(layout, S)  # [B, NQ, NK]
         support = BlockSupport.from_mask(exact_part[:, None].expand(B, H, n_q, n_k), bs)
 
-        grid = GridCells.build(Tq, Tk, bs, ctx.key_valid, B, dev)
+        G_tok = S * bs
+        init_end = (layout.sink + S) * bs  # [B] first key after the initial region
+        n_groups_first, n_groups_end = fq // S, -(-n_k // S)
+        last_start = (n_groups_end - 1) * G_tok - (0 if p.causal else bs)  # end of the last group's candidates
+        if last_start <= int(init_end.min()):  # no group has a stripe candidate (reference defaults up to 4k)
+            return AnchorPlan(support, None, None, S, [None] * (n_groups_end - n_groups_first))
+
         valid = grid.real_key  # [B, NK * bs]
         anchors = self._anchors(q, k, valid, layout, S, ctx)  # [B, H, NQ, bs] on the grid
         qg, rows = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D], [NQ, bs]
@@ -141,10 +185,7 @@ class Anchor(SparseMethod):
         usable = n_real > 0  # [B, NQ] blocks whose pooled query exists
 
         kf = k.float()
-        G_tok = S * bs
-        init_end = (layout.sink + S) * bs  # [B] first key after the initial region
         fixed = grid.block_cells(exact_part[:, None], 0)[:, 0] * H  # [B, NQ] cells of the exact part, all heads
-        n_groups_first, n_groups_end = fq // S, -(-n_k // S)
         spent = torch.zeros(B, dtype=torch.float64, device=dev)
         exact_so_far = torch.zeros(B, dtype=torch.float64, device=dev)
         lists: list[tuple[int, int, torch.Tensor]] = []
@@ -153,14 +194,17 @@ class Anchor(SparseMethod):
             ja, je = max(g * S, fq) - fq, min((g + 1) * S, n_k) - fq  # this call's query blocks of group g
             exact_so_far += grid.exact[:, ja:je].sum(-1).double() * H
             spent += fixed[:, ja:je].sum(-1).double()
-            la, le = (g - 1) * S - fq, g * S - fq  # lagged blocks: group g - 1
-            start = g * G_tok  # stripes lie before the group's start
+            if p.causal:  # the pooled blocks: group g - 1 (lagged); candidates: every key before the group
+                la, le = max((g - 1) * S - fq, 0), g * S - fq
+                start = g * G_tok
+            else:  # the group's own blocks in this call; candidates end a block before the group (reference)
+                la, le = ja, je
+                start = max(g * G_tok - bs, 0)
             cand = (torch.arange(start, device=dev)[None] >= init_end[:, None]) & valid[:, :start]  # [B, start]
-            la = max(la, 0)
-            if g < 2 or le <= 0 or la >= le or not bool(cand.any()):
+            if (p.causal and g < 2) or le <= 0 or la >= le or not bool(cand.any()):
                 thetas.append(None)
                 continue
-            # margin_t = min over lagged blocks of (pooled anchor - pooled score); key t is kept when <= theta.
+            # margin_t = min over the pooled blocks of (pooled anchor - pooled score); key t is kept when <= theta.
             scores = (qbar[:, :, la:le].reshape(B, Hkv, G, -1, D) @ kf[:, :, None, :start].transpose(-1, -2))
             margin = abar[:, :, la:le, None] - scores.view(B, H, le - la, start) * ctx.scale
             margin = margin.masked_fill(~usable[:, None, la:le, None], float("inf")).amin(2)  # [B, H, start]

@@ -2,23 +2,55 @@
 
 Each query row first computes, exactly, the log-sum-exp of its scores over the sink block and its
 local window; then every other key block is estimated from 4- or 8-bit quantised queries and keys,
-and the row keeps a block when its largest estimated score has a "relative attention score"
-exp(s - lse_sink_local) above a threshold tau. The shared block kernel then attends the selected
-blocks exactly. Ji, Zhang, Fu, Cui, "SALE: Low-bit Estimation for Efficient Sparse Attention in
-Long-context LLM Prefilling", 2025 (arXiv:2505.24179); reference code BirdChristopher/SALE.
+and a query block keeps a key block when the largest estimated score of one of its rows has a
+"relative attention score" exp(s - lse_sink_local) above a threshold tau. The shared block kernel
+then attends the selected blocks exactly. Ji, Zhang, Fu, Cui, "SALE: Low-bit Estimation for
+Efficient Sparse Attention in Long-context LLM Prefilling", 2025 (arXiv:2505.24179); reference
+BirdChristopher/SALE: int4_flash_attn/flash_attn_int4_skip.py (`flash_attn_func_int4_skip`),
+int4_flash_attn/quant_triton.py (smoothing and quantisation) and
+csrc/flash_attn/src/flash_fwd_int4_sparse_kernel_v2.h (`compute_attn_1rowblock_skipping_v2`).
 
-Hyperparameters:
+Hyperparameters (defaults are the reference README's, unscaled by length):
 - `bits`: 4 (the paper) or 8; symmetric per-token quantisation of queries and keys after
   smoothing (q - mean q, k - mean k; the exact term mean_q . k_smooth is added back, as the
   reference code does).
 - `threshold` (tau): relative attention score a block's best key must exceed. The paper
   calibrates tau per head offline (start at 0.008, halve until the output error is small); its
   README runs tau = 0.004 for every head, our default.
-- `density`: target measured density in (0, 1]; overrides `threshold` (calibrated causally, below).
-- `block_size`: query and key block (the paper's key block, 32; its query block is 64).
-- `local_window`: tokens before each query block's end always computed exactly (paper: 128).
-- `sink_blocks`: first key blocks always computed (paper: 1).
-- `calib_chunks`: query chunks the `density` calibration runs over.
+- `density`: target measured density in (0, 1]; overrides `threshold` (calibrated per head, below).
+- `block_size`: key block (the reference's block_k_size, 32); also the kernel's query block.
+- `query_block`: query rows sharing one selection (the reference's block_q_size, 64; a multiple of
+  block_size). Default form only.
+- `segment`: keys per estimate segment (the reference's block_seg_size, 128, a multiple of
+  block_size): candidates are whole segments after the sink, and the local window is the tail that
+  does not fill one, at least `local_window`. Default form only.
+- `local_window`: tokens before each query block's end always computed exactly (128).
+- `sink_blocks`: first key blocks always computed (1).
+- `causal`: False (the paper, default) / True (leak-free, below).
+- `calib_chunks`: query chunks of the `causal=True` density calibration.
+
+Estimation (default, `causal=False`, as the reference's two-pass kernel, impl_version 2): queries
+and keys are smoothed with the means of all (real) queries and keys of the call; per query block of
+`query_block` rows whose keys end at key block NB, the sink block and the local blocks (those after
+the last whole `segment` that leaves at least `local_window` tokens) are computed exactly, each row's
+log-sum-exp over them fixes its threshold lse + log(tau), and a candidate block is kept for the whole
+query block when any real row's largest estimated score in it exceeds that threshold (the reference
+ORs the rows of its thread block; no per-row masks). A later query of a block, or a later token
+through the smoothing means, changes the keys an earlier query sees: outputs are not
+prefix-consistent. When prefill is chunked (Tq < Tk) query blocks are aligned to the absolute grid
+and the means are those of the call's queries and all keys. `density` (our addition) sets one tau
+per head: the candidate blocks with the highest scores are kept until the call's cells reach the
+target. Tau below 1e-5 computes every block, as the reference.
+
+`causal=True` (leak-free, for prefix caching and teacher-forced perplexity): query blocks are
+`block_size` rows and the kernel computes the union of a block's selections (all of it counted as
+computed cells), but each row's softmax covers only the blocks selected by itself or an earlier row
+of its block (the kernel's row_mask), so no row sees a later row's choice; each chunk of query rows
+is smoothed with the means of the tokens before its first row (keys re-quantised per chunk, O(T * D)
+each); the local window is ceil(local_window / block_size) blocks up to the diagonal. `density`
+then calibrates tau causally: the queries are split into `calib_chunks` chunks (at least 4 blocks
+each); per head, chunk c's tau is the quantile of the block scores observed on chunks before c,
+chosen so the blocks kept so far track the target. The first chunk keeps every block.
 
 Cost, honestly: the estimate scores every (query, key) pair of the causal triangle outside the
 sink and local blocks in low bit, so it is quadratic like dense attention, only in integers. On
@@ -26,23 +58,13 @@ CPU it runs torch's int8 matrix product (`torch._int_mm`) chunk by chunk (never 
 at once); 4-bit values use the same int8 product, so they cost what 8 bits cost here. The paper's
 int4 tensor-core kernel makes this ~11% of dense attention at 128k; estimate_s reports it here.
 
-Deviations from the paper, and why:
-- Causal union. The paper keeps a key block for a whole query block when any of its rows wants
-  it, so a later query of the block changes which keys an earlier one sees (a causal leak). Here
-  the kernel computes the same union (all of it counted as computed cells), but each row's softmax
-  covers only the blocks selected by itself or an earlier row of its block (the kernel's
-  row_mask), so the last row sees the paper's union and no row sees a later row's choice.
-- Smoothing means. The reference subtracts the mean of all queries and all keys, so future tokens
-  would change an earlier row's quantisation. Here each chunk of query rows is smoothed with the
-  means of the tokens before its first row (keys are re-quantised per chunk, O(T * D) each).
-- `density` instead of per-head offline calibration: the queries are split into `calib_chunks`
-  chunks (at least 4 blocks each); per head, chunk c's tau is the quantile of the block scores
-  (each block's best relative score over a query block's rows) observed on chunks before c, chosen
-  so the blocks kept so far track the density target. The first chunk keeps every block.
-- The reference falls back to dense attention below 1024 tokens and splits the work into
-  segments and warps; those are GPU scheduling choices, not part of the selection rule.
-- Quantisation is per token (the reference's mode 2); its default per-warp grouping (mode 3)
-  follows the tensor-core tile layout.
+Deviations:
+- Quantisation is per token (the reference's quant_mode 2) with the fixed two-pass threshold; the
+  README runs quant_mode 3, whose per-warp scale groups follow the tensor-core tile layout.
+- The reference falls back to dense SDPA at or below 1024 tokens; here the rule applies at every
+  length (the fallback is a GPU scheduling choice, not part of the selection rule).
+- Rows past the end of the prompt (a partial last query block) and padding take no part in a
+  selection, and padding is left out of the means.
 """
 
 from __future__ import annotations
@@ -53,6 +75,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnsieve.kernels import BlockSupport
+from attnsieve.methods._block_token import GridCells
 from attnsieve.methods._causal_calibration import chunk_bounds, histogram_edges, keep_threshold
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
@@ -73,9 +96,19 @@ class SaleParams:
     density: float | None = field(
         default=None, metadata={"help": "target measured density in (0, 1]; overrides threshold when set"}
     )
-    block_size: int = field(default=32, metadata={"help": "tokens per query/key block (16..512)"})
+    block_size: int = field(default=32, metadata={"help": "tokens per key block and kernel query block (16..512)"})
+    query_block: int = field(
+        default=64, metadata={"help": "query rows sharing one selection (multiple of block_size, <= 1024; paper)"}
+    )
+    segment: int = field(
+        default=128, metadata={"help": "keys per estimate segment (multiple of block_size, <= 4096; paper)"}
+    )
     local_window: int = field(default=128, metadata={"help": "tokens before each query block's end always kept"})
     sink_blocks: int = field(default=1, metadata={"help": "first key blocks always kept (>= 0)"})
+    causal: bool = field(
+        default=False,
+        metadata={"help": "False (paper): a query block's union, means of all tokens; True: per-row, earlier means"},
+    )
     calib_chunks: int = field(
         default=8, metadata={"help": "query chunks for the causal density calibration (>= 1; each >= 4 blocks)"}
     )
@@ -89,6 +122,14 @@ class SaleParams:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if not 16 <= self.block_size <= 512:
             raise ValueError(f"block_size must be in [16, 512], got {self.block_size}")
+        if not (self.query_block % self.block_size == 0 and self.query_block <= 1024):
+            raise ValueError(
+                f"query_block must be a multiple of block_size ({self.block_size}) up to 1024, got {self.query_block}"
+            )
+        if not (self.segment % self.block_size == 0 and self.segment <= 4096):
+            raise ValueError(
+                f"segment must be a multiple of block_size ({self.block_size}) up to 4096, got {self.segment}"
+            )
         if self.local_window < 1:
             raise ValueError(f"local_window must be >= 1 token, got {self.local_window}")
         if self.sink_blocks < 0:
@@ -136,17 +177,109 @@ class RunningMeans:
         return q_mean, k_mean
 
 
+class GlobalMeans:
+    """Means of all real queries (per head) and keys (per KV head) of the call, as the reference smooths."""
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None):
+        Tq, Tk = q.shape[2], k.shape[2]
+        real = torch.ones(k.shape[0], Tk, device=k.device) if key_valid is None else key_valid.to(k.dtype)
+        q_real = real[:, Tk - Tq :]
+        self.q_mean = (q * q_real[:, None, :, None]).sum(2) / q_real.sum(-1).clamp_min(1)[:, None, None]
+        self.k_mean = (k * real[:, None, :, None]).sum(2) / real.sum(-1).clamp_min(1)[:, None, None]
+
+    def before(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_mean, self.k_mean
+
+
+def paper_layout(layout, bs: int, query_block: int, segment: int, local_window: int, sink_blocks: int):
+    """(forced [B, NQ, NK], candidates [B, NQ, NK], reference query block of each grid block [NQ]).
+
+    Follows `compute_attn_1rowblock_skipping_v2`: for a query block of `query_block` rows whose keys end
+    in key block NB - 1, the N blocks after the sink block(s) are cut into segments of S blocks from the
+    first; with remain = N - S * ceil(N / S) (<= 0), the first ceil(N / S) - ceil((L - remain) / S)
+    segments are the candidates and the blocks after them, at least L, the local window.
+    """
+    dev = layout.allowed.device
+    S, L, R = segment // bs, -(-local_window // bs), query_block // bs
+    qb = torch.arange(layout.first_qb, layout.first_qb + layout.n_q, device=dev)
+    ref_block = qb // R - layout.first_qb // R  # [NQ]
+    n_blocks = torch.clamp((qb // R + 1) * R, max=layout.n_k)  # [NQ] key blocks up to the reference block's end
+    lead = layout.sink[:, None] + sink_blocks  # [B, 1] first block after the sinks
+    N = n_blocks[None] - lead  # [B, NQ]
+    segs = torch.div(N + S - 1, S, rounding_mode="floor")
+    remain = N - segs * S
+    segs = (segs - torch.div(L - remain + S - 1, S, rounding_mode="floor")).clamp_min(0)
+    local_start = lead + segs * S  # [B, NQ]
+    kb = torch.arange(layout.n_k, device=dev)[None, None, :]
+    sinks = (kb >= layout.sink[:, None, None]) & (kb < lead[..., None])
+    forced = (sinks | (kb >= local_start[..., None])) & layout.allowed
+    cand = (kb >= lead[..., None]) & (kb < local_start[..., None]) & layout.allowed
+    return forced, cand, ref_block
+
+
+def density_selection(best, density, forced, ref_block, Tq, Tk, bs, key_valid):
+    """[B, H, NM, NK] bool: per head, the highest-scoring candidate blocks whose cells fit `density`."""
+    B, H, n_ref, n_k = best.shape
+    grid = GridCells.build(Tq, Tk, bs, key_valid, B, best.device)
+    total = grid.exact.sum(-1).double()  # [B] cells of one head
+    fixed = grid.block_cells(forced[:, None], 0)[:, 0].sum(-1).double()  # [B]
+    rows = torch.zeros(B, n_ref, dtype=torch.float64, device=best.device).index_add_(1, ref_block, grid.rows.double())
+    weight = (rows[:, :, None] * grid.keys[:, None, :].double()).flatten(1)  # [B, NM*NK] candidates: wholly visible
+    vals, order = best.flatten(2).sort(-1, descending=True)  # [B, H, NM*NK]
+    cells = torch.gather(weight[:, None].expand(-1, H, -1), 2, order).cumsum(-1)
+    budget = (density * total - fixed)[:, None, None]
+    keep = (cells <= budget) & torch.isfinite(vals)
+    return torch.zeros_like(keep).scatter_(2, order, keep).view(B, H, n_ref, n_k)
+
+
 @register(
     "sale",
     family="sparse",
     phases=("prefill",),
     params=SaleParams,
-    summary="SALE: 4/8-bit query-key estimates; a row keeps blocks whose relative score beats tau (sink + local kept).",
+    summary="SALE: 4/8-bit query-key estimates; a query block keeps key blocks whose relative score beats tau.",
 )
 class Sale(SparseMethod):
     exact_params = {"density": 1.0}  # degenerate setting: every causal block, equals dense attention
 
     def support(self, q, k, ctx):
+        return self._causal_support(q, k, ctx) if self.params.causal else self._paper_support(q, k, ctx)
+
+    def _paper_support(self, q, k, ctx):
+        """The reference's selection: one union per query block of `query_block` rows, all-token means."""
+        p = self.params
+        B, H, Tq, D = q.shape
+        Tk, bs, dev = k.shape[2], p.block_size, q.device
+        layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, dev)
+        first, n_q, n_k = layout.first_qb, layout.n_q, layout.n_k
+        keep_all = p.density is not None and p.density >= 1 or p.density is None and p.threshold < 1e-5
+        forced, cand, ref_block = paper_layout(layout, bs, p.query_block, p.segment, p.local_window, p.sink_blocks)
+        if keep_all or not bool(cand.any()):
+            return BlockSupport.from_mask(layout.allowed[:, None].expand(B, H, n_q, n_k), bs)
+
+        qg, rows = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D], [NQ, bs]
+        valid = torch.zeros(B, n_k * bs, dtype=torch.bool, device=dev)
+        valid[:, :Tk] = True if ctx.key_valid is None else ctx.key_valid
+        real = rows[None] & valid.view(B, n_k, bs)[:, first:]  # [B, NQ, bs] real query rows
+        means = GlobalMeans(q.float(), k.float(), ctx.key_valid)
+        n_ref = int(ref_block[-1]) + 1
+        # [B, H, NM, NK]: per query block of the reference and key block, the best row's relative score
+        best = torch.full((B, H, n_ref, n_k), float("-inf"), device=dev)
+        chunk_rows = max(1, ESTIMATE_ELEMS // ((H // k.shape[1]) * bs * max(1, Tk)))
+        for s in range(0, n_q, chunk_rows):
+            e = min(s + chunk_rows, n_q)
+            rel = self._relative_scores(qg, k, means, s, e, first, forced, cand, valid, real, ctx)
+            rows_best = rel.amax(3)  # [B, H, e - s, NK]
+            idx = ref_block[s:e, None].expand(B, H, -1, n_k)
+            best.scatter_reduce_(2, idx, rows_best, "amax")  # the union over a reference block's rows
+        if p.density is None:
+            sel = best > math.log(p.threshold)  # strictly above lse + log(tau), as the reference
+        else:
+            sel = density_selection(best, p.density, forced, ref_block, Tq, Tk, bs, ctx.key_valid)
+        mask = (sel[:, :, ref_block] | forced[:, None]) & layout.allowed[:, None]  # [B, H, NQ, NK]
+        return BlockSupport.from_mask(mask, bs)
+
+    def _causal_support(self, q, k, ctx):
         p = self.params
         B, H, Tq, D = q.shape
         Hkv, Tk = k.shape[1], k.shape[2]
