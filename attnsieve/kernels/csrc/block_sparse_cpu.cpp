@@ -70,6 +70,21 @@ inline void pack_panels(const bf16* src, int64_t K, int64_t N, int64_t ld, bf16*
   }
 }
 
+// Packs B = src[K x N] (row-major, leading dimension ld; K even) into one VNNI operand of leading
+// dimension N: dst[(k / 2) * 2N + 2n + k % 2] = src[k][n]. Operands of consecutive K ranges packed
+// this way lie one after the other, so blocks packed back to back form one deeper operand.
+inline void pack_vnni(const bf16* src, int64_t K, int64_t N, int64_t ld, bf16* dst) {
+  for (int64_t k = 0; k < K; k += 2) {
+    const bf16* r0 = src + k * ld;
+    const bf16* r1 = r0 + ld;
+    bf16* d = dst + k * N;
+    for (int64_t n = 0; n < N; ++n) {
+      d[2 * n] = r0[n];
+      d[2 * n + 1] = r1[n];
+    }
+  }
+}
+
 // C[M x n] (+)= A[M x K] (row-major, lda) . B (packed by pack_panels from a K x N matrix), for the
 // columns of the panels that cover the first n (default: all N) columns.
 inline void packed_gemm(const bf16* a, int64_t lda, const bf16* bp, float* c, int64_t ldc, int64_t M, int64_t N,
@@ -315,7 +330,7 @@ struct BF16Tiles {
   using P = bf16;
   const bf16* q;
   const bf16* kp;  // [NB, D x bs packed]: each key block transposed and packed
-  const bf16* vp;  // value panels: panel at column p0 (width w) holds every block's [bs x w] packed, in block order
+  const bf16* vp;  // [NB, bs x Dv] value blocks in VNNI layout (pack_vnni), in block order
   int64_t NB;
   int R, bs, D, Dv;
   float scale;
@@ -324,10 +339,7 @@ struct BF16Tiles {
     packed_gemm(q + n * R * D, D, kp + blk * bs * D, S, W, R, bs, D, false);
   }
   void values(const bf16* p, int64_t blk, int W, float* on, bool add) const {
-    for (int64_t p0 = 0; p0 < Dv; p0 += kPanel) {
-      const int64_t w = std::min<int64_t>(kPanel, Dv - p0);
-      cpublas::brgemm(R, w, W, W, w, Dv, add, p, vp + p0 * NB * bs + blk * bs * w, on + p0, true);
-    }
+    cpublas::brgemm(R, Dv, W, W, Dv, Dv, add, p, vp + blk * bs * Dv, on, true);  // one product, all Dv columns
   }
 };
 
@@ -457,8 +469,9 @@ int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, i
 }
 
 // Packs every key block transposed ([bs, D] -> D x bs) and the value blocks ([bs, Dv]) for the
-// bf16 engine, in parallel. Values are laid out panel-major (every block's rows of one Dv panel
-// in block order), so a run of consecutive blocks is one packed operand of depth g * bs.
+// bf16 engine, in parallel. Value blocks are packed in VNNI layout with all Dv columns (one P x V
+// product per run instead of one per 64-column panel), in block order, so a run of consecutive
+// blocks is one packed operand of depth g * bs.
 // Only the blocks some slot names are packed (a decoding step's band touches a few of them).
 void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D, int64_t Dv, bf16* kp, bf16* vp,
                     const int64_t* slots, int64_t n_slots) {
@@ -478,10 +491,7 @@ void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D,
       for (int c = 0; c < bs; ++c)
         for (int64_t d = 0; d < D; ++d) kt[d * bs + c] = kb[c * D + d];
       pack_panels(kt.data(), D, bs, bs, kp + b * bs * D);
-      for (int64_t p0 = 0; p0 < Dv; p0 += kPanel) {
-        const int64_t w = std::min<int64_t>(kPanel, Dv - p0);
-        cpublas::pack(bs, w, Dv, w, at::kBFloat16, at::kBFloat16, v + b * bs * Dv + p0, vp + p0 * NB * bs + b * bs * w);
-      }
+      pack_vnni(v + b * bs * Dv, bs, Dv, Dv, vp + b * bs * Dv);
     }
   });
 }
