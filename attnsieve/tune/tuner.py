@@ -127,6 +127,7 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
             prof.get(layer, lab).err for layer, lab in choice.items())):
         raise RuntimeError("internal error: the tuner chose a plan that does not meet its target")
     report["full_forwards"] = {**forwards, "total": sum(forwards.values())}
+    report["choice"] = {str(layer): lab for layer, lab in choice.items()}
     report["profile"] = prof.to_json()
     report["layer_rel_err"] = {str(layer): prof.get(layer, lab).err for layer, lab in choice.items()}
     report["prefill_ratio"] = result.prefill_ratio
