@@ -543,7 +543,7 @@ def tune_cmd(
                  "kl": plan.kl, "top1": plan.top1, "measured_density": plan.measured_density,
                  "time_ratio": plan.time_ratio, "prefill_ratio": report["prefill_ratio"],
                  "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())},
-                 "full_forwards": ff, "seconds": report["seconds"]}, seed, dt)
+                 "full_forwards": ff, "seconds": report["seconds"], "phase_seconds": report["phase_seconds"]}, seed, dt)
 
 
 @contextlib.contextmanager

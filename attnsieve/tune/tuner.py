@@ -77,20 +77,28 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
     n_cand = len({c.label for c in spec.candidates} | {"dense"})
     steps = _Steps(progress, n)  # grows once the number of global layers is known
     refs = []
+    phase = {"dense_reference": 0.0, "profile": 0.0, "probe": 0.0, "verify": 0.0}  # wall-clock seconds
     for p in prompts:
         steps(f"dense reference: {p.name}")
         refs.append(dense_reference(model, p.prompt_ids, p.answer_ids))
+    phase["dense_reference"] = time.perf_counter() - t0
     n_layers = len(refs[0].layers)
     probes = 0 if spec.target.kind == "layer_error" else n_layers
     steps.total = n + n * n_layers * n_cand + (probes + spec.max_verify) * n
+    t1 = time.perf_counter()
     prof = profile(refs, spec.candidates, reps=spec.reps, progress=steps)
+    phase["profile"] = time.perf_counter() - t1
     forwards = {"dense_reference": n, "probe": 0, "verify": 0}
 
     def run(choice: dict[int, str], what: str) -> Verification:
         for _ in range(n):
             steps(what)
-        forwards["probe" if what.startswith("probe") else "verify"] += n
-        return verify(model, refs, {layer: prof.candidate(lab).make() for layer, lab in choice.items()})
+        kind = "probe" if what.startswith("probe") else "verify"
+        forwards[kind] += n
+        t = time.perf_counter()
+        result = verify(model, refs, {layer: prof.candidate(lab).make() for layer, lab in choice.items()})
+        phase[kind] += time.perf_counter() - t
+        return result
 
     report: dict = {"objective": spec.objective, "candidates": [c.label for c in prof.candidates]}
     if spec.target.kind == "layer_error":
@@ -132,6 +140,7 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
     report["layer_rel_err"] = {str(layer): prof.get(layer, lab).err for layer, lab in choice.items()}
     report["prefill_ratio"] = result.prefill_ratio
     report["seconds"] = time.perf_counter() - t0
+    report["phase_seconds"] = phase
     report.update(spec.extra)
     info = run_info(spec.seed, next(model.parameters()).dtype)
     plan = Plan(
