@@ -451,7 +451,8 @@ def tune_cmd(
         help="a text file as calibration (its first LENGTH tokens, the next 16 as the answer); repeatable")] = None,
     objective: Annotated[str, typer.Option(help="minimise measured attention time, or measured density")] = "time",
     max_verify: Annotated[int, typer.Option(help="most plans verified with full forwards on the calibration set")] = 6,
-    reps: Annotated[int, typer.Option(help="timed repetitions of each profiled call (median)")] = 1,
+    reps: Annotated[int | None, typer.Option(
+        help="timed repetitions of each profiled call (median; default 3 with --objective time, else 1)")] = None,
     seed: Annotated[int, typer.Option(help="random seed (calibration prompts)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
@@ -492,8 +493,6 @@ def tune_cmd(
         raise ValueError(f"unknown calibration task(s) {', '.join(bad)}; choose from: {', '.join(TASKS)}")
     for f in prompt_file or []:
         read_text(f)
-    if reps < 1:
-        raise ValueError(f"--reps must be >= 1, got {reps}")
     raw_sets = _parse_method_sets(set_ or [])
     sets = {m: parse_params(m, vals) for m, vals in raw_sets.items()}
     candidates = candidates_for([m.strip() for m in methods.split(",") if m.strip()], _float_list(density, "--density"),

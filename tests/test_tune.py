@@ -280,6 +280,8 @@ def cli(capsys):
     (["--target-kl", "0.1", "--methods", "nope"], "unknown method"),
     (["--target-kl", "0.1", "--density", "0,0.5"], "density must be in (0, 1]"),
     (["--target-kl", "0.1", "--calib", "0"], "--calib must be >= 1"),
+    (["--target-kl", "0.1", "--reps", "0"], "--reps must be >= 1"),
+    (["--target-kl", "0.1", "--max-verify", "0"], "--max-verify must be >= 1"),
     (["--target-kl", "0.1", "--tasks", "nope"], "unknown calibration task"),
     (["--target-kl", "0.1", "--objective", "speed"], "--objective must be one of"),
     (["--target-kl", "0.1", "--prompt-file", "/no/such/file"], "does not exist"),

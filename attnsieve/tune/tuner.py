@@ -44,7 +44,9 @@ class TuneSpec:
     candidates: list[Candidate]
     objective: str = "time"  # what is minimised: measured attention time, or measured density
     max_verify: int = 6  # verifications (each a full forward per prompt) the search may spend
-    reps: int = 1  # timed repetitions per profiled call (median); the first also gives the outputs
+    # timed repetitions per profiled call (median; the first also gives the outputs). None: 3 when the
+    # objective is time (single timings of short calls on a busy machine rank candidates by noise), else 1
+    reps: int | None = None
     model: str = ""  # the name the plan records
     seed: int = 0
     extra: dict = field(default_factory=dict)  # recorded in the plan's `tuning` report (the command line)
@@ -56,6 +58,10 @@ class TuneSpec:
             raise ValueError(f"--max-verify must be >= 1, got {self.max_verify}")
         if not self.candidates:
             raise ValueError("tuning needs at least one candidate method")
+        if self.reps is None:
+            self.reps = 3 if self.objective == "time" else 1
+        if self.reps < 1:
+            raise ValueError(f"--reps must be >= 1, got {self.reps}")
 
 
 class _Steps:
