@@ -41,7 +41,9 @@ class MethodConfig:
     kv: str | None = None  # decoding-cache policy (None: transformers' DynamicCache)
     kv_budget: float | None = None
     kv_params: tuple[tuple[str, Any], ...] = ()
-    plan: Any = None  # a tuned plan (attnsieve.tune.Plan): method "plan", one method per layer
+    # a tuned plan (attnsieve.tune.Plan): method "plan", one method per layer; its label names it, and
+    # it stays out of hashing (a Plan is mutable)
+    plan: Any = field(default=None, compare=False, hash=False)
 
     def make(self):
         return make(self.method, **dict(self.params))
