@@ -155,12 +155,14 @@ def generate_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="tokens to generate (>= 1)")] = 32,
     kv: Annotated[str | None, typer.Option(help="KV-cache policy for decoding (see `attnsieve policies`)")] = None,
     kv_budget: Annotated[float | None, typer.Option(help="fraction of the dense cache kept, in (0, 1]")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        help="a plan from `attnsieve tune` (instead of --method/--set): its method per layer")] = None,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
 ):
-    """Generate a greedy continuation with a method patched into the model's attention."""
+    """Generate a greedy continuation with a method (or a tuned plan) patched into the model's attention."""
     from attnsieve.cache import make_policy
     from attnsieve.methods import make, parse_params
 
@@ -179,10 +181,17 @@ def generate_cmd(
         make_policy(kv, kv_budget, **kv_params)
     params = parse_params(method, {k: v for k, v in sets.items() if not k.startswith("kv_")})
     method_obj = make(method, **params)  # validate before the slow model load
+    plan_obj = None
+    if plan is not None:
+        if method != "dense" or params:
+            raise ValueError("give --plan or --method/--set, not both (the plan chooses every layer's method)")
+        plan_obj = _plan_for(plan, model)
+        method = plan_obj.label()
     dt = _dtype(dtype)
     _threads(threads)
     _seed(seed)
     kv_kwargs = {} if kv is None else {"kv": kv, "kv_budget": kv_budget, **kv_params}
+    patch_spec = {"plan": plan_obj} if plan_obj is not None else {"method": method_obj}
 
     from attnsieve.eval.generation import greedy
     from attnsieve.integrations.hf import patched
@@ -194,12 +203,13 @@ def generate_cmd(
     limit = mdl.config.get_text_config().max_position_embeddings
     if ids.input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({ids.input_ids.shape[1]} tokens) + {max_new_tokens} exceeds the context ({limit})")
-    with patched(mdl, method_obj, **kv_kwargs) as p, err.status(f"generating with {method}"):
+    with patched(mdl, **patch_spec, **kv_kwargs) as p, err.status(f"generating with {method}"):
         gen = greedy(mdl, tok, ids.input_ids, max_new_tokens)
     summary = p.stats.summary()
     if as_json:
         _print_json(
-            {"method": method, "params": params, "prompt_tokens": ids.input_ids.shape[1], "text": gen.text,
+            {"method": method, "params": params, "plan": None if plan is None else str(plan),
+             "prompt_tokens": ids.input_ids.shape[1], "text": gen.text,
              "prefill_s": gen.prefill_s, "decode_s": gen.decode_s, "density": summary["density"],
              "kv": kv, "kv_budget": kv_budget, "kv_params": kv_params, "kv_cache_bytes": gen.kv_cache_bytes},
             seed, dt,
@@ -319,6 +329,18 @@ def _model_context(model: str) -> int:
     return cfg.get_text_config().max_position_embeddings
 
 
+def _plan_for(path: Path, model: str):
+    """A plan file, validated and checked against the model's config before any weights load."""
+    from transformers import AutoConfig
+
+    from attnsieve.models import resolve
+    from attnsieve.tune.plan import load_plan
+
+    plan = load_plan(path)
+    plan.check_model(AutoConfig.from_pretrained(resolve(model), local_files_only=True))
+    return plan
+
+
 @app.command("eval")
 def eval_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="output folder: results.jsonl, summary.csv, report.md, plots")],
@@ -337,8 +359,10 @@ def eval_cmd(
     kv_budget: Annotated[str | None, typer.Option(help="comma-separated KV budgets in (0, 1] for --kv")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP + "; rows record it, fidelity is against dense "
                                             "in the same dtype")] = "auto",
+    plan: Annotated[list[Path] | None, typer.Option(
+        help="a plan from `attnsieve tune`, run as one more configuration (repeatable); rows record it")] = None,
 ):
-    """Evaluate methods on long-context tasks: accuracy, fidelity to dense, time and memory."""
+    """Evaluate methods (and tuned plans) on long-context tasks: accuracy, fidelity to dense, time and memory."""
     from attnsieve.eval.runner import EvalSpec
     from attnsieve.eval.tasks import HAYSTACKS
     from attnsieve.methods import parse_params
@@ -365,6 +389,7 @@ def eval_cmd(
         seed=seed, command="attnsieve " + " ".join(sys.argv[1:]), kv=kvs,
         kv_budgets=_float_list(kv_budget, "--kv-budget") if kv_budget else None, kv_sets=kv_sets,
         dtype=str(_dtype(dtype)).removeprefix("torch."),
+        plans=[_plan_for(p, model) for p in plan or []],
     )
     from attnsieve.eval.results import claim
 
@@ -398,6 +423,144 @@ def eval_cmd(
     err.print(f"{len(work)} input(s) evaluated, {len(done)} row(s) reused; report: {out_dir / 'report.md'}")
     _print_json({"command": "eval", "out": str(out_dir), "rows": len(rows), "computed_inputs": len(work)}, seed,
                 spec.dtype)
+
+
+@app.command("tune")
+def tune_cmd(
+    out_file: Annotated[Path, typer.Option("--out", help="the plan file to write (JSON)")],
+    model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
+    target_kl: Annotated[float | None, typer.Option(
+        help="mean KL(dense || plan) over the calibration answers, at most this (nats)")] = None,
+    target_top1: Annotated[float | None, typer.Option(
+        help="top-1 agreement with dense over the calibration answers, at least this, in (0, 1]")] = None,
+    target_layer_error: Annotated[float | None, typer.Option(
+        help="every replaced layer's mean relative output error, at most this")] = None,
+    methods: Annotated[str, typer.Option(help="comma-separated candidate methods (dense is always one)")] =
+        "block-topk,window",
+    density: Annotated[str, typer.Option(help="comma-separated densities (methods with a density knob)")] =
+        "0.05,0.1,0.2,0.3,0.5,0.7",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="method.key=value (repeatable)")] = None,
+    lengths: Annotated[str, typer.Option(help="comma-separated calibration prompt lengths in tokens")] = "4096",
+    tasks: Annotated[str | None, typer.Option(
+        help="comma-separated calibration tasks (default passkey,niah_single; none with --prompt-file alone)")] = None,
+    calib: Annotated[int, typer.Option(help="calibration prompts per length from the tasks (seeds eval never uses)")]
+        = 2,
+    haystack: Annotated[str, typer.Option(help="haystack of the calibration task prompts: repeat or prose")] =
+        "prose",
+    prompt_file: Annotated[list[Path] | None, typer.Option(
+        help="a text file as calibration (its first LENGTH tokens, the next 16 as the answer); repeatable")] = None,
+    objective: Annotated[str, typer.Option(help="minimise measured attention time, or measured density")] = "time",
+    max_verify: Annotated[int, typer.Option(help="most plans verified with full forwards on the calibration set")] = 6,
+    reps: Annotated[int | None, typer.Option(
+        help="timed repetitions of each profiled call (median; default 3 with --objective time, else 1)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed (calibration prompts)")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
+):
+    """Tune a per-layer plan: the cheapest configuration whose output stays within a target of exact attention."""
+    from attnsieve.eval.tasks import HAYSTACKS
+    from attnsieve.methods import parse_params
+    from attnsieve.tune.calibration import read_text
+    from attnsieve.tune.plan import Target
+    from attnsieve.tune.profile import candidates_for
+    from attnsieve.tune.tuner import TuneSpec
+
+    given = {k: v for k, v in (("kl", target_kl), ("top1", target_top1), ("layer_error", target_layer_error))
+             if v is not None}
+    if len(given) != 1:
+        raise ValueError("give exactly one of --target-kl, --target-top1 or --target-layer-error")
+    ((kind, value),) = given.items()
+    target = Target(kind, value)
+    try:
+        lens = [int(x) for x in lengths.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
+    if not lens:
+        raise ValueError("--lengths is empty")
+    task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if tasks is None and not prompt_file:
+        task_list = ["passkey", "niah_single"]
+    if tasks is not None and not task_list:
+        raise ValueError("--tasks is empty")
+    if calib < 1:
+        raise ValueError(f"--calib must be >= 1, got {calib}")
+    if haystack not in HAYSTACKS:
+        raise ValueError(f"--haystack must be one of {', '.join(HAYSTACKS)}, got {haystack!r}")
+    from attnsieve.eval.tasks import TASKS
+
+    bad = sorted(set(task_list) - set(TASKS))
+    if bad:
+        raise ValueError(f"unknown calibration task(s) {', '.join(bad)}; choose from: {', '.join(TASKS)}")
+    for f in prompt_file or []:
+        read_text(f)
+    raw_sets = _parse_method_sets(set_ or [])
+    sets = {m: parse_params(m, vals) for m, vals in raw_sets.items()}
+    candidates = candidates_for([m.strip() for m in methods.split(",") if m.strip()], _float_list(density, "--density"),
+                                sets)
+    spec = TuneSpec(target, candidates, objective=objective, max_verify=max_verify, reps=reps, model=model, seed=seed,
+                    extra={"command": "attnsieve " + " ".join(sys.argv[1:])})
+    if out_file.is_dir():
+        raise ValueError(f"--out {str(out_file)!r} is a folder; it must name the plan file to write")
+    parent = out_file.parent if str(out_file.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"--out {str(out_file)!r}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {str(out_file)!r}: folder {str(parent)!r} is not writable")
+    limit = _model_context(model)
+    for n in lens:
+        if not 64 <= n <= limit:
+            raise ValueError(f"--lengths: each length must be in [64, {limit}] for this model, got {n}")
+    dt = _dtype(dtype)
+    _threads(threads)
+    _seed(seed)
+
+    from attnsieve.models import load
+    from attnsieve.tune.calibration import file_prompts, task_prompts
+    from attnsieve.tune.tuner import tune
+
+    with err.status(f"loading {model} ({str(dt).removeprefix('torch.')})"):
+        mdl, tok = load(model, dtype=dt)
+    prompts = (task_prompts(tok, task_list, lens, calib, haystack, seed) if task_list else []) + \
+        file_prompts(tok, list(prompt_file or []), lens)
+    with _tune_progress() as progress:
+        plan, report = tune(mdl, prompts, spec, progress)
+    plan.save(out_file)
+    table = Table("layer", "method", "params", "rel. error", "density", title=f"plan for {model} ({target.kind} "
+                  f"{'>=' if kind == 'top1' else '<='} {value:g}, objective {objective})")
+    for idx, choice in sorted(plan.layers.items()):
+        prof = report["profile"][str(idx)]
+        lab = report["choice"][str(idx)]
+        table.add_row(str(idx), choice.method, ", ".join(f"{k}={v}" for k, v in choice.params.items()) or "-",
+                      f"{prof[lab]['rel_err']:.3g}", f"{prof[lab]['density']:.3f}")
+    out.print(table)
+    ff = report["full_forwards"]
+    err.print(f"verified on {len(prompts)} calibration prompt(s): KL {plan.kl:.4g}, top-1 {plan.top1:.3f}, measured "
+              f"density {plan.measured_density:.3f}, attention time ratio {plan.time_ratio:.3f}; "
+              f"{ff['total']} full forwards ({ff['dense_reference']} dense, {ff['probe']} probes, {ff['verify']} "
+              f"verification), {report['seconds']:.0f} s; plan: {out_file}")
+    _print_json({"command": "tune", "model": model, "out": str(out_file), "target": target.to_json(),
+                 "kl": plan.kl, "top1": plan.top1, "measured_density": plan.measured_density,
+                 "time_ratio": plan.time_ratio, "prefill_ratio": report["prefill_ratio"],
+                 "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())},
+                 "full_forwards": ff, "seconds": report["seconds"], "phase_seconds": report["phase_seconds"]}, seed, dt)
+
+
+@contextlib.contextmanager
+def _tune_progress():
+    """A progress bar whose total grows as the search learns how many verifications it needs."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeElapsedColumn()]
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("tune", total=1)
+
+        def progress(desc: str, done: int, total: int) -> None:
+            bar.update(task, description=desc, completed=done, total=max(total, done + 1))
+            if not err.is_terminal:
+                print(f"attnsieve tune [{done + 1}/{max(total, done + 1)}] {desc}", file=sys.stderr, flush=True)
+
+        yield progress
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: timings as ratios measured in the same run.")

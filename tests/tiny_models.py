@@ -31,6 +31,50 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
+NEEDLE = 5  # the token tiny_llama_retrieval's planted layer retrieves
+
+
+def tiny_llama_retrieval(sensitive: int = 2, n_layers: int = 4, seed: int = 0):
+    """Llama layout, every layer global; layer `sensitive` is a planted retrieval layer.
+
+    Every query of that layer attends (almost only) to the NEEDLE token wherever it sits, however far
+    back: its queries carry a constant bias and its keys the needle's own embedding coordinate in
+    the slowest rotary pair (RoPE turns it by < 0.1 rad over 256 tokens), and no layer writes that
+    coordinate of the residual stream, so only the needle's key matches. Its values and output are
+    scaled up so the retrieved vector moves the logits; the other layers stay random (diffuse).
+    """
+    torch.manual_seed(seed)
+    hd, heads, kv_heads = 16, 4, 2
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd, attention_bias=True,
+        max_position_embeddings=1024, attn_implementation="sdpa", pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    slow = hd // 2 - 1  # rotary pair (slow, slow + hd/2) turns slowest
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0
+        emb[NEEDLE] = 0
+        emb[NEEDLE, 0] = 1.0
+        for layer in model.model.layers:  # nothing writes residual coordinate 0: only the needle has it
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        attn = model.model.layers[sensitive].self_attn
+        for h in range(kv_heads):
+            attn.k_proj.weight[h * hd + slow] = 0
+            attn.k_proj.weight[h * hd + slow, 0] = 3.0
+            attn.k_proj.bias[h * hd + slow] = 0
+        for h in range(heads):
+            attn.q_proj.weight[h * hd + slow] = 0
+            attn.q_proj.bias[h * hd + slow] = 3.0
+        attn.v_proj.weight[:, 0] = torch.randn(attn.v_proj.weight.shape[0]) * 0.5
+        attn.o_proj.weight *= 10
+        attn.o_proj.weight[0] = 0
+        model.lm_head.weight *= 10  # peaked next-token distributions: KL and top-1 mean something
+    return model
+
+
 MODELS = {"gemma3": tiny_gemma3, "llama": tiny_llama}
 
 

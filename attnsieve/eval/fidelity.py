@@ -20,13 +20,14 @@ and reused for every method evaluated on it.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 
 import torch
 
 from attnsieve.integrations.hf import CapturedLayer, patched
 from attnsieve.kernels import dense_attention
-from attnsieve.methods import Method
+from attnsieve.methods import Method, make
 
 
 @dataclass
@@ -36,6 +37,7 @@ class DenseReference:
     logprobs: torch.Tensor  # [n, V] dense next-token log-probabilities over the answer
     layers: dict[int, CapturedLayer]  # inputs of the global (method-replaced) layers in the prompt prefill
     exact: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (out, lse), filled once
+    prefill_s: float | None = None  # wall-clock seconds of the exact path's prompt prefill
 
     @property
     def span(self) -> int:
@@ -65,17 +67,32 @@ def continuation_logprobs(model, prompt_ids: torch.Tensor, answer_ids: list[int]
 def dense_reference(model, prompt_ids: torch.Tensor, answer_ids: list[int]) -> DenseReference:
     """Exact-path answer log-probabilities plus the captured inputs of every global layer in the prompt prefill."""
     captured: dict[int, CapturedLayer] = {}
+    timed = timer()
     with patched(model, "dense") as p:
 
         @contextlib.contextmanager
         def capture_prompt():
-            with p.capturing() as store:
+            with p.capturing() as store, timed:
                 yield
             captured.update(store)
 
         logprobs = continuation_logprobs(model, prompt_ids, answer_ids, capture=capture_prompt())
     layers = {i: c for i, c in captured.items() if c.role == "method"}
-    return DenseReference(prompt_ids, list(answer_ids), logprobs, layers)
+    return DenseReference(prompt_ids, list(answer_ids), logprobs, layers, prefill_s=timed.seconds)
+
+
+class timer(contextlib.AbstractContextManager):
+    """`with t:` ... `t.seconds` (wall clock), for timing the prompt prefill inside continuation_logprobs."""
+
+    seconds: float | None = None
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        return None
 
 
 def kl_and_top1(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> tuple[float, float]:
@@ -86,40 +103,59 @@ def kl_and_top1(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> tuple[flo
     return float(kl), float(top1)
 
 
+def exact_layer(c: CapturedLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact (out, lse) of one captured layer, from the reference kernel."""
+    return dense_attention(c.q, c.k, c.v, causal=c.ctx.causal, window=c.ctx.window, scale=c.ctx.scale,
+                           key_valid=c.ctx.key_valid)
+
+
+def error_and_mass(res, exact_out: torch.Tensor, exact_lse: torch.Tensor, dense: bool = False):
+    """(relative Frobenius error, per-query covered mass [N] or None) of one method output `res`.
+
+    exp(lse_method - lse_exact) is the exact softmax mass on the keys the method computed; a path
+    without lse has no covered mass (None) unless it is dense (all of it).
+    """
+    err = float((res.out - exact_out).norm() / exact_out.norm().clamp_min(1e-30))
+    if res.lse is not None:
+        real = torch.isfinite(exact_lse)
+        return err, torch.exp(res.lse - exact_lse)[real].clamp(0, 1)
+    return err, (torch.ones(1) if dense else None)
+
+
 @torch.no_grad()
 def layer_fidelity(
-    method: Method, layers: dict[int, CapturedLayer], exact: dict[int, tuple] | None = None
+    method: Method | dict[int, Method], layers: dict[int, CapturedLayer], exact: dict[int, tuple] | None = None
 ) -> tuple[dict[int, float], float | None]:
     """Per layer relative Frobenius error, and the mean covered attention mass (None without lse).
 
+    `method` is one method for every layer, or {layer: method} (a plan; absent layers are dense).
     `exact` caches each layer's exact (out, lse) across the methods evaluated on one input.
     """
     errors: dict[int, float] = {}
     masses: list[torch.Tensor] = []
+    dense = make("dense")
     for idx, c in sorted(layers.items()):
         if exact is None or idx not in exact:
-            pair = dense_attention(
-                c.q, c.k, c.v, causal=c.ctx.causal, window=c.ctx.window, scale=c.ctx.scale,
-                key_valid=c.ctx.key_valid,
-            )
+            pair = exact_layer(c)
             if exact is not None:
                 exact[idx] = pair
         exact_out, exact_lse = exact[idx] if exact is not None else pair
-        res = method.prefill(c.q, c.k, c.v, c.ctx)
-        errors[idx] = float((res.out - exact_out).norm() / exact_out.norm().clamp_min(1e-30))
-        if res.lse is not None:
-            real = torch.isfinite(exact_lse)
-            masses.append(torch.exp(res.lse - exact_lse)[real].clamp(0, 1))
-        elif method.name == "dense":
-            masses.append(torch.ones(1))
+        m = method.get(idx, dense) if isinstance(method, dict) else method
+        res = m.prefill(c.q, c.k, c.v, c.ctx)
+        errors[idx], mass = error_and_mass(res, exact_out, exact_lse, dense=m.name == "dense")
+        if mass is not None:
+            masses.append(mass)
     mass = float(torch.cat(masses).mean()) if masses else None
     return errors, mass
 
 
 @torch.no_grad()
-def method_fidelity(model, method: Method, ref: DenseReference) -> dict:
-    """KL, top-1 agreement, per-layer errors and covered mass of `method` against `ref` (see the module doc)."""
-    with patched(model, method):
+def method_fidelity(model, method: Method | dict[int, Method], ref: DenseReference) -> dict:
+    """KL, top-1 agreement, per-layer errors and covered mass of `method` against `ref` (see the module doc).
+
+    `method` may be {layer: method} (a tuned plan's layers; other layers dense)."""
+    spec = {"method": "dense", "layers": method} if isinstance(method, dict) else {"method": method}
+    with patched(model, **spec):
         logprobs = continuation_logprobs(model, ref.prompt_ids, ref.answer_ids)
     kl, top1 = kl_and_top1(ref.logprobs, logprobs)
     if ref.exact is None:

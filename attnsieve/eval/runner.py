@@ -41,9 +41,22 @@ class MethodConfig:
     kv: str | None = None  # decoding-cache policy (None: transformers' DynamicCache)
     kv_budget: float | None = None
     kv_params: tuple[tuple[str, Any], ...] = ()
+    # a tuned plan (attnsieve.tune.Plan): method "plan", one method per layer; its label names it, and
+    # it stays out of hashing (a Plan is mutable)
+    plan: Any = field(default=None, compare=False, hash=False)
 
     def make(self):
         return make(self.method, **dict(self.params))
+
+    def layer_methods(self, force_causal: bool = False) -> dict:
+        """The plan's {layer: method}; with `force_causal`, look-ahead methods in their leak-free form."""
+        out = {}
+        for idx, choice in sorted(self.plan.layers.items()):
+            params = dict(choice.params)
+            if force_causal and has_param(choice.method, "causal"):
+                params["causal"] = True
+            out[idx] = make(choice.method, **params)
+        return out
 
     def patch_kwargs(self) -> dict[str, Any]:
         return {} if self.kv is None else {"kv": self.kv, "kv_budget": self.kv_budget, **dict(self.kv_params)}
@@ -96,6 +109,18 @@ def expand_configs(
     return configs
 
 
+def plan_configs(plans: list) -> list[MethodConfig]:
+    """One configuration per tuned plan, labelled by its target and model fingerprint."""
+    out, seen = [], set()
+    for plan in plans:
+        label = plan.label()
+        if label in seen:
+            raise ValueError(f"two plans have the same label {label!r} (same target, same model); run them apart")
+        seen.add(label)
+        out.append(MethodConfig(label, "plan", (("plan", label),), plan=plan))
+    return out
+
+
 @dataclass
 class EvalSpec:
     model: str
@@ -113,6 +138,7 @@ class EvalSpec:
     kv_budgets: list[float] | None = None
     kv_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
     dtype: str = "float32"  # the model's dtype: rows record it, and dense references run in it
+    plans: list = field(default_factory=list)  # tuned plans (attnsieve.tune.Plan), each run as one configuration
 
     def __post_init__(self):
         if self.dtype not in ("float32", "bfloat16"):
@@ -127,7 +153,8 @@ class EvalSpec:
             if n < 64:
                 raise ValueError(f"length must be >= 64 tokens, got {n}")
         self.configs = with_policies(
-            expand_configs(self.methods, self.densities, self.sets), self.kv, self.kv_budgets, self.kv_sets
+            expand_configs(self.methods, self.densities, self.sets) + plan_configs(self.plans),
+            self.kv, self.kv_budgets, self.kv_sets,
         )
 
     def inputs(self) -> list[tuple[str, int, int]]:
@@ -173,9 +200,15 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
             tick(f"{task} {length} #{i}: {cfg.label}")
         # Perplexity scores every token it prefills: a look-ahead estimate would see the tokens it is
         # scored on, so methods with a `causal` switch run leak-free there.
-        forced_causal = sample is None and has_param(cfg.method, "causal")
-        method = make(cfg.method, **{**dict(cfg.params), "causal": True}) if forced_causal else cfg.make()
-        with PeakRSS() as mem, patched(model, method, **cfg.patch_kwargs()) as p:
+        if cfg.plan is not None:
+            method = cfg.layer_methods(force_causal=sample is None)
+            forced_causal = sample is None and any(has_param(c.method, "causal") for c in cfg.plan.layers.values())
+            spec_kw = {"method": "dense", "layers": method}
+        else:
+            forced_causal = sample is None and has_param(cfg.method, "causal")
+            method = make(cfg.method, **{**dict(cfg.params), "causal": True}) if forced_causal else cfg.make()
+            spec_kw = {"method": method}
+        with PeakRSS() as mem, patched(model, **spec_kw, **cfg.patch_kwargs()) as p:
             if sample is None:
                 ppl, prefill_s = _timed_ppl(model, ids)
                 gen = None
@@ -186,7 +219,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
             exact_s = prefill_s
         row = {
             "method": cfg.method, "params": dict(cfg.params), "config": cfg.label, "task": task,
-            "causal": bool(getattr(method.params, "causal", True)), "causal_forced": forced_causal,
+            "causal": _is_causal(method), "causal_forced": forced_causal,
+            "plan": None if cfg.plan is None else _plan_record(cfg.plan),
             "haystack": "prose" if sample is None else spec.haystack, "length": length, "sample": i,
             "depth": None if sample is None else sample.depth,
             "density": p.stats.density(), "local_density": p.stats.local_density(),
@@ -215,6 +249,18 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
         row["exact_prefill_s"] = exact_s
         row["exact_ratio"] = row["prefill_s"] / exact_s
     return rows
+
+
+def _is_causal(method) -> bool:
+    """Whether every estimate is leak-free: the method's, or each layer's of a plan."""
+    methods = method.values() if isinstance(method, dict) else [method]
+    return all(bool(getattr(m.params, "causal", True)) for m in methods)
+
+
+def _plan_record(plan) -> dict:
+    """What a row records of the plan it ran: enough to know which plan, and what it chose per layer."""
+    return {"label": plan.label(), "model": plan.model, "fingerprint": plan.fingerprint,
+            "target": plan.target.to_json(), "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())}}
 
 
 def _timed_ppl(model, ids) -> tuple[float, float]:

@@ -124,6 +124,7 @@ class Patch:
     windows: dict[int, int | None] = field(default_factory=dict)  # layer -> native sliding window
     hook: Any = None  # forward pre-hook that gives every new forward an attnsieve cache
     active: bool = True  # False once unpatched: caches made by this patch then refuse to continue
+    plan: Any = None  # the tuned plan applied (attnsieve.tune.Plan), if patch() was given one
 
     def unpatch(self) -> None:
         unpatch(self.model)
@@ -330,6 +331,7 @@ def patch(
     kv: str | None = None,
     kv_budget: float | None = None,
     layers: dict[int, str | Method] | None = None,
+    plan=None,
     **params,
 ) -> Patch:
     """Run `method` in the model's global attention layers; returns a handle with measurements.
@@ -342,8 +344,21 @@ def patch(
     the policy, the others to the method. With a policy, every forward that starts a new cache
     (including `model.generate`) gets the policy's cache: global layers compressed as the policy
     says, sliding layers holding exactly their window. Refuses attention it cannot honour exactly.
+    `plan` (a tuned plan, `attnsieve.tune.Plan` or the path of its JSON file) sets every layer instead
+    of `method`/`layers`: the layers it names run its choices, every other global layer stays dense;
+    a plan tuned for another architecture (config fingerprint) is refused.
     """
     kv_params = {k: params.pop(k) for k in list(params) if k.startswith("kv_")}
+    plan_obj = None
+    if plan is not None:
+        from attnsieve.tune.plan import as_plan  # a leaf module: the plan format, not the tuner
+
+        if not (isinstance(method, str) and method == "dense") or layers is not None or params:
+            raise ValueError("plan= chooses every layer's method; pass no method, layers or method parameters with it")
+        plan_obj = as_plan(plan)
+        _check_model(model)
+        plan_obj.check_model(model)
+        layers = plan_obj.methods()
     if kv is None and (kv_budget is not None or kv_params):
         raise ValueError(f"kv_budget / {sorted(kv_params) or 'kv_*'} need a KV-cache policy: pass kv=NAME")
     _check_model(model)
@@ -405,7 +420,7 @@ def patch(
         if sliding.get(i) else None
         for i in range(n_layers)
     }
-    handle = Patch(model, main, described, stats, previous, policy, windows)
+    handle = Patch(model, main, described, stats, previous, policy, windows, plan=plan_obj)
     if policy is not None:
         handle.hook = model.register_forward_pre_hook(_give_policy_cache(handle), with_kwargs=True)
     setattr(model, _STATE, handle)

@@ -1,0 +1,350 @@
+"""attnsieve tune: profiles, the allocation, verified plans, plan files, patch(plan=...), the CLI.
+
+The tuner runs on tiny random-init models built here: a Llama whose layer 2 is a planted retrieval
+layer (every query attends to one needle token far back) among diffuse random layers, and the
+Gemma-3 layout (sliding and global layers) for applying plans.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from attnsieve.cli import main
+from attnsieve.eval.fidelity import continuation_logprobs, dense_reference, kl_and_top1
+from attnsieve.integrations.hf import patched
+from attnsieve.methods import make
+from attnsieve.tune import SCHEMA, LayerChoice, Plan, Target, fingerprint, load_plan
+from attnsieve.tune.calibration import CALIB_SEED, CalibPrompt, task_prompts
+from attnsieve.tune.profile import Measurement, Profile, candidates_for
+from attnsieve.tune.search import PathPoint, lagrangian_path, layer_hull, search
+from attnsieve.tune.tuner import TuneSpec, tune
+
+from tiny_models import NEEDLE, save_tiny_eval_model, tiny_gemma3, tiny_llama, tiny_llama_retrieval
+
+SENSITIVE = 2
+LENGTH = 256
+
+
+def needle_prompts(n: int = 2, length: int = LENGTH) -> list[CalibPrompt]:
+    """Random tokens with the needle early (beyond window's 4 sink tokens), 8 random answer tokens."""
+    g = torch.Generator().manual_seed(123)
+    out = []
+    for i in range(n):
+        ids = torch.randint(NEEDLE + 1, 97, (1, length + 8), generator=g)
+        ids[0, 20 + 7 * i] = NEEDLE
+        out.append(CalibPrompt(f"needle #{i}", ids[:, :length], ids[0, length:].tolist(), {"i": i}))
+    return out
+
+
+def density_of(choice: LayerChoice) -> float:
+    return 1.0 if choice.method == "dense" else choice.params["density"]
+
+
+@pytest.fixture(scope="module")
+def retrieval():
+    return tiny_llama_retrieval(SENSITIVE)
+
+
+@pytest.fixture(scope="module")
+def kl_plan(retrieval):
+    spec = TuneSpec(Target("kl", 0.02), candidates_for(["window"], [0.1, 0.25, 0.5]), objective="density")
+    return tune(retrieval, needle_prompts(), spec)
+
+
+def test_the_sensitive_layer_gets_more_budget(kl_plan):
+    plan, report = kl_plan
+    dens = {i: density_of(c) for i, c in plan.layers.items()}
+    assert sorted(dens) == [0, 1, 2, 3]
+    assert all(dens[SENSITIVE] > d for i, d in dens.items() if i != SENSITIVE), dens
+    # the probes found why: the planted layer is by far the most sensitive per unit of error
+    weights = {int(i): p["weight"] for i, p in report["probes"].items()}
+    assert all(weights[SENSITIVE] > 100 * w for i, w in weights.items() if i != SENSITIVE), weights
+    assert plan.measured_density < 0.5  # the diffuse layers stay sparse
+
+
+def test_the_verified_target_holds_on_the_calibration_set(retrieval, kl_plan):
+    plan, report = kl_plan
+    assert plan.kl <= 0.02 and plan.top1 is not None
+    # measured again here, independently of the tuner's own verification
+    kls = []
+    for p in needle_prompts():
+        ref = dense_reference(retrieval, p.prompt_ids, p.answer_ids)
+        with patched(retrieval, plan=plan) as h:
+            logprobs = continuation_logprobs(retrieval, p.prompt_ids, p.answer_ids)
+        assert h.stats.density() < 1.0
+        kls.append(kl_and_top1(ref.logprobs, logprobs)[0])
+    assert sum(kls) / len(kls) == pytest.approx(plan.kl, rel=1e-4, abs=1e-7)
+    ff = report["full_forwards"]
+    assert ff["dense_reference"] == 2 and ff["probe"] == 2 * 4 and ff["verify"] % 2 == 0
+    assert ff["total"] == ff["dense_reference"] + ff["probe"] + ff["verify"]
+    verified = report["search"]["verified"]
+    assert 1 <= len(verified) <= 6 and any(v["met"] for v in verified)
+    assert all(v["kl"] > 0.02 for v in verified if not v["met"])
+    # the cheapest plan on the path (every layer at 10%) misses the target: the search had to spend
+    assert report["search"]["path"][0]["predicted_kl"] > 0.02
+
+
+def test_top1_target(retrieval):
+    spec = TuneSpec(Target("top1", 1.0), candidates_for(["window"], [0.1, 0.5]), objective="density", max_verify=4)
+    plan, report = tune(retrieval, needle_prompts(1), spec)
+    assert plan.top1 == 1.0
+    assert len(report["search"]["verified"]) <= 4
+
+
+def test_layer_error_target_takes_each_layers_cheapest_candidate_within_the_bound(retrieval):
+    spec = TuneSpec(Target("layer_error", 0.5), candidates_for(["window"], [0.1, 0.25, 0.5]), objective="time")
+    plan, report = tune(retrieval, needle_prompts(1), spec)
+    prof = report["profile"]
+    for i, lab in report["choice"].items():
+        assert prof[i][lab]["rel_err"] <= 0.5
+        cheaper_ok = [c for c, m in prof[i].items() if m["rel_err"] <= 0.5 and m["time_s"] < prof[i][lab]["time_s"]]
+        assert not cheaper_ok, (i, lab, cheaper_ok)
+    assert plan.layers[SENSITIVE].method == "dense"  # no window covers the needle within 50% error
+    assert report["full_forwards"]["probe"] == 0
+    assert 0 < plan.time_ratio and plan.kl is not None
+
+
+def test_plan_round_trip(tmp_path, kl_plan):
+    plan, _ = kl_plan
+    path = plan.save(tmp_path / "plan.json")
+    doc = json.loads(path.read_text())
+    for key in ("schema", "model", "fingerprint", "target", "layers", "calibration", "kl", "top1",
+                "measured_density", "time_ratio", "versions", "threads", "seed", "dtype", "device"):
+        assert key in doc, key
+    assert doc["schema"] == SCHEMA and doc["target"] == {"kind": "kl", "value": 0.02}
+    back = load_plan(path)
+    assert back.to_json() == json.loads(json.dumps(plan.to_json(), default=str))
+    assert back.layers == plan.layers and back.fingerprint == plan.fingerprint
+
+
+def _logits(model, ids, **spec):
+    with torch.no_grad(), patched(model, **spec):
+        return model(ids).logits
+
+
+def test_patch_plan_equals_the_equivalent_layer_overrides(tmp_path):
+    model = tiny_gemma3(sliding_window=16)
+    layers = {1: LayerChoice("block-topk", {"density": 0.3, "block_size": 16}),
+              3: LayerChoice("window", {"density": 0.4, "block_size": 16})}
+    plan = Plan("tiny", fingerprint(model), Target("kl", 0.1), layers)
+    ids = torch.randint(1, 97, (1, 150), generator=torch.Generator().manual_seed(0))
+    want = _logits(model, ids, method="dense", layers={i: c.make() for i, c in layers.items()})
+    assert torch.equal(_logits(model, ids, plan=plan), want)
+    assert torch.equal(_logits(model, ids, plan=plan.save(tmp_path / "p.json")), want)
+    assert not torch.allclose(_logits(model, ids), want)  # the plan did change something
+    with patched(model, plan=plan) as p:
+        assert p.plan is plan and p.layers[0] == "exact-local" and p.layers[3] == "window"
+    # a global layer the plan leaves out stays dense
+    only3 = Plan("tiny", fingerprint(model), Target("kl", 0.1), {3: layers[3]})
+    assert torch.equal(_logits(model, ids, plan=only3),
+                       _logits(model, ids, method="dense", layers={3: layers[3].make()}))
+
+
+def test_a_plan_for_another_model_is_refused(tmp_path):
+    gemma, llama = tiny_gemma3(), tiny_llama()
+    plan = Plan("tiny-gemma", fingerprint(gemma), Target("kl", 0.1), {1: LayerChoice("window", {"density": 0.5})})
+    with pytest.raises(ValueError, match="tuned for 'tiny-gemma'.*different architecture"):
+        patched(llama, plan=plan).__enter__()
+    with pytest.raises(ValueError, match="different architecture"):
+        plan.check_model(llama.config)
+    plan.check_model(tiny_gemma3(seed=1))  # other weights, same architecture: the same fingerprint
+    with pytest.raises(ValueError, match="no method, layers"):
+        patched(gemma, "window", plan=plan).__enter__()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{not json", "corrupted"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"model": "m"}', "no integer 'schema'"),
+    ('{"schema": 99, "model": "m", "fingerprint": "x", "target": {"kind": "kl", "value": 0.1}, "layers": {}}',
+     "schema 99, newer"),
+    ('{"schema": 1, "model": "m", "fingerprint": "x", "target": {"kind": "kl", "value": 0.1}}', "missing field"),
+    ('{"schema": 1, "model": "m", "fingerprint": "x", "target": {"kind": "kl", "value": -1}, "layers": {}}',
+     "target-kl must be > 0"),
+    ('{"schema": 1, "model": "m", "fingerprint": "x", "target": {"kind": "kl", "value": 0.1}, '
+     '"layers": {"1": {"method": "nope"}}}', "layer 1: unknown method 'nope'"),
+    ('{"schema": 1, "model": "m", "fingerprint": "x", "target": {"kind": "kl", "value": 0.1}, '
+     '"layers": {"a": {"method": "dense"}}}', "not a layer index"),
+    ('{"schema": 1, "model": "m", "fingerprint": "x", "target": {"kind": "kl", "value": 0.1}, '
+     '"layers": {"1": {"method": "window", "params": {"density": 2}}}}', "density must be in"),
+])
+def test_bad_plan_files_are_value_errors(tmp_path, text, needle):
+    path = tmp_path / "plan.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=needle):
+        load_plan(path)
+
+
+def test_targets_are_checked():
+    for kind, value, needle in [("kl", 0, "> 0"), ("top1", 1.5, r"\(0, 1\]"), ("layer_error", -0.1, "> 0"),
+                                ("kl", float("nan"), "finite"), ("speed", 1.0, "target kind")]:
+        with pytest.raises(ValueError, match=needle):
+            Target(kind, value)
+
+
+def test_calibration_seeds_are_disjoint_from_eval(tok):
+    prompts = task_prompts(tok, ["passkey", "niah_single"], [512], 3, "repeat", seed=0)
+    assert [p.meta["task"] for p in prompts] == ["passkey", "niah_single", "passkey"]
+    assert all(p.meta["seed"] >= CALIB_SEED for p in prompts)
+    assert [p.meta["depth"] for p in prompts] == pytest.approx([0.25 / 3, 1.25 / 3, 2.25 / 3])
+    assert all(p.prompt_ids.shape == (1, 512) and p.answer_ids for p in prompts)
+
+
+# ---- the allocation and the search, on made-up profiles (no model) ----
+
+def _profile(rows: dict[int, dict[str, tuple[int, float]]]) -> Profile:
+    """{layer: {label: (cells, rel_err)}} as a Profile (one prompt, 1000 exact cells per layer)."""
+    table = {layer: {lab: Measurement([err], [None], cells, 1000, cells / 1000, 0.0)
+                     for lab, (cells, err) in row.items()} for layer, row in rows.items()}
+    return Profile(sorted(rows), [], table)
+
+
+def test_hull_drops_dominated_and_non_convex_candidates():
+    prof = _profile({0: {"dense": (1000, 0.0), "a": (100, 1.0), "b": (200, 0.9), "c": (300, 0.2),
+                         "d": (400, 0.5)}})
+    # d is dominated by c; b lies above the segment a-c
+    assert layer_hull(prof, 0, "density") == ["a", "c", "dense"]
+
+
+def test_path_moves_the_most_sensitive_layer_first_and_ends_exact():
+    row = {"dense": (1000, 0.0), "lo": (100, 1.0), "mid": (400, 0.3)}
+    prof = _profile({0: row, 1: row})
+    path = lagrangian_path(prof, "density", {0: 1.0, 1: 50.0})
+    assert path[0].choice == {0: "lo", 1: "lo"} and path[-1].choice == {0: "dense", 1: "dense"}
+    assert path[1].moved == 1
+    costs = [p.cost for p in path]
+    preds = [p.predicted for p in path]
+    assert costs == sorted(costs) and preds == sorted(preds, reverse=True)
+
+
+@dataclass
+class _Fake:
+    kl: float
+
+
+@pytest.mark.parametrize("threshold", [0, 3, 7, 11])
+@pytest.mark.parametrize("model_error", [0.2, 1.0, 5.0])
+def test_search_finds_the_cheapest_passing_plan(threshold, model_error):
+    # a path of 12 plans whose true KL falls with the index; the model is off by `model_error`
+    true_kl = [0.1 * (11 - i) / 11 * (1 if i < threshold else 0.1) for i in range(12)]
+    target = Target("kl", 0.1 * (11 - threshold) / 11 * 0.1 + 1e-9 if threshold < 11 else 1e-9)
+    path = [PathPoint({}, i, true_kl[i] * model_error) for i in range(12)]
+    calls = []
+
+    def verify(i):
+        calls.append(i)
+        return _Fake(true_kl[i])
+
+    index, tried = search(path, target, verify, lambda r: target.met(kl=r.kl), lambda r: r.kl, max_verify=8)
+    assert index == threshold
+    assert len(calls) == len(set(calls)) <= 8 and 11 not in calls  # the exact end is never run
+
+
+# ---- the command line ----
+
+@pytest.fixture(scope="module")
+def tok():
+    from tiny_models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(save_tiny_eval_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*args: str):
+        try:
+            main(list(args))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+@pytest.mark.parametrize("args,needle", [
+    ([], "exactly one of --target-kl"),
+    (["--target-kl", "0.1", "--target-top1", "0.9"], "exactly one of --target-kl"),
+    (["--target-top1", "1.5"], "--target-top1 must be in (0, 1]"),
+    (["--target-kl", "-1"], "--target-kl must be > 0"),
+    (["--target-kl", "0.1", "--methods", "nope"], "unknown method"),
+    (["--target-kl", "0.1", "--density", "0,0.5"], "density must be in (0, 1]"),
+    (["--target-kl", "0.1", "--calib", "0"], "--calib must be >= 1"),
+    (["--target-kl", "0.1", "--reps", "0"], "--reps must be >= 1"),
+    (["--target-kl", "0.1", "--max-verify", "0"], "--max-verify must be >= 1"),
+    (["--target-kl", "0.1", "--tasks", "nope"], "unknown calibration task"),
+    (["--target-kl", "0.1", "--objective", "speed"], "--objective must be one of"),
+    (["--target-kl", "0.1", "--prompt-file", "/no/such/file"], "does not exist"),
+    (["--target-kl", "0.1", "--lengths", "32"], "each length must be in [64"),
+    (["--target-kl", "0.1", "--set", "window.bogus=1"], "bogus"),
+])
+def test_tune_bad_input_is_one_line_and_exit_2(cli, model_dir, tmp_path, args, needle):
+    code, _, err = cli("tune", "--model", model_dir, "--out", str(tmp_path / "plan.json"), *args)
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("attnsieve: error: ") and needle in err, err
+
+
+def test_tune_out_must_be_a_writable_file_path(cli, model_dir, tmp_path):
+    code, _, err = cli("tune", "--model", model_dir, "--target-kl", "0.1", "--out", str(tmp_path))
+    assert code == 2 and "is a folder" in err
+    code, _, err = cli("tune", "--model", model_dir, "--target-kl", "0.1", "--out", str(tmp_path / "no" / "p.json"))
+    assert code == 2 and "does not exist" in err
+
+
+def test_plan_on_generate_and_eval_bad_input(cli, model_dir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    code, _, err = cli("generate", "--model", model_dir, "--prompt", "hi", "--plan", str(bad))
+    assert code == 2 and err.count("\n") == 1 and "corrupted" in err
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({"schema": SCHEMA + 1}))
+    code, _, err = cli("eval", "--model", model_dir, "--out", str(tmp_path / "ev"), "--plan", str(newer))
+    assert code == 2 and err.count("\n") == 1 and "newer than this attnsieve" in err
+    other = Plan("llama", fingerprint(tiny_llama()), Target("kl", 0.1), {}).save(tmp_path / "other.json")
+    code, _, err = cli("generate", "--model", model_dir, "--prompt", "hi", "--plan", str(other))
+    assert code == 2 and err.count("\n") == 1 and "different architecture" in err
+    code, _, err = cli("generate", "--model", model_dir, "--prompt", "hi", "--plan", str(other), "--method", "window")
+    assert code == 2 and "not both" in err
+
+
+def test_tune_then_generate_and_eval_with_the_plan(cli, model_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    code, stdout, err = cli("tune", "--model", model_dir, "--target-kl", "0.05", "--methods", "window",
+                            "--density", "0.25,0.5", "--lengths", "512", "--tasks", "passkey", "--calib", "2",
+                            "--objective", "density", "--dtype", "float32", "--out", str(out))
+    assert code == 0, err
+    doc = json.loads(stdout.strip().splitlines()[-1])
+    assert doc["command"] == "tune" and doc["kl"] <= 0.05 and {"versions", "threads", "seed"} <= doc.keys()
+    assert doc["full_forwards"]["total"] >= 2
+    plan = load_plan(out)
+    assert plan.calibration["prompts"] == 2 and plan.calibration["lengths"] == [512]
+    assert all(item["seed"] >= CALIB_SEED for item in plan.calibration["items"])
+    code, stdout, err = cli("generate", "--model", model_dir, "--prompt", "hello there", "--plan", str(out),
+                            "--max-new-tokens", "2", "--dtype", "float32", "--json")
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["plan"] == str(out)
+    code, _, err = cli("eval", "--model", model_dir, "--methods", "dense", "--plan", str(out), "--tasks", "passkey",
+                       "--lengths", "512", "--samples", "1", "--dtype", "float32", "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"dense", "plan"}
+    assert by["plan"]["plan"]["fingerprint"] == plan.fingerprint and by["plan"]["config"] == plan.label()
+    assert by["plan"]["plan"]["layers"] == {str(i): c.to_json() for i, c in plan.layers.items()}
+    assert by["plan"]["kl"] is not None
+
+
+def test_a_method_is_made_once_per_candidate():
+    cands = candidates_for(["window", "dense"], [0.1, 0.5])
+    assert [c.label for c in cands] == ["window[density=0.1]", "window[density=0.5]", "dense"]
+    assert cands[0].make().params == make("window", density=0.1).params
