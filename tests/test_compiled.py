@@ -106,3 +106,22 @@ def test_block_topk_compiled_plan_reads_strided_queries():
     assert not q.is_contiguous()
     strided, dense = method.support(q, k, ctx), method.support(q.contiguous(), k, ctx)
     assert torch.equal(strided.blocks, dense.blocks) and torch.equal(strided.row_mask, dense.row_mask)
+
+
+@needs_compiled
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the notice is only logged where no CUDA runtime is found")
+def test_the_kernel_build_prints_no_cuda_home_notice_on_a_cpu_only_machine():
+    """Loading (or building) the CPU kernel in a fresh process leaves stderr free of cpp_extension's
+    "No CUDA runtime is found" notice; the filter drops that one message only."""
+    import logging
+    import subprocess
+    import sys
+
+    code = "from attnsieve.kernels import compiled; assert compiled.module() is not None"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "No CUDA runtime" not in res.stderr, res.stderr
+    quiet = compiled._CpuOnlyBuild()
+    make_record = lambda msg: logging.LogRecord("torch.utils.cpp_extension", logging.WARNING, "", 0, msg, (), None)  # noqa: E731
+    assert not quiet.filter(make_record("No CUDA runtime is found, using CUDA_HOME='/usr/local'"))
+    assert quiet.filter(make_record("Error building extension"))

@@ -17,6 +17,7 @@ why once and the same fallbacks run.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import sys
@@ -56,6 +57,27 @@ def _build_dir() -> Path:
     return path
 
 
+class _CpuOnlyBuild(logging.Filter):
+    """Drops cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." notice, logged when it is
+    imported on a machine without a GPU: this extension is C++ only and never uses CUDA_HOME, so on a
+    CPU-only machine the notice is noise that reads like an error. Every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _import_cpp_extension():
+    """torch.utils.cpp_extension, imported without its CUDA_HOME notice (see _CpuOnlyBuild)."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    quiet = _CpuOnlyBuild()
+    log.addFilter(quiet)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        log.removeFilter(quiet)
+    return cpp_extension
+
+
 @lru_cache(maxsize=1)
 def module():
     """The compiled extension module, or None (disabled, unsupported platform or failed build)."""
@@ -64,7 +86,7 @@ def module():
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64") or not mkl_batch.available():
         return None  # the kernel calls MKL's sgemm exported by torch's x86-64 builds
     try:
-        from torch.utils import cpp_extension
+        cpp_extension = _import_cpp_extension()
 
         try:  # the `ninja` wheel's binary, which may not be on PATH (pyenv, unactivated venvs)
             import ninja
