@@ -450,6 +450,9 @@ def tune_cmd(
     prompt_file: Annotated[list[Path] | None, typer.Option(
         help="a text file as calibration (its first LENGTH tokens, the next 16 as the answer); repeatable")] = None,
     objective: Annotated[str, typer.Option(help="minimise measured attention time, or measured density")] = "time",
+    granularity: Annotated[str, typer.Option(
+        help="what one choice covers: head (each query head of a layer its own method and budget: dense, "
+             "window or a method at a density) or layer")] = "head",
     max_verify: Annotated[int, typer.Option(help="most plans verified with full forwards on the calibration set")] = 6,
     reps: Annotated[int | None, typer.Option(
         help="timed repetitions of each profiled call (median; default 3 with --objective time, else 1)")] = None,
@@ -457,7 +460,7 @@ def tune_cmd(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
 ):
-    """Tune a per-layer plan: the cheapest configuration whose output stays within a target of exact attention."""
+    """Tune a per-head (or per-layer) plan: the cheapest configuration within a target of exact attention."""
     from attnsieve.eval.tasks import HAYSTACKS
     from attnsieve.methods import parse_params
     from attnsieve.tune.calibration import read_text
@@ -497,7 +500,8 @@ def tune_cmd(
     sets = {m: parse_params(m, vals) for m, vals in raw_sets.items()}
     candidates = candidates_for([m.strip() for m in methods.split(",") if m.strip()], _float_list(density, "--density"),
                                 sets)
-    spec = TuneSpec(target, candidates, objective=objective, max_verify=max_verify, reps=reps, model=model, seed=seed,
+    spec = TuneSpec(target, candidates, objective=objective, granularity=granularity, max_verify=max_verify, reps=reps,
+                    model=model, seed=seed,
                     extra={"command": "attnsieve " + " ".join(sys.argv[1:])})
     if out_file.is_dir():
         raise ValueError(f"--out {str(out_file)!r} is a folder; it must name the plan file to write")
@@ -525,14 +529,8 @@ def tune_cmd(
     with _tune_progress() as progress:
         plan, report = tune(mdl, prompts, spec, progress)
     plan.save(out_file)
-    table = Table("layer", "method", "params", "rel. error", "density", title=f"plan for {model} ({target.kind} "
-                  f"{'>=' if kind == 'top1' else '<='} {value:g}, objective {objective})")
-    for idx, choice in sorted(plan.layers.items()):
-        prof = report["profile"][str(idx)]
-        lab = report["choice"][str(idx)]
-        table.add_row(str(idx), choice.method, ", ".join(f"{k}={v}" for k, v in choice.params.items()) or "-",
-                      f"{prof[lab]['rel_err']:.3g}", f"{prof[lab]['density']:.3f}")
-    out.print(table)
+    out.print(_plan_table(plan, report, f"plan for {model} ({target.kind} {'>=' if kind == 'top1' else '<='} "
+                                       f"{value:g}, objective {objective}, per {granularity})"))
     ff = report["full_forwards"]
     err.print(f"verified on {len(prompts)} calibration prompt(s): KL {plan.kl:.4g}, top-1 {plan.top1:.3f}, measured "
               f"density {plan.measured_density:.3f}, attention time ratio {plan.time_ratio:.3f}; "
@@ -541,8 +539,20 @@ def tune_cmd(
     _print_json({"command": "tune", "model": model, "out": str(out_file), "target": target.to_json(),
                  "kl": plan.kl, "top1": plan.top1, "measured_density": plan.measured_density,
                  "time_ratio": plan.time_ratio, "prefill_ratio": report["prefill_ratio"],
-                 "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())},
+                 "granularity": granularity, "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())},
                  "full_forwards": ff, "seconds": report["seconds"], "phase_seconds": report["phase_seconds"]}, seed, dt)
+
+
+def _plan_table(plan, report: dict, title: str) -> Table:
+    """One row per layer (a per-head layer: one row per head) with its error and density."""
+    table = Table("layer", "head", "method", "params", "layer rel. error", "layer density", title=title)
+    for idx, choice in sorted(plan.layers.items()):
+        err_, dens = report["layer_rel_err"][str(idx)], report["layer_density"][str(idx)]
+        for h, leaf in enumerate(choice.leaves()):
+            table.add_row(str(idx) if h == 0 else "", "all" if choice.heads is None else str(h), leaf.method,
+                          ", ".join(f"{k}={v}" for k, v in leaf.params.items()) or "-",
+                          f"{err_:.3g}" if h == 0 else "", f"{dens:.3f}" if h == 0 else "")
+    return table
 
 
 @contextlib.contextmanager

@@ -50,13 +50,7 @@ class MethodConfig:
 
     def layer_methods(self, force_causal: bool = False) -> dict:
         """The plan's {layer: method}; with `force_causal`, look-ahead methods in their leak-free form."""
-        out = {}
-        for idx, choice in sorted(self.plan.layers.items()):
-            params = dict(choice.params)
-            if force_causal and has_param(choice.method, "causal"):
-                params["causal"] = True
-            out[idx] = make(choice.method, **params)
-        return out
+        return {idx: choice.make(force_causal) for idx, choice in sorted(self.plan.layers.items())}
 
     def patch_kwargs(self) -> dict[str, Any]:
         return {} if self.kv is None else {"kv": self.kv, "kv_budget": self.kv_budget, **dict(self.kv_params)}
@@ -202,7 +196,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
         # scored on, so methods with a `causal` switch run leak-free there.
         if cfg.plan is not None:
             method = cfg.layer_methods(force_causal=sample is None)
-            forced_causal = sample is None and any(has_param(c.method, "causal") for c in cfg.plan.layers.values())
+            forced_causal = sample is None and any(has_param(leaf.method, "causal") for c in cfg.plan.layers.values()
+                                                   for leaf in c.leaves())
             spec_kw = {"method": "dense", "layers": method}
         else:
             forced_causal = sample is None and has_param(cfg.method, "causal")

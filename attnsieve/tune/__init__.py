@@ -1,9 +1,9 @@
-"""attnsieve tune: per-layer plans that meet an accuracy target at the lowest attention cost.
+"""attnsieve tune: per-layer and per-head plans that meet an accuracy target at the lowest attention cost.
 
 - `plan.py`: the plan file (versioned JSON) and its validation; a leaf the integration reads.
 - `calibration.py`: calibration prompts (task generators on seeds `eval` never uses, or text files).
-- `profile.py`: every candidate (method, parameters, density) on every replaced layer, replayed on the
-  dense run's captured q/k/v: output error, exact mass covered, measured density, measured time.
+- `profile.py`: every candidate (method, parameters, density) on every replaced layer or query head,
+  replayed on the dense run's captured q/k/v: output error, exact mass covered, measured density, measured time.
 - `search.py`: the allocation (per-layer convex hulls, the greedy / Lagrangian path from the cheapest
   plan to dense) and the verified search along it; pure, no model.
 - `verify.py`: full forwards of candidate plans on the calibration prompts (KL and top-1 as eval

@@ -2,7 +2,8 @@
 
 1. One dense reference per calibration prompt (a full forward: answer log-probabilities and the
    global layers' captured q/k/v).
-2. Profiles of every candidate on every global layer from those captures (no full forward).
+2. Profiles of every candidate on every global layer, or every query head of one (`granularity`
+   "head", the default), from those captures (no full forward).
 3. For a KL or top-1 target: one probe per layer and prompt (full forwards with that layer alone
    replaced by its middle hull candidate) gives the layer's sensitivity; the greedy / Lagrangian
    path from the cheapest plan to the exact one; the verified search along it (`search.py`).
@@ -21,7 +22,7 @@ from attnsieve.runinfo import run_info
 from attnsieve.tune import calibration
 from attnsieve.tune.calibration import CalibPrompt
 from attnsieve.tune.plan import LayerChoice, Plan, Target, fingerprint
-from attnsieve.tune.profile import Candidate, Profile, profile
+from attnsieve.tune.profile import Candidate, Profile, Unit, profile, unit_key
 from attnsieve.tune.search import (
     OBJECTIVES,
     cost,
@@ -37,6 +38,8 @@ from attnsieve.tune.verify import Verification, verify
 # progress(description, steps done, steps expected): the total grows when the search needs more
 Progress = Callable[[str, int, int], None]
 
+GRANULARITIES = ("head", "layer")  # what one choice covers: a query head of a layer, or a whole layer
+
 
 @dataclass
 class TuneSpec:
@@ -47,6 +50,7 @@ class TuneSpec:
     # timed repetitions per profiled call (median; the first also gives the outputs). None: 3 when the
     # objective is time (single timings of short calls on a busy machine rank candidates by noise), else 1
     reps: int | None = None
+    granularity: str = "head"  # one of GRANULARITIES
     model: str = ""  # the name the plan records
     seed: int = 0
     extra: dict = field(default_factory=dict)  # recorded in the plan's `tuning` report (the command line)
@@ -54,6 +58,8 @@ class TuneSpec:
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
             raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.max_verify < 1:
             raise ValueError(f"--max-verify must be >= 1, got {self.max_verify}")
         if not self.candidates:
@@ -89,24 +95,27 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
         refs.append(dense_reference(model, p.prompt_ids, p.answer_ids))
     phase["dense_reference"] = time.perf_counter() - t0
     n_layers = len(refs[0].layers)
+    per_head = spec.granularity == "head"
+    n_units = n_layers * (next(iter(refs[0].layers.values())).q.shape[1] if per_head and n_layers else 1)
     probes = 0 if spec.target.kind == "layer_error" else n_layers
-    steps.total = n + n * n_layers * n_cand + (probes + spec.max_verify) * n
+    steps.total = n + n * n_units * n_cand + (probes + spec.max_verify) * n
     t1 = time.perf_counter()
-    prof = profile(refs, spec.candidates, reps=spec.reps, progress=steps)
+    prof = profile(refs, spec.candidates, reps=spec.reps, per_head=per_head, progress=steps)
     phase["profile"] = time.perf_counter() - t1
     forwards = {"dense_reference": n, "probe": 0, "verify": 0}
 
-    def run(choice: dict[int, str], what: str) -> Verification:
+    def run(choice: dict[Unit, str], what: str) -> Verification:
         for _ in range(n):
             steps(what)
         kind = "probe" if what.startswith("probe") else "verify"
         forwards[kind] += n
         t = time.perf_counter()
-        result = verify(model, refs, {layer: prof.candidate(lab).make() for layer, lab in choice.items()})
+        result = verify(model, refs, {i: c.make() for i, c in plan_layers(prof, choice).items()})
         phase[kind] += time.perf_counter() - t
         return result
 
-    report: dict = {"objective": spec.objective, "candidates": [c.label for c in prof.candidates]}
+    report: dict = {"objective": spec.objective, "granularity": spec.granularity,
+                    "candidates": [c.label for c in prof.candidates]}
     if spec.target.kind == "layer_error":
         choice = layer_error_choice(prof, spec.objective, spec.target.value)
         result = None if _exact(choice) else run(choice, "verify the plan")
@@ -127,7 +136,8 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
         result = tried.get(index)
         report["search"] = {
             "method": "greedy/Lagrangian path over per-layer convex hulls, verified search along it",
-            "path": [{"choice": pt.choice, "cost": pt.cost, "predicted_kl": pt.predicted, "moved": pt.moved}
+            "path": [{"choice": {unit_key(u): lab for u, lab in pt.choice.items()}, "cost": pt.cost,
+                      "predicted_kl": pt.predicted, "moved": None if pt.moved is None else unit_key(pt.moved)}
                      for pt in path],
             "verified": [{"index": i, **v.to_json(), "met": met(v)} for i, v in sorted(tried.items())],
             "chosen": index,
@@ -137,13 +147,15 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
     if result is None:  # every layer exact: nothing to measure
         dense_s = sum(r.prefill_s or 0.0 for r in refs)
         result = Verification(0.0, 1.0, 1.0, dense_s, dense_s)
-    if not spec.target.met(kl=result.kl, top1=result.top1, layer_error=max(
-            prof.get(layer, lab).err for layer, lab in choice.items())):
+    layer_err = {layer: prof.layer_err(layer, choice) for layer in prof.layers}
+    if not spec.target.met(kl=result.kl, top1=result.top1, layer_error=max(layer_err.values())):
         raise RuntimeError("internal error: the tuner chose a plan that does not meet its target")
     report["full_forwards"] = {**forwards, "total": sum(forwards.values())}
-    report["choice"] = {str(layer): lab for layer, lab in choice.items()}
+    report["choice"] = {unit_key(u): lab for u, lab in choice.items()}
     report["profile"] = prof.to_json()
-    report["layer_rel_err"] = {str(layer): prof.get(layer, lab).err for layer, lab in choice.items()}
+    report["layer_rel_err"] = {str(layer): e for layer, e in layer_err.items()}
+    report["layer_density"] = {str(layer): prof.combined({u: choice[u] for u in prof.units_of(layer)}).density
+                               for layer in prof.layers}
     report["prefill_ratio"] = result.prefill_ratio
     report["seconds"] = time.perf_counter() - t0
     report["phase_seconds"] = phase
@@ -152,39 +164,63 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
     plan = Plan(
         model=spec.model or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         fingerprint=fingerprint(model), target=spec.target,
-        layers={layer: LayerChoice(prof.candidate(lab).method, dict(prof.candidate(lab).params))
-                for layer, lab in choice.items()},
+        layers=plan_layers(prof, choice),
         calibration=calibration.describe(prompts), kl=result.kl, top1=result.top1,
         measured_density=result.density, time_ratio=_time_ratio(prof, choice), seed=spec.seed,
         versions=info["versions"], threads=info["threads"],
-        extra={"objective": spec.objective, "dtype": info["dtype"], "device": info["device"], "tuning": report},
+        extra={"objective": spec.objective, "granularity": spec.granularity, "dtype": info["dtype"],
+               "device": info["device"], "tuning": report},
     )
     return plan, report
 
 
-def _exact(choice: dict[int, str]) -> bool:
+def plan_layers(prof: Profile, choice: dict[Unit, str]) -> dict[int, LayerChoice]:
+    """The plan's layer entries for a choice over units: per layer, one choice, or one per head
+    (collapsed to one when every head of the layer has the same)."""
+    def leaf(lab: str) -> LayerChoice:
+        c = prof.candidate(lab)
+        return LayerChoice(c.method, dict(c.params))
+
+    out: dict[int, LayerChoice] = {}
+    for layer in prof.layers:
+        units = [u for u in prof.units_of(layer) if u in choice]
+        if not units:
+            continue
+        if prof.heads is None:
+            out[layer] = leaf(choice[layer])
+        else:
+            if len(units) != prof.heads:
+                raise ValueError(f"layer {layer}: a per-head choice must cover all {prof.heads} heads")
+            out[layer] = LayerChoice.per_head([leaf(choice[u]) for u in sorted(units)])
+    return out
+
+
+def _exact(choice: dict[Unit, str]) -> bool:
     return all(lab == "dense" for lab in choice.values())
 
 
-def _time_ratio(prof: Profile, choice: dict[int, str]) -> float:
-    """Measured attention time of the plan's layers over the exact path's on the same layers and prompts."""
-    dense = sum(prof.get(layer, "dense").time_s for layer in choice)
-    return sum(prof.get(layer, lab).time_s for layer, lab in choice.items()) / dense if dense else 1.0
+def _time_ratio(prof: Profile, choice: dict[Unit, str]) -> float:
+    """Measured attention time of the plan's units over the exact path's on the same units and prompts."""
+    dense = sum(prof.get(u, "dense").time_s for u in choice)
+    return sum(prof.get(u, lab).time_s for u, lab in choice.items()) / dense if dense else 1.0
 
 
-def _sensitivities(prof: Profile, objective: str, run) -> tuple[dict[int, float], dict]:
-    """w_l per layer from one probe each (full forwards with that layer alone replaced)."""
+def _sensitivities(prof: Profile, objective: str, run) -> tuple[dict[Unit, float], dict]:
+    """w per unit from one probe per layer (full forwards with that layer alone replaced, all its heads
+    by one candidate); a layer's heads share its weight."""
     weights, log = {}, {}
     for layer in prof.layers:
+        units = prof.units_of(layer)
         lab = probe_candidate(prof, layer, objective)
         if lab is None:  # nothing cheaper than exact on this layer: no choice to weigh
-            weights[layer] = 0.0
+            weights.update(dict.fromkeys(units, 0.0))
             continue
-        v = run({layer: lab}, f"probe layer {layer}: {lab}")
-        err2 = prof.get(layer, lab).err2
-        weights[layer] = sensitivity(v.kl, err2)
-        log[str(layer)] = {"candidate": lab, "kl": v.kl, "top1": v.top1, "err2": err2, "weight": weights[layer]}
+        v = run(dict.fromkeys(units, lab), f"probe layer {layer}: {lab}")
+        err2 = prof.layer_row(layer)[lab].err2
+        w = sensitivity(v.kl, err2)
+        weights.update(dict.fromkeys(units, w))
+        log[str(layer)] = {"candidate": lab, "kl": v.kl, "top1": v.top1, "err2": err2, "weight": w}
     return floor_weights(weights), log
 
 
-__all__ = ["Candidate", "TuneSpec", "cost", "tune"]
+__all__ = ["GRANULARITIES", "Candidate", "TuneSpec", "cost", "plan_layers", "tune"]
