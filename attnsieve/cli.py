@@ -275,18 +275,22 @@ def demo_cmd(
     lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "2048,4096",
     depths: Annotated[str, typer.Option(help="comma-separated needle depths in [0, 1]")] = "0.25,0.5,0.75",
     density: Annotated[float, typer.Option(help="density for methods that have a density knob")] = 0.1,
+    plan: Annotated[list[Path] | None, typer.Option(
+        help="a plan from `attnsieve tune`, run as one more row next to the methods (repeatable); rows record it")]
+        = None,
     seed: Annotated[int, typer.Option(help="random seed (pass keys, sampling)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
 ):
-    """Pass-key retrieval on the embedded model: dense, window and block-topk side by side."""
+    """Pass-key retrieval on the embedded model: dense, window and block-topk (and tuned plans) side by side."""
     from attnsieve.eval.demo import DemoConfig
 
     try:
         lens = [int(x) for x in lengths.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
-    cfg = DemoConfig(lengths=lens, depths=_float_list(depths, "--depths"), density=density, seed=seed)
+    cfg = DemoConfig(lengths=lens, depths=_float_list(depths, "--depths"), density=density, seed=seed,
+                     plans=[_plan_for(p, model) for p in plan or []])
     dt = _dtype(dtype)
     _threads(threads)
     _seed(seed)
@@ -296,13 +300,13 @@ def demo_cmd(
 
     with err.status(f"loading {model} ({str(dt).removeprefix('torch.')})"):
         mdl, tok = load(model, dtype=dt)
-    steps = len(cfg.lengths) * len(cfg.depths) * (1 + len(cfg.methods))
+    steps = len(cfg.lengths) * len(cfg.depths) * (1 + len(cfg.methods) + len(cfg.plans))
     with _progress("demo", steps, calls_start_steps=True) as progress:
         rows = run_demo(mdl, tok, cfg, progress)
     table = Table("method", "length", "accuracy", "measured density", "prefill vs SDPA",
                   title=f"pass-key retrieval ({str(dt).removeprefix('torch.')})")
     for r in rows:
-        table.add_row(r["method"], str(r["length"]), f"{r['accuracy']:.2f}", f"{r['density']:.3f}",
+        table.add_row(r["config"], str(r["length"]), f"{r['accuracy']:.2f}", f"{r['density']:.3f}",
                       f"{r['prefill_ratio']:.2f}x")
     out.print(table)
     _print_json({"command": "demo", "model": model, "rows": rows}, seed, dt)
@@ -617,11 +621,14 @@ def bench_kernel_cmd(
 @bench_app.command("prefill")
 def bench_prefill_cmd(
     model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
-    method: Annotated[str, typer.Option(help="registered method name")] = "block-topk",
+    method: Annotated[str | None, typer.Option(help="registered method name (default block-topk)")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        help="a plan from `attnsieve tune`, timed instead of --method (rows record it)")] = None,
     length: Annotated[int | None, typer.Option(help="one prompt length in tokens (default 4096)")] = None,
     lengths: Annotated[str | None, typer.Option(
         help="comma-separated prompt lengths (instead of --length): one row per length and dtype")] = None,
-    density: Annotated[float | None, typer.Option(help="density, for methods with a density knob")] = 0.1,
+    density: Annotated[float | None, typer.Option(
+        help="density, for methods with a density knob (default 0.1)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="method parameter key=value (repeatable)")] = None,
     reps: Annotated[int, typer.Option(help="timed repetitions (median) after a short warm-up")] = 1,
     seed: Annotated[int, typer.Option(help="random seed of the prompt")] = 0,
@@ -633,15 +640,20 @@ def bench_prefill_cmd(
         "--out", help="folder for prefill.jsonl (the rows) and prefill.png (time against length, per dtype)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
-    """End-to-end prefill of a real model: the method against stock SDPA and the exact path."""
+    """End-to-end prefill of a real model: the method (or a tuned plan) against stock SDPA and the exact path."""
     from attnsieve.eval.bench import bench_prefill
     from attnsieve.methods import has_param, make, parse_params
 
+    if plan is not None and (method is not None or density is not None or set_):
+        raise ValueError("give --plan or --method/--density/--set, not both (the plan chooses every layer's method)")
+    plan_obj = None if plan is None else _plan_for(plan, model)
+    method = method or "block-topk"
+    label = method if plan_obj is None else plan_obj.label()
     params = parse_params(method, _parse_sets(set_ or []))
-    if density is not None and has_param(method, "density"):
-        if not 0 < density <= 1:
-            raise ValueError(f"--density must be in (0, 1], got {density}")
-        params.setdefault("density", density)
+    if density is not None and not 0 < density <= 1:
+        raise ValueError(f"--density must be in (0, 1], got {density}")
+    if has_param(method, "density") and plan is None:
+        params.setdefault("density", 0.1 if density is None else density)
     make(method, **params)
     if length is not None and lengths is not None:
         raise ValueError("give --length or --lengths, not both")
@@ -677,8 +689,8 @@ def bench_prefill_cmd(
         with err.status(f"loading {model} ({name})"):
             mdl, tok = load(model, dtype=dt)
         for n in lens:
-            with err.status(f"timing prefill at {n} tokens in {name}: SDPA, exact path, {method}"):
-                r = bench_prefill(mdl, tok, method, n, params=params, reps=reps, seed=seed)
+            with err.status(f"timing prefill at {n} tokens in {name}: SDPA, exact path, {label}"):
+                r = bench_prefill(mdl, tok, method, n, params=params, reps=reps, seed=seed, plan=plan_obj)
             rows.append({"command": "bench prefill", "model": model, **r})
             if out_dir is not None:
                 from attnsieve.runinfo import run_info
@@ -687,7 +699,7 @@ def bench_prefill_cmd(
                     f.write(json.dumps({**rows[-1], **run_info(seed, dt)}, default=str) + "\n")
         del mdl
     if not as_json:
-        table = Table("length", "dtype", "SDPA s", "exact s", f"{method} s", "speed-up", "exact speed-up", "density")
+        table = Table("length", "dtype", "SDPA s", "exact s", f"{label} s", "speed-up", "exact speed-up", "density")
         for r in rows:
             table.add_row(str(r["length"]), r["dtype"], f"{r['dense_s']:.2f}", f"{r['exact_s']:.2f}", f"{r['s']:.2f}",
                           f"{r['speedup']:.2f}x", f"{r['exact_speedup']:.2f}x", f"{r['density']:.3f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -514,3 +515,50 @@ def test_a_method_is_made_once_per_candidate():
     cands = candidates_for(["window", "dense"], [0.1, 0.5])
     assert [c.label for c in cands] == ["window[density=0.1]", "window[density=0.5]", "dense"]
     assert cands[0].make().params == make("window", density=0.1).params
+
+
+def _tiny_plan(model_dir, tmp_path) -> Path:
+    from transformers import AutoConfig
+
+    heads = LayerChoice.per_head([LayerChoice("dense"), LayerChoice("window", {"density": 0.5, "block_size": 16})])
+    return Plan("tiny", fingerprint(AutoConfig.from_pretrained(model_dir)), Target("kl", 0.05), {1: heads}).save(
+        tmp_path / "plan.json")
+
+
+def test_plan_on_demo_and_bench_prefill(cli, model_dir, tmp_path):
+    path = _tiny_plan(model_dir, tmp_path)
+    code, stdout, err = cli("demo", "--model", model_dir, "--lengths", "256", "--depths", "0.5", "--plan", str(path),
+                            "--dtype", "float32")
+    assert code == 0, err
+    rows = json.loads(stdout.strip().splitlines()[-1])["rows"]
+    assert [r["method"] for r in rows] == ["dense", "window", "block-topk", "plan"]
+    plan_row = rows[-1]
+    assert plan_row["config"] == load_plan(path).label() and plan_row["plan"]["file"] == str(path)
+    assert plan_row["plan"]["layers"]["1"]["method"] == "per-head" and 0.5 < plan_row["density"] < 1
+    assert all(r["plan"] is None for r in rows[:-1])
+    code, stdout, err = cli("bench", "prefill", "--model", model_dir, "--plan", str(path), "--length", "256",
+                            "--dtype", "float32", "--json")
+    assert code == 0, err
+    row = json.loads(stdout.strip().splitlines()[-1])
+    assert row["method"] == "plan" and row["params"] == {} and row["plan"]["file"] == str(path)
+    assert row["plan"]["fingerprint"] == load_plan(path).fingerprint and 0.5 < row["density"] < 1
+    assert {"versions", "threads", "seed", "dense_s", "exact_s", "s"} <= row.keys()
+
+
+def test_plan_on_demo_and_bench_prefill_bad_input(cli, model_dir, tmp_path):
+    path = _tiny_plan(model_dir, tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    other = Plan("llama", fingerprint(tiny_llama()), Target("kl", 0.1), {}).save(tmp_path / "other.json")
+    for args, needle in [
+        (["bench", "prefill", "--plan", str(path), "--method", "window"], "not both"),
+        (["bench", "prefill", "--plan", str(path), "--density", "0.2"], "not both"),
+        (["bench", "prefill", "--plan", str(bad)], "corrupted"),
+        (["bench", "prefill", "--plan", str(other)], "different architecture"),
+        (["demo", "--plan", str(bad)], "corrupted"),
+        (["demo", "--plan", str(other)], "different architecture"),
+        (["demo", "--plan", str(tmp_path / "missing.json")], "does not exist"),
+    ]:
+        code, _, err = cli(*args[:2], "--model", model_dir, *args[2:]) if args[0] == "bench" else \
+            cli(args[0], "--model", model_dir, *args[1:])
+        assert code == 2 and err.count("\n") == 1 and needle in err, (args, err)

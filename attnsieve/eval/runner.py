@@ -215,7 +215,7 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
         row = {
             "method": cfg.method, "params": dict(cfg.params), "config": cfg.label, "task": task,
             "causal": _is_causal(method), "causal_forced": forced_causal,
-            "plan": None if cfg.plan is None else _plan_record(cfg.plan),
+            "plan": None if cfg.plan is None else cfg.plan.record(),
             "haystack": "prose" if sample is None else spec.haystack, "length": length, "sample": i,
             "depth": None if sample is None else sample.depth,
             "density": p.stats.density(), "local_density": p.stats.local_density(),
@@ -250,12 +250,6 @@ def _is_causal(method) -> bool:
     """Whether every estimate is leak-free: the method's, or each layer's of a plan."""
     methods = method.values() if isinstance(method, dict) else [method]
     return all(bool(getattr(m.params, "causal", True)) for m in methods)
-
-
-def _plan_record(plan) -> dict:
-    """What a row records of the plan it ran: enough to know which plan, and what it chose per layer."""
-    return {"label": plan.label(), "model": plan.model, "fingerprint": plan.fingerprint,
-            "target": plan.target.to_json(), "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())}}
 
 
 def _timed_ppl(model, ids) -> tuple[float, float]:

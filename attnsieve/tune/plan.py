@@ -151,6 +151,7 @@ class Plan:
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # dtype, device, tuning report, unknown fields
     schema: int = SCHEMA
+    source: str | None = field(default=None, compare=False)  # the file it was loaded from (not written)
 
     def methods(self) -> dict[int, Method]:
         """{layer index: Method} for `patch(model, "dense", layers=...)`; ValueError naming a bad layer."""
@@ -182,6 +183,13 @@ class Plan:
         """Short name for tables and result rows: "plan:kl<=0.05@sha256:abcd"."""
         op = ">=" if self.target.kind == "top1" else "<="
         return f"plan:{self.target.kind}{op}{self.target.value:g}@{self.fingerprint.removeprefix('sha256:')[:8]}"
+
+    def record(self) -> dict:
+        """What a result row records of the plan it ran: which plan (its file, if loaded from one), what it
+        chose per layer."""
+        return {"label": self.label(), "file": self.source, "model": self.model,
+                "fingerprint": self.fingerprint, "target": self.target.to_json(),
+                "layers": {str(i): c.to_json() for i, c in sorted(self.layers.items())}}
 
     def to_json(self) -> dict:
         return {
@@ -321,7 +329,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
     except json.JSONDecodeError as e:
         raise ValueError(f"{where} is corrupted (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})"
                          ) from None
-    return from_json(doc, where)
+    plan = from_json(doc, where)
+    plan.source = str(p)
+    return plan
 
 
 def as_plan(plan: Plan | str | os.PathLike) -> Plan:
