@@ -460,7 +460,13 @@ def tune_cmd(
     max_verify: Annotated[int, typer.Option(help="most plans verified with full forwards on the calibration set")] = 6,
     reps: Annotated[int | None, typer.Option(
         help="timed repetitions of each profiled call (median; default 3 with --objective time, else 1)")] = None,
-    seed: Annotated[int, typer.Option(help="random seed (calibration prompts)")] = 0,
+    validate: Annotated[bool, typer.Option(
+        "--validate", help="also measure the plan on held-out prompts (eval's seeds and depths, the other "
+                           "haystack) against dense and every candidate applied uniformly, and plot the frontier; "
+                           "writes <out stem>.validation.json/.md and .frontier.png (costs full runs)")] = False,
+    validate_samples: Annotated[int, typer.Option(
+        help="held-out prompts per task and length for --validate (as eval's --samples)")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed (calibration prompts; held-out ones use eval's)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
 ):
@@ -500,6 +506,8 @@ def tune_cmd(
         raise ValueError(f"unknown calibration task(s) {', '.join(bad)}; choose from: {', '.join(TASKS)}")
     for f in prompt_file or []:
         read_text(f)
+    if validate_samples < 1:
+        raise ValueError(f"--validate-samples must be >= 1, got {validate_samples}")
     raw_sets = _parse_method_sets(set_ or [])
     sets = {m: parse_params(m, vals) for m, vals in raw_sets.items()}
     candidates = candidates_for([m.strip() for m in methods.split(",") if m.strip()], _float_list(density, "--density"),
@@ -530,9 +538,21 @@ def tune_cmd(
         mdl, tok = load(model, dtype=dt)
     prompts = (task_prompts(tok, task_list, lens, calib, haystack, seed) if task_list else []) + \
         file_prompts(tok, list(prompt_file or []), lens)
+    validation = None
+    if validate:
+        from attnsieve.tune.calibration import heldout_prompts, other_haystack
+        from attnsieve.tune.validate import ValidationSpec
+
+        validation = ValidationSpec(tok, heldout_prompts(tok, task_list or ["passkey", "niah_single"], lens,
+                                                         validate_samples, other_haystack(haystack), seed))
     with _tune_progress() as progress:
-        plan, report = tune(mdl, prompts, spec, progress)
+        plan, report = tune(mdl, prompts, spec, progress, validation)
     plan.save(out_file)
+    files = None
+    if validation is not None:
+        from attnsieve.tune import report as tune_report
+
+        files = tune_report.write(report["validation"], out_file, plan.label(), run_info(seed, dt))
     out.print(_plan_table(plan, report, f"plan for {model} ({target.kind} {'>=' if kind == 'top1' else '<='} "
                                        f"{value:g}, objective {objective}, per {granularity})"))
     ff = report["full_forwards"]
@@ -540,11 +560,24 @@ def tune_cmd(
               f"density {plan.measured_density:.3f}, attention time ratio {plan.time_ratio:.3f}; "
               f"{ff['total']} full forwards ({ff['dense_reference']} dense, {ff['probe']} probes, {ff['verify']} "
               f"verification), {report['seconds']:.0f} s; plan: {out_file}")
+    summary = None
+    if files is not None:
+        v = report["validation"]
+        best, mine = v["best_uniform"], v["plan"]
+        err.print(f"held-out ({v['prompts']['prompts']} prompts): plan KL {mine['kl']:.4g}, accuracy "
+                  f"{mine['accuracy']:.2f} (dense {v['dense']['accuracy']:.2f}), density "
+                  f"{mine['measured_density']:.3f}; "
+                  f"best uniform of equal or better KL: {best['config']} (KL {best['kl']:.4g}, density "
+                  f"{best['measured_density']:.3f}); report: {files['markdown']}, plot: {files['plot']}")
+        summary = {k: v[k] for k in ("dense", "plan", "best_uniform", "cost_vs_best_uniform", "accuracy_vs_dense",
+                                     "full_forwards")}
+        summary["files"] = {k: str(p) for k, p in files.items()}
     _print_json({"command": "tune", "model": model, "out": str(out_file), "target": target.to_json(),
                  "kl": plan.kl, "top1": plan.top1, "measured_density": plan.measured_density,
                  "time_ratio": plan.time_ratio, "prefill_ratio": report["prefill_ratio"],
                  "granularity": granularity, "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())},
-                 "full_forwards": ff, "seconds": report["seconds"], "phase_seconds": report["phase_seconds"]}, seed, dt)
+                 "full_forwards": ff, "seconds": report["seconds"], "phase_seconds": report["phase_seconds"],
+                 "validation": summary}, seed, dt)
 
 
 def _plan_table(plan, report: dict, title: str) -> Table:

@@ -562,3 +562,43 @@ def test_plan_on_demo_and_bench_prefill_bad_input(cli, model_dir, tmp_path):
         code, _, err = cli(*args[:2], "--model", model_dir, *args[2:]) if args[0] == "bench" else \
             cli(args[0], "--model", model_dir, *args[1:])
         assert code == 2 and err.count("\n") == 1 and needle in err, (args, err)
+
+
+def test_tune_validate_writes_the_report_and_the_frontier_plot(cli, model_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    code, stdout, err = cli("tune", "--model", model_dir, "--target-kl", "0.05", "--methods", "window,block-topk",
+                            "--density", "0.25,0.5", "--set", "block-topk.block_size=16", "--lengths", "256",
+                            "--tasks", "passkey", "--calib", "1", "--objective", "density", "--dtype", "float32",
+                            "--validate", "--validate-samples", "2", "--out", str(out))
+    assert code == 0, err
+    doc = json.loads(stdout.strip().splitlines()[-1])
+    files = doc["validation"]["files"]
+    assert files == {"json": str(tmp_path / "plan.validation.json"), "markdown": str(tmp_path / "plan.validation.md"),
+                     "plot": str(tmp_path / "plan.frontier.png")}
+    assert (tmp_path / "plan.frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    v = json.loads((tmp_path / "plan.validation.json").read_text())
+    assert {"versions", "threads", "seed", "dtype", "device"} <= v.keys()
+    # held out: eval's seeds and depths on the other haystack, never the calibration's
+    assert [(i["seed"], i["depth"], i["haystack"]) for i in v["prompts"]["items"]] == [(0, 0.25, "repeat"),
+                                                                                     (1, 0.75, "repeat")]
+    for row in (v["dense"], v["plan"], v["best_uniform"]):
+        assert {"kl", "top1", "accuracy", "measured_density", "time_ratio"} <= row.keys()
+    assert v["dense"]["kl"] == 0 and v["dense"]["measured_density"] == 1
+    assert sorted(u["config"] for u in v["uniform"]) == sorted(
+        c for c in load_plan(out).extra["tuning"]["candidates"] if c != "dense")
+    # the best uniform configuration is the cheapest one at least as faithful as the plan (dense if none is)
+    ok = [u for u in v["uniform"] if u["kl"] <= v["plan"]["kl"]]
+    best = min(ok, key=lambda u: u["measured_density"]) if ok else v["dense"]
+    assert v["best_uniform"]["config"] == best["config"]
+    assert v["cost_vs_best_uniform"] == pytest.approx(v["plan"]["measured_density"] / best["measured_density"])
+    assert sum(f["chosen"] for f in v["frontier"]) == 1 and len(v["frontier"]) >= 2
+    assert v["full_forwards"] >= 2 * (1 + 1 + 2 + len(v["uniform"]) + 1)
+    md = (tmp_path / "plan.validation.md").read_text()
+    assert "best uniform of equal or better KL" in md and "plan.frontier.png" in md
+    assert load_plan(out).extra["tuning"]["validation"]["plan"] == v["plan"]  # the plan file keeps it too
+
+
+def test_validate_bad_input(cli, model_dir, tmp_path):
+    code, _, err = cli("tune", "--model", model_dir, "--target-kl", "0.1", "--validate", "--validate-samples", "0",
+                       "--out", str(tmp_path / "p.json"))
+    assert code == 2 and err.count("\n") == 1 and "--validate-samples must be >= 1" in err

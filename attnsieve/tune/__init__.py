@@ -8,6 +8,8 @@
   plan to dense) and the verified search along it; pure, no model.
 - `verify.py`: full forwards of candidate plans on the calibration prompts (KL and top-1 as eval
   defines them) and the per-layer sensitivity probes.
+- `validate.py`: `--validate`, the plan against dense and uniform configurations on held-out prompts;
+  `report.py` writes its JSON, markdown and frontier plot next to the plan.
 - `tuner.py`: the whole run, `tune(model, prompts, spec) -> (Plan, report)`.
 
 Only `plan` is imported here, so reading a plan never imports the tuner (or transformers).

@@ -29,6 +29,7 @@ import torch
 from attnsieve.eval.fidelity import DenseReference, error_and_mass, exact_layer
 from attnsieve.kernels import exact_cells
 from attnsieve.methods import Method, exact_attention, make
+from attnsieve.tune.plan import LayerChoice
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,31 @@ class Profile:
     def layer_err(self, layer: int, choice: dict[Unit, str]) -> float:
         """Mean relative output error of `layer` under a choice for its units (the layer-error target's measure)."""
         return self.combined({u: choice[u] for u in self.units_of(layer)}).err
+
+    def layer_choices(self, choice: dict[Unit, str]) -> dict[int, LayerChoice]:
+        """A plan's layer entries for a choice over units: per layer, one choice, or one per head
+        (collapsed to one when every head of the layer has the same)."""
+        def leaf(lab: str) -> LayerChoice:
+            c = self.candidate(lab)
+            return LayerChoice(c.method, dict(c.params))
+
+        out: dict[int, LayerChoice] = {}
+        for layer in self.layers:
+            units = [u for u in self.units_of(layer) if u in choice]
+            if not units:
+                continue
+            if self.heads is None:
+                out[layer] = leaf(choice[layer])
+            else:
+                if len(units) != self.heads:
+                    raise ValueError(f"layer {layer}: a per-head choice must cover all {self.heads} heads")
+                out[layer] = LayerChoice.per_head([leaf(choice[u]) for u in sorted(units)])
+        return out
+
+    def time_ratio(self, choice: dict[Unit, str]) -> float:
+        """Measured attention time of a choice's units over the exact path's on the same units and prompts."""
+        dense = sum(self.get(u, "dense").time_s for u in choice)
+        return sum(self.get(u, lab).time_s for u, lab in choice.items()) / dense if dense else 1.0
 
     def to_json(self) -> dict:
         return {unit_key(u): {lab: m.to_json() for lab, m in row.items()} for u, row in self.table.items()}

@@ -9,6 +9,8 @@
    path from the cheapest plan to the exact one; the verified search along it (`search.py`).
    For a layer-error target: each layer's cheapest candidate within the bound, verified once.
 4. The plan, with the verified numbers and a report of how many full forwards it took.
+5. With a validation spec (`--validate`): the plan, dense, every candidate applied uniformly and
+   the plans for several targets around the plan's, measured on held-out prompts (`validate.py`).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from attnsieve.eval.fidelity import dense_reference
 from attnsieve.runinfo import run_info
 from attnsieve.tune import calibration
 from attnsieve.tune.calibration import CalibPrompt
-from attnsieve.tune.plan import LayerChoice, Plan, Target, fingerprint
+from attnsieve.tune.plan import Plan, Target, fingerprint
 from attnsieve.tune.profile import Candidate, Profile, Unit, profile, unit_key
 from attnsieve.tune.search import (
     OBJECTIVES,
+    PathPoint,
     cost,
     floor_weights,
     lagrangian_path,
@@ -33,6 +36,7 @@ from attnsieve.tune.search import (
     search,
     sensitivity,
 )
+from attnsieve.tune.validate import Frontier, ValidationSpec, steps_needed, validate
 from attnsieve.tune.verify import Verification, verify
 
 # progress(description, steps done, steps expected): the total grows when the search needs more
@@ -80,8 +84,10 @@ class _Steps:
         self.done += 1
 
 
-def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress | None = None) -> tuple[Plan, dict]:
-    """Tune a plan for `model` on the calibration `prompts`; returns (plan, report)."""
+def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress | None = None,
+         validation: ValidationSpec | None = None) -> tuple[Plan, dict]:
+    """Tune a plan for `model` on the calibration `prompts`; returns (plan, report). With `validation`,
+    the report's `validation` holds the held-out comparison (validate.py)."""
     if not prompts:
         raise ValueError("tuning needs at least one calibration prompt")
     t0 = time.perf_counter()
@@ -110,12 +116,15 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
         kind = "probe" if what.startswith("probe") else "verify"
         forwards[kind] += n
         t = time.perf_counter()
-        result = verify(model, refs, {i: c.make() for i, c in plan_layers(prof, choice).items()})
+        result = verify(model, refs, {i: c.make() for i, c in prof.layer_choices(choice).items()})
         phase[kind] += time.perf_counter() - t
         return result
 
     report: dict = {"objective": spec.objective, "granularity": spec.granularity,
                     "candidates": [c.label for c in prof.candidates]}
+    path: list[PathPoint] = []
+    tried: dict[int, Verification] = {}
+    index = 0
     if spec.target.kind == "layer_error":
         choice = layer_error_choice(prof, spec.objective, spec.target.value)
         result = None if _exact(choice) else run(choice, "verify the plan")
@@ -157,6 +166,12 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
     report["layer_density"] = {str(layer): prof.combined({u: choice[u] for u in prof.units_of(layer)}).density
                                for layer in prof.layers}
     report["prefill_ratio"] = result.prefill_ratio
+    if validation is not None:
+        frontier = _frontier(prof, spec, choice, path, tried, index, validation.fractions)
+        steps.total = steps.done + steps_needed(validation, prof, frontier)
+        t = time.perf_counter()
+        report["validation"] = validate(model, validation, prof, choice, frontier, spec.objective, steps)
+        phase["validate"] = time.perf_counter() - t
     report["seconds"] = time.perf_counter() - t0
     report["phase_seconds"] = phase
     report.update(spec.extra)
@@ -164,9 +179,9 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
     plan = Plan(
         model=spec.model or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
         fingerprint=fingerprint(model), target=spec.target,
-        layers=plan_layers(prof, choice),
+        layers=prof.layer_choices(choice),
         calibration=calibration.describe(prompts), kl=result.kl, top1=result.top1,
-        measured_density=result.density, time_ratio=_time_ratio(prof, choice), seed=spec.seed,
+        measured_density=result.density, time_ratio=prof.time_ratio(choice), seed=spec.seed,
         versions=info["versions"], threads=info["threads"],
         extra={"objective": spec.objective, "granularity": spec.granularity, "dtype": info["dtype"],
                "device": info["device"], "tuning": report},
@@ -174,35 +189,43 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
     return plan, report
 
 
-def plan_layers(prof: Profile, choice: dict[Unit, str]) -> dict[int, LayerChoice]:
-    """The plan's layer entries for a choice over units: per layer, one choice, or one per head
-    (collapsed to one when every head of the layer has the same)."""
-    def leaf(lab: str) -> LayerChoice:
-        c = prof.candidate(lab)
-        return LayerChoice(c.method, dict(c.params))
+def _frontier(prof: Profile, spec: TuneSpec, choice: dict[Unit, str], path: list[PathPoint],
+              tried: dict[int, Verification], index: int, fractions: tuple[float, ...]) -> list[Frontier]:
+    """The plan, and the plans the same run gives for other targets: the path points at `fractions` of
+    the way from the cheapest plan's cost to exact attention's (each is the plan for the targets
+    between its KL and the next point's), labelled by their predicted KL rescaled by the verifications
+    (measured / predicted at the verified point nearest the plan). A layer-error target has no path:
+    its bound times 1/4, 1/2, 2 and 4 instead."""
+    t = spec.target
+    out = [Frontier(f"{t.kind}{'>=' if t.kind == 'top1' else '<='}{t.value:g}", t.value, choice, chosen=True)]
+    seen = [choice]
 
-    out: dict[int, LayerChoice] = {}
-    for layer in prof.layers:
-        units = [u for u in prof.units_of(layer) if u in choice]
-        if not units:
-            continue
-        if prof.heads is None:
-            out[layer] = leaf(choice[layer])
-        else:
-            if len(units) != prof.heads:
-                raise ValueError(f"layer {layer}: a per-head choice must cover all {prof.heads} heads")
-            out[layer] = LayerChoice.per_head([leaf(choice[u]) for u in sorted(units)])
+    def add(label: str, value: float | None, ch: dict[Unit, str]) -> None:
+        if ch not in seen and not _exact(ch):  # exact attention is the dense row already
+            seen.append(ch)
+            out.append(Frontier(label, value, ch))
+
+    if t.kind == "layer_error":
+        for f in (0.25, 0.5, 2.0, 4.0):
+            add(f"layer_error<={t.value * f:.3g}", t.value * f, layer_error_choice(prof, spec.objective, t.value * f))
+        return out
+    if not path:
+        return out
+    scale = 1.0
+    near = [i for i in tried if path[i].predicted > 0 and tried[i].kl > 0]
+    if near:
+        i = min(near, key=lambda j: abs(j - index))
+        scale = tried[i].kl / path[i].predicted
+    lo, hi = path[0].cost, path[-1].cost
+    for q in fractions:
+        j = min(range(len(path)), key=lambda j: abs(path[j].cost - (lo + q * (hi - lo))))
+        kl = path[j].predicted * scale
+        add(f"kl<={kl:.3g} (predicted)", kl, path[j].choice)
     return out
 
 
 def _exact(choice: dict[Unit, str]) -> bool:
     return all(lab == "dense" for lab in choice.values())
-
-
-def _time_ratio(prof: Profile, choice: dict[Unit, str]) -> float:
-    """Measured attention time of the plan's units over the exact path's on the same units and prompts."""
-    dense = sum(prof.get(u, "dense").time_s for u in choice)
-    return sum(prof.get(u, lab).time_s for u, lab in choice.items()) / dense if dense else 1.0
 
 
 def _sensitivities(prof: Profile, objective: str, run) -> tuple[dict[Unit, float], dict]:
@@ -223,4 +246,4 @@ def _sensitivities(prof: Profile, objective: str, run) -> tuple[dict[Unit, float
     return floor_weights(weights), log
 
 
-__all__ = ["GRANULARITIES", "Candidate", "TuneSpec", "cost", "plan_layers", "tune"]
+__all__ = ["GRANULARITIES", "Candidate", "TuneSpec", "cost", "tune"]
