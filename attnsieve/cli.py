@@ -468,6 +468,9 @@ def tune_cmd(
         help="held-out prompts per task and length for --validate (as eval's --samples)")] = 1,
     seed: Annotated[int, typer.Option(help="random seed (calibration prompts; held-out ones use eval's)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", help="Ray address, 'auto', or 'local' (ray extra): dense references, profiling, verification and "
+                      "validation run on workers, one model and one thread each, prompts split among them")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
 ):
     """Tune a per-head (or per-layer) plan: the cheapest configuration within a target of exact attention."""
@@ -534,8 +537,18 @@ def tune_cmd(
     from attnsieve.tune.calibration import file_prompts, task_prompts
     from attnsieve.tune.tuner import tune
 
-    with err.status(f"loading {model} ({str(dt).removeprefix('torch.')})"):
-        mdl, tok = load(model, dtype=dt)
+    pool = None
+    if ray is None:
+        with err.status(f"loading {model} ({str(dt).removeprefix('torch.')})"):
+            mdl, tok = load(model, dtype=dt)
+    else:  # the workers load the model; here only its tokenizer and config
+        from transformers import AutoTokenizer
+
+        from attnsieve.models import resolve
+        from attnsieve.tune.distributed import RayPool
+
+        mdl, tok = None, AutoTokenizer.from_pretrained(resolve(model), local_files_only=True)
+        pool = RayPool(ray, model, str(dt).removeprefix("torch."))
     prompts = (task_prompts(tok, task_list, lens, calib, haystack, seed) if task_list else []) + \
         file_prompts(tok, list(prompt_file or []), lens)
     validation = None
@@ -545,8 +558,12 @@ def tune_cmd(
 
         validation = ValidationSpec(tok, heldout_prompts(tok, task_list or ["passkey", "niah_single"], lens,
                                                          validate_samples, other_haystack(haystack), seed))
-    with _tune_progress() as progress:
-        plan, report = tune(mdl, prompts, spec, progress, validation)
+    try:
+        with _tune_progress() as progress:
+            plan, report = tune(mdl, prompts, spec, progress, validation, pool)
+    finally:
+        if pool is not None:
+            pool.close()
     plan.save(out_file)
     files = None
     if validation is not None:
@@ -575,7 +592,8 @@ def tune_cmd(
     _print_json({"command": "tune", "model": model, "out": str(out_file), "target": target.to_json(),
                  "kl": plan.kl, "top1": plan.top1, "measured_density": plan.measured_density,
                  "time_ratio": plan.time_ratio, "prefill_ratio": report["prefill_ratio"],
-                 "granularity": granularity, "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())},
+                 "granularity": granularity, "ray": ray,
+                 "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())},
                  "full_forwards": ff, "seconds": report["seconds"], "phase_seconds": report["phase_seconds"],
                  "validation": summary}, seed, dt)
 

@@ -602,3 +602,37 @@ def test_validate_bad_input(cli, model_dir, tmp_path):
     code, _, err = cli("tune", "--model", model_dir, "--target-kl", "0.1", "--validate", "--validate-samples", "0",
                        "--out", str(tmp_path / "p.json"))
     assert code == 2 and err.count("\n") == 1 and "--validate-samples must be >= 1" in err
+
+
+def test_ray_agrees_with_in_process(cli, model_dir, tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    args = ["tune", "--model", model_dir, "--target-kl", "0.02", "--methods", "window,block-topk", "--density",
+            "0.25,0.5", "--set", "block-topk.block_size=16", "--lengths", "256", "--tasks", "passkey", "--calib", "3",
+            "--objective", "density", "--dtype", "float32", "--validate", "--validate-samples", "2"]
+    code, _, err = cli(*args, "--out", str(tmp_path / "local.json"))
+    assert code == 0, err
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        code, stdout, err = cli(*args, "--ray", "local", "--out", str(tmp_path / "ray.json"))
+    finally:
+        ray.shutdown()
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["ray"] == "local"
+    a, b = load_plan(tmp_path / "local.json"), load_plan(tmp_path / "ray.json")
+    assert a.layers == b.layers and a.fingerprint == b.fingerprint
+    assert b.kl == pytest.approx(a.kl, rel=1e-4, abs=1e-7) and b.top1 == a.top1
+    assert b.measured_density == a.measured_density
+    ta, tb = a.extra["tuning"], b.extra["tuning"]
+    assert ta["full_forwards"] == tb["full_forwards"] and ta["choice"] == tb["choice"]
+    for unit, row in ta["profile"].items():  # 3 prompts over 2 workers: merged in prompt order
+        for lab, m in row.items():
+            assert tb["profile"][unit][lab]["rel_err"] == pytest.approx(m["rel_err"], rel=1e-4, abs=1e-7)
+            assert tb["profile"][unit][lab]["density"] == m["density"]
+    assert [v["kl"] for v in tb["search"]["verified"]] == pytest.approx([v["kl"] for v in ta["search"]["verified"]],
+                                                                        rel=1e-4, abs=1e-7)
+    va, vb = ta["validation"], tb["validation"]
+    for key in ("dense", "plan", "best_uniform"):
+        assert vb[key]["kl"] == pytest.approx(va[key]["kl"], rel=1e-4, abs=1e-7)
+        assert vb[key]["accuracy"] == va[key]["accuracy"]
+        assert vb[key]["measured_density"] == va[key]["measured_density"]
+    assert [u["kl"] for u in vb["uniform"]] == pytest.approx([u["kl"] for u in va["uniform"]], rel=1e-4, abs=1e-7)

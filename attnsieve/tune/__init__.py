@@ -10,6 +10,7 @@
   defines them) and the per-layer sensitivity probes.
 - `validate.py`: `--validate`, the plan against dense and uniform configurations on held-out prompts;
   `report.py` writes its JSON, markdown and frontier plot next to the plan.
+- `pool.py` / `distributed.py`: where the model work runs: this process, or Ray workers (`--ray`).
 - `tuner.py`: the whole run, `tune(model, prompts, spec) -> (Plan, report)`.
 
 Only `plan` is imported here, so reading a plan never imports the tuner (or transformers).

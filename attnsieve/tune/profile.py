@@ -242,6 +242,21 @@ def profile(refs: list[DenseReference], candidates: list[Candidate], *, reps: in
     return Profile(layers, cands, table, n_heads if per_head else None)
 
 
+def merge(parts: list[Profile]) -> Profile:
+    """One profile from profiles of consecutive prompt ranges (in prompt order), as if profiled at once:
+    per-prompt lists concatenate, counts and seconds add."""
+    first = parts[0]
+    table = {}
+    for u, row in first.table.items():
+        table[u] = {}
+        for lab in row:
+            ms = [p.table[u][lab] for p in parts]
+            table[u][lab] = Measurement([e for m in ms for e in m.rel_err], [x for m in ms for x in m.mass],
+                                        sum(m.cells for m in ms), sum(m.exact_cells for m in ms),
+                                        sum(m.time_s for m in ms), sum(m.estimate_s for m in ms))
+    return Profile(first.layers, first.candidates, table, first.heads)
+
+
 def exact_cells_of(c) -> int:
     """Cells the exact layer computes on a captured input (all heads and batch rows)."""
     q, k = c.q, c.k

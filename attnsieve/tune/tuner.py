@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from attnsieve.eval.fidelity import dense_reference
 from attnsieve.runinfo import run_info
 from attnsieve.tune import calibration
 from attnsieve.tune.calibration import CalibPrompt
 from attnsieve.tune.plan import Plan, Target, fingerprint
-from attnsieve.tune.profile import Candidate, Profile, Unit, profile, unit_key
+from attnsieve.tune.pool import LocalPool
+from attnsieve.tune.profile import Candidate, Profile, Unit, unit_key
 from attnsieve.tune.search import (
     OBJECTIVES,
     PathPoint,
@@ -37,7 +37,7 @@ from attnsieve.tune.search import (
     sensitivity,
 )
 from attnsieve.tune.validate import Frontier, ValidationSpec, steps_needed, validate
-from attnsieve.tune.verify import Verification, verify
+from attnsieve.tune.verify import Verification
 
 # progress(description, steps done, steps expected): the total grows when the search needs more
 Progress = Callable[[str, int, int], None]
@@ -85,28 +85,29 @@ class _Steps:
 
 
 def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress | None = None,
-         validation: ValidationSpec | None = None) -> tuple[Plan, dict]:
+         validation: ValidationSpec | None = None, pool=None) -> tuple[Plan, dict]:
     """Tune a plan for `model` on the calibration `prompts`; returns (plan, report). With `validation`,
-    the report's `validation` holds the held-out comparison (validate.py)."""
+    the report's `validation` holds the held-out comparison (validate.py). `pool` runs the model work
+    elsewhere (distributed.RayPool; `model` may then be None); by default it runs in this process."""
     if not prompts:
         raise ValueError("tuning needs at least one calibration prompt")
+    if pool is None:
+        pool = LocalPool(model, None if validation is None else validation.tok)
     t0 = time.perf_counter()
     n = len(prompts)
     n_cand = len({c.label for c in spec.candidates} | {"dense"})
     steps = _Steps(progress, n)  # grows once the number of global layers is known
-    refs = []
     phase = {"dense_reference": 0.0, "profile": 0.0, "probe": 0.0, "verify": 0.0}  # wall-clock seconds
-    for p in prompts:
-        steps(f"dense reference: {p.name}")
-        refs.append(dense_reference(model, p.prompt_ids, p.answer_ids))
+    infos = pool.references("calib", prompts, steps)
+    dense_s = sum(i.prefill_s for i in infos)
     phase["dense_reference"] = time.perf_counter() - t0
-    n_layers = len(refs[0].layers)
+    n_layers = len(infos[0].layers)
     per_head = spec.granularity == "head"
-    n_units = n_layers * (next(iter(refs[0].layers.values())).q.shape[1] if per_head and n_layers else 1)
+    n_units = n_layers * (infos[0].heads if per_head else 1)
     probes = 0 if spec.target.kind == "layer_error" else n_layers
     steps.total = n + n * n_units * n_cand + (probes + spec.max_verify) * n
     t1 = time.perf_counter()
-    prof = profile(refs, spec.candidates, reps=spec.reps, per_head=per_head, progress=steps)
+    prof = pool.profile("calib", spec.candidates, spec.reps, per_head, steps)
     phase["profile"] = time.perf_counter() - t1
     forwards = {"dense_reference": n, "probe": 0, "verify": 0}
 
@@ -116,7 +117,7 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
         kind = "probe" if what.startswith("probe") else "verify"
         forwards[kind] += n
         t = time.perf_counter()
-        result = verify(model, refs, {i: c.make() for i, c in prof.layer_choices(choice).items()})
+        result = Verification.from_rows(pool.verify("calib", prof.layer_choices(choice)), dense_s)
         phase[kind] += time.perf_counter() - t
         return result
 
@@ -154,7 +155,6 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
         if result is None and not _exact(choice):  # the search ran out of verifications above a plan it never ran
             result = run(choice, "verify the plan")
     if result is None:  # every layer exact: nothing to measure
-        dense_s = sum(r.prefill_s or 0.0 for r in refs)
         result = Verification(0.0, 1.0, 1.0, dense_s, dense_s)
     layer_err = {layer: prof.layer_err(layer, choice) for layer in prof.layers}
     if not spec.target.met(kl=result.kl, top1=result.top1, layer_error=max(layer_err.values())):
@@ -170,15 +170,15 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
         frontier = _frontier(prof, spec, choice, path, tried, index, validation.fractions)
         steps.total = steps.done + steps_needed(validation, prof, frontier)
         t = time.perf_counter()
-        report["validation"] = validate(model, validation, prof, choice, frontier, spec.objective, steps)
+        report["validation"] = validate(pool, validation, prof, choice, frontier, spec.objective, steps)
         phase["validate"] = time.perf_counter() - t
     report["seconds"] = time.perf_counter() - t0
     report["phase_seconds"] = phase
     report.update(spec.extra)
-    info = run_info(spec.seed, next(model.parameters()).dtype)
+    info = run_info(spec.seed, pool.dtype)
     plan = Plan(
-        model=spec.model or str(getattr(model.config, "_name_or_path", "") or type(model).__name__),
-        fingerprint=fingerprint(model), target=spec.target,
+        model=spec.model or str(getattr(pool.config, "_name_or_path", "") or "model"),
+        fingerprint=fingerprint(pool.config), target=spec.target,
         layers=prof.layer_choices(choice),
         calibration=calibration.describe(prompts), kl=result.kl, top1=result.top1,
         measured_density=result.density, time_ratio=prof.time_ratio(choice), seed=spec.seed,

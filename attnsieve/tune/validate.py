@@ -24,14 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from attnsieve.eval.fidelity import dense_reference
-from attnsieve.eval.generation import greedy
-from attnsieve.eval.tasks import score_contains
-from attnsieve.integrations.hf import patched
 from attnsieve.tune import calibration
 from attnsieve.tune.calibration import CalibPrompt
 from attnsieve.tune.profile import Profile, Unit
-from attnsieve.tune.verify import verify
+from attnsieve.tune.verify import Verification
 
 
 @dataclass
@@ -59,42 +55,34 @@ class Frontier:
     chosen: bool = False  # the plan the tuner wrote
 
 
-def validate(model, spec: ValidationSpec, prof: Profile, choice: dict[Unit, str], frontier: list[Frontier],
+def validate(pool, spec: ValidationSpec, prof: Profile, choice: dict[Unit, str], frontier: list[Frontier],
              objective: str, progress: Callable[[str], None] | None = None) -> dict:
-    """The validation report of the plan `choice` (see the module doc); JSON-ready."""
+    """The validation report of the plan `choice` (see the module doc); JSON-ready. `pool` runs the
+    model (pool.LocalPool, or distributed.RayPool)."""
     t0 = time.perf_counter()
     prompts = spec.prompts
-    forwards = 0
-    refs = []
-    for p in prompts:
-        if progress:
-            progress(f"validate: dense reference {p.name}")
-        refs.append(dense_reference(model, p.prompt_ids, p.answer_ids))
-    forwards += len(refs)
-
-    def layers(ch: dict[Unit, str]) -> dict:
-        return {i: c.make() for i, c in prof.layer_choices(ch).items()}
+    n = len(prompts)
+    infos = pool.references("heldout", prompts, progress, what="validate: dense reference")
+    dense_s = sum(i.prefill_s for i in infos)
+    forwards = n
 
     def fidelity(ch: dict[Unit, str], what: str) -> dict:
         nonlocal forwards
         if progress:
             for _ in prompts:
                 progress(f"validate: {what}")
-        forwards += len(refs)
-        v = verify(model, refs, layers(ch))
+        forwards += n
+        v = Verification.from_rows(pool.verify("heldout", prof.layer_choices(ch)), dense_s)
         return {"kl": v.kl, "top1": v.top1, "measured_density": v.density, "time_ratio": prof.time_ratio(ch),
                 "prefill_ratio": v.prefill_ratio}
 
     def accuracy(ch: dict[Unit, str] | None, what: str) -> float:
         nonlocal forwards
-        scores = []
-        with patched(model, "dense", layers=None if ch is None else layers(ch)):
-            for p in prompts:
-                if progress:
-                    progress(f"validate: {what} answers")
-                gen = greedy(model, spec.tok, p.prompt_ids, p.max_new_tokens)
-                scores.append(score_contains(gen.text, p.answers))
-        forwards += len(prompts)
+        if progress:
+            for _ in prompts:
+                progress(f"validate: {what} answers")
+        forwards += n
+        scores = pool.answers("heldout", None if ch is None else prof.layer_choices(ch))
         return sum(scores) / len(scores)
 
     def key(row: dict) -> float:
