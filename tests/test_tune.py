@@ -451,6 +451,7 @@ def cli(capsys):
     (["--target-kl", "0.1", "--max-verify", "0"], "--max-verify must be >= 1"),
     (["--target-kl", "0.1", "--tasks", "nope"], "unknown calibration task"),
     (["--target-kl", "0.1", "--objective", "speed"], "--objective must be one of"),
+    (["--target-kl", "0.1", "--granularity", "block"], "--granularity must be one of head, layer"),
     (["--target-kl", "0.1", "--prompt-file", "/no/such/file"], "does not exist"),
     (["--target-kl", "0.1", "--lengths", "32"], "each length must be in [64"),
     (["--target-kl", "0.1", "--set", "window.bogus=1"], "bogus"),
@@ -543,6 +544,14 @@ def test_plan_on_demo_and_bench_prefill(cli, model_dir, tmp_path):
     assert row["method"] == "plan" and row["params"] == {} and row["plan"]["file"] == str(path)
     assert row["plan"]["fingerprint"] == load_plan(path).fingerprint and 0.5 < row["density"] < 1
     assert {"versions", "threads", "seed", "dense_s", "exact_s", "s"} <= row.keys()
+    code, _, err = cli("eval", "--model", model_dir, "--methods", "dense", "--plan", str(path), "--tasks",
+                       "passkey,ppl", "--lengths", "256", "--samples", "1", "--dtype", "float32",
+                       "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    plan_rows = [r for r in rows if r["method"] == "plan"]
+    assert len(plan_rows) == 2 and all(r["plan"]["layers"]["1"]["method"] == "per-head" for r in plan_rows)
+    assert all(0.5 < r["density"] < 1 for r in plan_rows)
 
 
 def test_plan_on_demo_and_bench_prefill_bad_input(cli, model_dir, tmp_path):
