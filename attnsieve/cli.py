@@ -275,18 +275,22 @@ def demo_cmd(
     lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "2048,4096",
     depths: Annotated[str, typer.Option(help="comma-separated needle depths in [0, 1]")] = "0.25,0.5,0.75",
     density: Annotated[float, typer.Option(help="density for methods that have a density knob")] = 0.1,
+    plan: Annotated[list[Path] | None, typer.Option(
+        help="a plan from `attnsieve tune`, run as one more row next to the methods (repeatable); rows record it")]
+        = None,
     seed: Annotated[int, typer.Option(help="random seed (pass keys, sampling)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
 ):
-    """Pass-key retrieval on the embedded model: dense, window and block-topk side by side."""
+    """Pass-key retrieval on the embedded model: dense, window and block-topk (and tuned plans) side by side."""
     from attnsieve.eval.demo import DemoConfig
 
     try:
         lens = [int(x) for x in lengths.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
-    cfg = DemoConfig(lengths=lens, depths=_float_list(depths, "--depths"), density=density, seed=seed)
+    cfg = DemoConfig(lengths=lens, depths=_float_list(depths, "--depths"), density=density, seed=seed,
+                     plans=[_plan_for(p, model) for p in plan or []])
     dt = _dtype(dtype)
     _threads(threads)
     _seed(seed)
@@ -296,13 +300,13 @@ def demo_cmd(
 
     with err.status(f"loading {model} ({str(dt).removeprefix('torch.')})"):
         mdl, tok = load(model, dtype=dt)
-    steps = len(cfg.lengths) * len(cfg.depths) * (1 + len(cfg.methods))
+    steps = len(cfg.lengths) * len(cfg.depths) * (1 + len(cfg.methods) + len(cfg.plans))
     with _progress("demo", steps, calls_start_steps=True) as progress:
         rows = run_demo(mdl, tok, cfg, progress)
     table = Table("method", "length", "accuracy", "measured density", "prefill vs SDPA",
                   title=f"pass-key retrieval ({str(dt).removeprefix('torch.')})")
     for r in rows:
-        table.add_row(r["method"], str(r["length"]), f"{r['accuracy']:.2f}", f"{r['density']:.3f}",
+        table.add_row(r["config"], str(r["length"]), f"{r['accuracy']:.2f}", f"{r['density']:.3f}",
                       f"{r['prefill_ratio']:.2f}x")
     out.print(table)
     _print_json({"command": "demo", "model": model, "rows": rows}, seed, dt)
@@ -450,14 +454,26 @@ def tune_cmd(
     prompt_file: Annotated[list[Path] | None, typer.Option(
         help="a text file as calibration (its first LENGTH tokens, the next 16 as the answer); repeatable")] = None,
     objective: Annotated[str, typer.Option(help="minimise measured attention time, or measured density")] = "time",
+    granularity: Annotated[str, typer.Option(
+        help="what one choice covers: head (each query head of a layer its own method and budget: dense, "
+             "window or a method at a density) or layer")] = "head",
     max_verify: Annotated[int, typer.Option(help="most plans verified with full forwards on the calibration set")] = 6,
     reps: Annotated[int | None, typer.Option(
         help="timed repetitions of each profiled call (median; default 3 with --objective time, else 1)")] = None,
-    seed: Annotated[int, typer.Option(help="random seed (calibration prompts)")] = 0,
+    validate: Annotated[bool, typer.Option(
+        "--validate", help="also measure the plan on held-out prompts (eval's seeds and depths, the other "
+                           "haystack) against dense and every candidate applied uniformly, and plot the frontier; "
+                           "writes <out stem>.validation.json/.md and .frontier.png (costs full runs)")] = False,
+    validate_samples: Annotated[int, typer.Option(
+        help="held-out prompts per task and length for --validate (as eval's --samples)")] = 1,
+    seed: Annotated[int, typer.Option(help="random seed (calibration prompts; held-out ones use eval's)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    ray: Annotated[str | None, typer.Option(
+        "--ray", help="Ray address, 'auto', or 'local' (ray extra): dense references, profiling, verification and "
+                      "validation run on workers, one model and one thread each, prompts split among them")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
 ):
-    """Tune a per-layer plan: the cheapest configuration whose output stays within a target of exact attention."""
+    """Tune a per-head (or per-layer) plan: the cheapest configuration within a target of exact attention."""
     from attnsieve.eval.tasks import HAYSTACKS
     from attnsieve.methods import parse_params
     from attnsieve.tune.calibration import read_text
@@ -493,11 +509,14 @@ def tune_cmd(
         raise ValueError(f"unknown calibration task(s) {', '.join(bad)}; choose from: {', '.join(TASKS)}")
     for f in prompt_file or []:
         read_text(f)
+    if validate_samples < 1:
+        raise ValueError(f"--validate-samples must be >= 1, got {validate_samples}")
     raw_sets = _parse_method_sets(set_ or [])
     sets = {m: parse_params(m, vals) for m, vals in raw_sets.items()}
     candidates = candidates_for([m.strip() for m in methods.split(",") if m.strip()], _float_list(density, "--density"),
                                 sets)
-    spec = TuneSpec(target, candidates, objective=objective, max_verify=max_verify, reps=reps, model=model, seed=seed,
+    spec = TuneSpec(target, candidates, objective=objective, granularity=granularity, max_verify=max_verify, reps=reps,
+                    model=model, seed=seed,
                     extra={"command": "attnsieve " + " ".join(sys.argv[1:])})
     if out_file.is_dir():
         raise ValueError(f"--out {str(out_file)!r} is a folder; it must name the plan file to write")
@@ -518,31 +537,77 @@ def tune_cmd(
     from attnsieve.tune.calibration import file_prompts, task_prompts
     from attnsieve.tune.tuner import tune
 
-    with err.status(f"loading {model} ({str(dt).removeprefix('torch.')})"):
-        mdl, tok = load(model, dtype=dt)
+    pool = None
+    if ray is None:
+        with err.status(f"loading {model} ({str(dt).removeprefix('torch.')})"):
+            mdl, tok = load(model, dtype=dt)
+    else:  # the workers load the model; here only its tokenizer and config
+        from transformers import AutoTokenizer
+
+        from attnsieve.models import resolve
+        from attnsieve.tune.distributed import RayPool
+
+        mdl, tok = None, AutoTokenizer.from_pretrained(resolve(model), local_files_only=True)
+        pool = RayPool(ray, model, str(dt).removeprefix("torch."))
     prompts = (task_prompts(tok, task_list, lens, calib, haystack, seed) if task_list else []) + \
         file_prompts(tok, list(prompt_file or []), lens)
-    with _tune_progress() as progress:
-        plan, report = tune(mdl, prompts, spec, progress)
+    validation = None
+    if validate:
+        from attnsieve.tune.calibration import heldout_prompts, other_haystack
+        from attnsieve.tune.validate import ValidationSpec
+
+        validation = ValidationSpec(tok, heldout_prompts(tok, task_list or ["passkey", "niah_single"], lens,
+                                                         validate_samples, other_haystack(haystack), seed))
+    try:
+        with _tune_progress() as progress:
+            plan, report = tune(mdl, prompts, spec, progress, validation, pool)
+    finally:
+        if pool is not None:
+            pool.close()
     plan.save(out_file)
-    table = Table("layer", "method", "params", "rel. error", "density", title=f"plan for {model} ({target.kind} "
-                  f"{'>=' if kind == 'top1' else '<='} {value:g}, objective {objective})")
-    for idx, choice in sorted(plan.layers.items()):
-        prof = report["profile"][str(idx)]
-        lab = report["choice"][str(idx)]
-        table.add_row(str(idx), choice.method, ", ".join(f"{k}={v}" for k, v in choice.params.items()) or "-",
-                      f"{prof[lab]['rel_err']:.3g}", f"{prof[lab]['density']:.3f}")
-    out.print(table)
+    files = None
+    if validation is not None:
+        from attnsieve.tune import report as tune_report
+
+        files = tune_report.write(report["validation"], out_file, plan.label(), run_info(seed, dt))
+    out.print(_plan_table(plan, report, f"plan for {model} ({target.kind} {'>=' if kind == 'top1' else '<='} "
+                                       f"{value:g}, objective {objective}, per {granularity})"))
     ff = report["full_forwards"]
     err.print(f"verified on {len(prompts)} calibration prompt(s): KL {plan.kl:.4g}, top-1 {plan.top1:.3f}, measured "
               f"density {plan.measured_density:.3f}, attention time ratio {plan.time_ratio:.3f}; "
               f"{ff['total']} full forwards ({ff['dense_reference']} dense, {ff['probe']} probes, {ff['verify']} "
               f"verification), {report['seconds']:.0f} s; plan: {out_file}")
+    summary = None
+    if files is not None:
+        v = report["validation"]
+        best, mine = v["best_uniform"], v["plan"]
+        err.print(f"held-out ({v['prompts']['prompts']} prompts): plan KL {mine['kl']:.4g}, accuracy "
+                  f"{mine['accuracy']:.2f} (dense {v['dense']['accuracy']:.2f}), density "
+                  f"{mine['measured_density']:.3f}; "
+                  f"best uniform of equal or better KL: {best['config']} (KL {best['kl']:.4g}, density "
+                  f"{best['measured_density']:.3f}); report: {files['markdown']}, plot: {files['plot']}")
+        summary = {k: v[k] for k in ("dense", "plan", "best_uniform", "cost_vs_best_uniform", "accuracy_vs_dense",
+                                     "full_forwards")}
+        summary["files"] = {k: str(p) for k, p in files.items()}
     _print_json({"command": "tune", "model": model, "out": str(out_file), "target": target.to_json(),
                  "kl": plan.kl, "top1": plan.top1, "measured_density": plan.measured_density,
                  "time_ratio": plan.time_ratio, "prefill_ratio": report["prefill_ratio"],
+                 "granularity": granularity, "ray": ray,
                  "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())},
-                 "full_forwards": ff, "seconds": report["seconds"], "phase_seconds": report["phase_seconds"]}, seed, dt)
+                 "full_forwards": ff, "seconds": report["seconds"], "phase_seconds": report["phase_seconds"],
+                 "validation": summary}, seed, dt)
+
+
+def _plan_table(plan, report: dict, title: str) -> Table:
+    """One row per layer (a per-head layer: one row per head) with its error and density."""
+    table = Table("layer", "head", "method", "params", "layer rel. error", "layer density", title=title)
+    for idx, choice in sorted(plan.layers.items()):
+        err_, dens = report["layer_rel_err"][str(idx)], report["layer_density"][str(idx)]
+        for h, leaf in enumerate(choice.leaves()):
+            table.add_row(str(idx) if h == 0 else "", "all" if choice.heads is None else str(h), leaf.method,
+                          ", ".join(f"{k}={v}" for k, v in leaf.params.items()) or "-",
+                          f"{err_:.3g}" if h == 0 else "", f"{dens:.3f}" if h == 0 else "")
+    return table
 
 
 @contextlib.contextmanager
@@ -607,11 +672,14 @@ def bench_kernel_cmd(
 @bench_app.command("prefill")
 def bench_prefill_cmd(
     model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
-    method: Annotated[str, typer.Option(help="registered method name")] = "block-topk",
+    method: Annotated[str | None, typer.Option(help="registered method name (default block-topk)")] = None,
+    plan: Annotated[Path | None, typer.Option(
+        help="a plan from `attnsieve tune`, timed instead of --method (rows record it)")] = None,
     length: Annotated[int | None, typer.Option(help="one prompt length in tokens (default 4096)")] = None,
     lengths: Annotated[str | None, typer.Option(
         help="comma-separated prompt lengths (instead of --length): one row per length and dtype")] = None,
-    density: Annotated[float | None, typer.Option(help="density, for methods with a density knob")] = 0.1,
+    density: Annotated[float | None, typer.Option(
+        help="density, for methods with a density knob (default 0.1)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="method parameter key=value (repeatable)")] = None,
     reps: Annotated[int, typer.Option(help="timed repetitions (median) after a short warm-up")] = 1,
     seed: Annotated[int, typer.Option(help="random seed of the prompt")] = 0,
@@ -623,15 +691,20 @@ def bench_prefill_cmd(
         "--out", help="folder for prefill.jsonl (the rows) and prefill.png (time against length, per dtype)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
-    """End-to-end prefill of a real model: the method against stock SDPA and the exact path."""
+    """End-to-end prefill of a real model: the method (or a tuned plan) against stock SDPA and the exact path."""
     from attnsieve.eval.bench import bench_prefill
     from attnsieve.methods import has_param, make, parse_params
 
+    if plan is not None and (method is not None or density is not None or set_):
+        raise ValueError("give --plan or --method/--density/--set, not both (the plan chooses every layer's method)")
+    plan_obj = None if plan is None else _plan_for(plan, model)
+    method = method or "block-topk"
+    label = method if plan_obj is None else plan_obj.label()
     params = parse_params(method, _parse_sets(set_ or []))
-    if density is not None and has_param(method, "density"):
-        if not 0 < density <= 1:
-            raise ValueError(f"--density must be in (0, 1], got {density}")
-        params.setdefault("density", density)
+    if density is not None and not 0 < density <= 1:
+        raise ValueError(f"--density must be in (0, 1], got {density}")
+    if has_param(method, "density") and plan is None:
+        params.setdefault("density", 0.1 if density is None else density)
     make(method, **params)
     if length is not None and lengths is not None:
         raise ValueError("give --length or --lengths, not both")
@@ -667,8 +740,8 @@ def bench_prefill_cmd(
         with err.status(f"loading {model} ({name})"):
             mdl, tok = load(model, dtype=dt)
         for n in lens:
-            with err.status(f"timing prefill at {n} tokens in {name}: SDPA, exact path, {method}"):
-                r = bench_prefill(mdl, tok, method, n, params=params, reps=reps, seed=seed)
+            with err.status(f"timing prefill at {n} tokens in {name}: SDPA, exact path, {label}"):
+                r = bench_prefill(mdl, tok, method, n, params=params, reps=reps, seed=seed, plan=plan_obj)
             rows.append({"command": "bench prefill", "model": model, **r})
             if out_dir is not None:
                 from attnsieve.runinfo import run_info
@@ -677,7 +750,7 @@ def bench_prefill_cmd(
                     f.write(json.dumps({**rows[-1], **run_info(seed, dt)}, default=str) + "\n")
         del mdl
     if not as_json:
-        table = Table("length", "dtype", "SDPA s", "exact s", f"{method} s", "speed-up", "exact speed-up", "density")
+        table = Table("length", "dtype", "SDPA s", "exact s", f"{label} s", "speed-up", "exact speed-up", "density")
         for r in rows:
             table.add_row(str(r["length"]), r["dtype"], f"{r['dense_s']:.2f}", f"{r['exact_s']:.2f}", f"{r['s']:.2f}",
                           f"{r['speedup']:.2f}x", f"{r['exact_speedup']:.2f}x", f"{r['density']:.3f}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,14 +17,23 @@ import torch
 from attnsieve.cli import main
 from attnsieve.eval.fidelity import continuation_logprobs, dense_reference, kl_and_top1
 from attnsieve.integrations.hf import patched
-from attnsieve.methods import make
+from attnsieve.methods import LayerContext, exact_attention, make
+from attnsieve.methods.heads import HeadSplit, head_calls
 from attnsieve.tune import SCHEMA, LayerChoice, Plan, Target, fingerprint, load_plan
 from attnsieve.tune.calibration import CALIB_SEED, CalibPrompt, task_prompts
-from attnsieve.tune.profile import Measurement, Profile, candidates_for
+from attnsieve.tune.profile import Measurement, Profile, candidates_for, profile
 from attnsieve.tune.search import PathPoint, lagrangian_path, layer_hull, search
 from attnsieve.tune.tuner import TuneSpec, tune
 
-from tiny_models import NEEDLE, save_tiny_eval_model, tiny_gemma3, tiny_llama, tiny_llama_retrieval
+from helpers import assert_close
+from tiny_models import (
+    NEEDLE,
+    save_tiny_eval_model,
+    tiny_gemma3,
+    tiny_llama,
+    tiny_llama_retrieval,
+    tiny_llama_retrieval_head,
+)
 
 SENSITIVE = 2
 LENGTH = 256
@@ -51,7 +61,8 @@ def retrieval():
 
 @pytest.fixture(scope="module")
 def kl_plan(retrieval):
-    spec = TuneSpec(Target("kl", 0.02), candidates_for(["window"], [0.1, 0.25, 0.5]), objective="density")
+    spec = TuneSpec(Target("kl", 0.02), candidates_for(["window"], [0.1, 0.25, 0.5]), objective="density",
+                    granularity="layer")
     return tune(retrieval, needle_prompts(), spec)
 
 
@@ -96,7 +107,8 @@ def test_top1_target(retrieval):
 
 
 def test_layer_error_target_takes_each_layers_cheapest_candidate_within_the_bound(retrieval):
-    spec = TuneSpec(Target("layer_error", 0.5), candidates_for(["window"], [0.1, 0.25, 0.5]), objective="time")
+    spec = TuneSpec(Target("layer_error", 0.5), candidates_for(["window"], [0.1, 0.25, 0.5]), objective="time",
+                    granularity="layer")
     plan, report = tune(retrieval, needle_prompts(1), spec)
     prof = report["profile"]
     for i, lab in report["choice"].items():
@@ -194,6 +206,161 @@ def test_calibration_seeds_are_disjoint_from_eval(tok):
     assert all(p.prompt_ids.shape == (1, 512) and p.answer_ids for p in prompts)
 
 
+# ---- per-head plans ----
+
+RETRIEVAL_HEAD = 1  # query head 1 of layer SENSITIVE retrieves the needle; heads 0, 2, 3 are diffuse
+
+
+@pytest.fixture(scope="module")
+def retrieval_head():
+    return tiny_llama_retrieval_head(SENSITIVE, RETRIEVAL_HEAD)
+
+
+def _unit_density(report: dict, layer: int, head: int) -> float:
+    unit = f"{layer}.{head}"
+    return report["profile"][unit][report["choice"][unit]]["density"]
+
+
+@pytest.mark.parametrize("methods", [["window"], ["block-topk", "window"]], ids=["duo-typing", "per-head-budgets"])
+def test_a_planted_retrieval_head_gets_more_budget_than_its_siblings(retrieval_head, methods):
+    sets = {"block-topk": {"block_size": 16, "summary": "mean"}} if "block-topk" in methods else {}
+    spec = TuneSpec(Target("kl", 0.02), candidates_for(methods, [0.1, 0.25, 0.5], sets), objective="density")
+    plan, report = tune(retrieval_head, needle_prompts(), spec)
+    assert plan.kl <= 0.02 and report["granularity"] == "head"
+    layer = plan.layers[SENSITIVE]
+    assert layer.method == "per-head" and len(layer.heads) == 4
+    mine = _unit_density(report, SENSITIVE, RETRIEVAL_HEAD)
+    siblings = [_unit_density(report, SENSITIVE, h) for h in range(4) if h != RETRIEVAL_HEAD]
+    assert all(mine > 2 * d for d in siblings), (mine, siblings)
+    if methods == ["window"]:  # DuoAttention's typing: the retrieval head dense, its siblings streaming
+        assert layer.heads[RETRIEVAL_HEAD].method == "dense"
+        assert all(h.method == "window" for i, h in enumerate(layer.heads) if i != RETRIEVAL_HEAD)
+    # the layers without a retrieval head stay sparse on every head
+    assert all(c.method != "dense" and c.heads is None for i, c in plan.layers.items() if i != SENSITIVE)
+    assert plan.measured_density < 0.4
+    # the plan as applied runs each head group with its own method and meets the verified numbers
+    p = needle_prompts()[0]
+    with patched(retrieval_head, plan=plan) as h:
+        continuation_logprobs(retrieval_head, p.prompt_ids, p.answer_ids)
+    assert h.layers[SENSITIVE] == "per-head" and h.stats.density() < 0.4
+
+
+def _qkv(H=6, Hkv=2, T=100, D=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, n, T, D, generator=g) for n in (H, Hkv, Hkv)]
+
+
+@pytest.mark.parametrize("heads,group,calls", [
+    ([0, 1, 2, 3, 4, 5], 3, [([0, 1, 2, 3, 4, 5], [0, 1])]),
+    ([1, 4], 3, [([1, 4], [0, 1])]),  # one head of each KV group: one call, group size 1
+    ([0, 1, 4], 3, [([4], [1]), ([0, 1], [0])]),  # uneven: one call per count
+    ([2], 1, [([2], [2])]),
+])
+def test_head_calls_keep_grouped_query_layout(heads, group, calls):
+    assert head_calls(heads, group) == calls
+
+
+@pytest.mark.parametrize("H,Hkv", [(6, 2), (4, 4), (4, 1)], ids=["gqa", "mha", "mqa"])
+def test_head_split_runs_each_head_with_its_own_method(H, Hkv):
+    q, k, v = _qkv(H, Hkv)
+    ctx = LayerContext(0, 0.25)
+    choices = [make("dense"), make("window", window=24, sink=2, block_size=16),
+               make("block-topk", density=0.3, block_size=16)]
+    per_head = [choices[h % 3] for h in range(H)]
+    res = HeadSplit(per_head).prefill(q, k, v, ctx)
+    cells = 0
+    for h, m in enumerate(per_head):
+        j = h // (H // Hkv)
+        alone = m.prefill(q[:, h : h + 1], k[:, j : j + 1], v[:, j : j + 1], ctx)
+        assert_close(res.out[:, h : h + 1], alone.out, what=f"head {h}")
+        cells += alone.cells
+    assert res.cells == cells < exact_attention(q, k, v, ctx).cells
+
+
+def test_an_all_dense_head_split_is_exact_attention():
+    q, k, v = _qkv()
+    ctx = LayerContext(0, 0.25)
+    assert torch.equal(HeadSplit([make("dense")] * 6).prefill(q, k, v, ctx).out, exact_attention(q, k, v, ctx).out)
+    # dense and window-covering-everything heads: a real split, still exact
+    mixed = HeadSplit([make("dense"), make("window", window=1 << 20)] * 3).prefill(q, k, v, ctx)
+    assert_close(mixed.out, exact_attention(q, k, v, ctx).out)
+    with pytest.raises(ValueError, match="names 4 heads; layer 0 has 6"):
+        HeadSplit([make("dense"), make("window")] * 2).prefill(q, k, v, ctx)
+
+
+def test_patch_with_an_all_dense_per_head_plan_equals_dense_logits():
+    model = tiny_gemma3(sliding_window=16)
+    ids = torch.randint(1, 97, (1, 150), generator=torch.Generator().manual_seed(0))
+    dense_heads = LayerChoice("per-head", {}, [LayerChoice("dense")] * 4)
+    plan = Plan("tiny", fingerprint(model), Target("kl", 0.1), {1: dense_heads, 3: dense_heads})
+    assert torch.equal(_logits(model, ids, plan=plan), _logits(model, ids, method="dense"))
+    exactish = LayerChoice("per-head", {}, [LayerChoice("dense"), LayerChoice("window", {"window": 1 << 20})] * 2)
+    plan = Plan("tiny", fingerprint(model), Target("kl", 0.1), {1: exactish, 3: exactish})
+    assert_close(_logits(model, ids, plan=plan), _logits(model, ids, method="dense"), atol=1e-4, rtol=1e-4)
+    # a sparse per-head plan changes the output of exactly the heads it names
+    sparse = LayerChoice("per-head", {}, [LayerChoice("dense"), LayerChoice("window", {"window": 20})] * 2)
+    plan = Plan("tiny", fingerprint(model), Target("kl", 0.1), {3: sparse})
+    with patched(model, plan=plan) as p:
+        with torch.no_grad():
+            model(ids)
+        # half the heads at a 20-token window, half dense
+        assert p.layers[3] == "per-head" and 0.5 < p.stats.per_layer()[3] < 0.7 and p.stats.per_layer()[1] == 1.0
+
+
+def test_per_head_plan_round_trip_and_schema(tmp_path):
+    model = tiny_gemma3()
+    heads = [LayerChoice("dense"), LayerChoice("window", {"density": 0.2}),
+             LayerChoice("block-topk", {"density": 0.1, "block_size": 16}), LayerChoice("window", {"density": 0.2})]
+    plan = Plan("tiny", fingerprint(model), Target("kl", 0.1),
+                {1: LayerChoice.per_head(heads), 3: LayerChoice.per_head([LayerChoice("dense")] * 4)})
+    assert plan.layers[3] == LayerChoice("dense")  # identical heads collapse to one whole-layer choice
+    doc = json.loads(plan.save(tmp_path / "p.json").read_text())
+    assert doc["schema"] == SCHEMA == 2
+    assert doc["layers"]["1"] == {"method": "per-head", "heads": [h.to_json() for h in heads]}
+    back = load_plan(tmp_path / "p.json")
+    assert back.layers == plan.layers and back.to_json() == doc
+    assert isinstance(back.methods()[1], HeadSplit)
+    # a schema-1 file (per-layer only) still loads
+    v1 = {**doc, "schema": 1, "layers": {"3": {"method": "window", "params": {"density": 0.5}}}}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    assert load_plan(tmp_path / "v1.json").layers == {3: LayerChoice("window", {"density": 0.5})}
+    # a plan whose heads do not match the model is refused before it runs
+    three = Plan("tiny", fingerprint(model), Target("kl", 0.1), {1: LayerChoice.per_head(heads[:3])})
+    with pytest.raises(ValueError, match="3 per-head choices; the model has 4 query heads"):
+        patched(model, plan=three).__enter__()
+
+
+@pytest.mark.parametrize("layer,needle", [
+    ({"method": "per-head", "heads": [{"method": "dense"}]}, "need plan schema 2"),
+    ({"heads": []}, "non-empty list"),
+    ({"method": "window", "heads": [{"method": "dense"}]}, "no method of its own"),
+    ({"heads": [{"method": "nope"}]}, "unknown method 'nope'"),
+    ({"heads": [{"method": "per-head"}]}, "do not nest"),
+    ({"method": "per-head"}, "needs a 'heads' list"),
+])
+def test_bad_per_head_entries_are_value_errors(tmp_path, layer, needle):
+    doc = {"schema": 1 if "schema 2" in needle else 2, "model": "m", "fingerprint": "x",
+           "target": {"kind": "kl", "value": 0.1}, "layers": {"1": layer}}
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=needle):
+        load_plan(tmp_path / "p.json")
+
+
+def test_per_head_profile_errors_add_up_to_the_layer_error(retrieval_head):
+    refs = [dense_reference(retrieval_head, p.prompt_ids, p.answer_ids) for p in needle_prompts(1)]
+    cands = candidates_for(["window"], [0.1, 0.5])
+    by_layer, by_head = profile(refs, cands), profile(refs, cands, per_head=True)
+    assert by_head.heads == 4 and by_head.units[:5] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]
+    for layer in by_layer.layers:
+        for lab in by_layer.table[layer]:
+            whole, heads = by_layer.get(layer, lab), by_head.layer_row(layer)[lab]
+            assert heads.err == pytest.approx(whole.err, rel=1e-4, abs=1e-6)
+            assert heads.cells == whole.cells and heads.exact_cells == whole.exact_cells
+    # the retrieval head carries its layer's error; its siblings almost none
+    errs = [by_head.get((SENSITIVE, h), "window[density=0.1]").err for h in range(4)]
+    assert errs[RETRIEVAL_HEAD] > 10 * max(e for h, e in enumerate(errs) if h != RETRIEVAL_HEAD), errs
+
+
 # ---- the allocation and the search, on made-up profiles (no model) ----
 
 def _profile(rows: dict[int, dict[str, tuple[int, float]]]) -> Profile:
@@ -284,6 +451,7 @@ def cli(capsys):
     (["--target-kl", "0.1", "--max-verify", "0"], "--max-verify must be >= 1"),
     (["--target-kl", "0.1", "--tasks", "nope"], "unknown calibration task"),
     (["--target-kl", "0.1", "--objective", "speed"], "--objective must be one of"),
+    (["--target-kl", "0.1", "--granularity", "block"], "--granularity must be one of head, layer"),
     (["--target-kl", "0.1", "--prompt-file", "/no/such/file"], "does not exist"),
     (["--target-kl", "0.1", "--lengths", "32"], "each length must be in [64"),
     (["--target-kl", "0.1", "--set", "window.bogus=1"], "bogus"),
@@ -348,3 +516,132 @@ def test_a_method_is_made_once_per_candidate():
     cands = candidates_for(["window", "dense"], [0.1, 0.5])
     assert [c.label for c in cands] == ["window[density=0.1]", "window[density=0.5]", "dense"]
     assert cands[0].make().params == make("window", density=0.1).params
+
+
+def _tiny_plan(model_dir, tmp_path) -> Path:
+    from transformers import AutoConfig
+
+    heads = LayerChoice.per_head([LayerChoice("dense"), LayerChoice("window", {"density": 0.5, "block_size": 16})])
+    return Plan("tiny", fingerprint(AutoConfig.from_pretrained(model_dir)), Target("kl", 0.05), {1: heads}).save(
+        tmp_path / "plan.json")
+
+
+def test_plan_on_demo_and_bench_prefill(cli, model_dir, tmp_path):
+    path = _tiny_plan(model_dir, tmp_path)
+    code, stdout, err = cli("demo", "--model", model_dir, "--lengths", "256", "--depths", "0.5", "--plan", str(path),
+                            "--dtype", "float32")
+    assert code == 0, err
+    rows = json.loads(stdout.strip().splitlines()[-1])["rows"]
+    assert [r["method"] for r in rows] == ["dense", "window", "block-topk", "plan"]
+    plan_row = rows[-1]
+    assert plan_row["config"] == load_plan(path).label() and plan_row["plan"]["file"] == str(path)
+    assert plan_row["plan"]["layers"]["1"]["method"] == "per-head" and 0.5 < plan_row["density"] < 1
+    assert all(r["plan"] is None for r in rows[:-1])
+    code, stdout, err = cli("bench", "prefill", "--model", model_dir, "--plan", str(path), "--length", "256",
+                            "--dtype", "float32", "--json")
+    assert code == 0, err
+    row = json.loads(stdout.strip().splitlines()[-1])
+    assert row["method"] == "plan" and row["params"] == {} and row["plan"]["file"] == str(path)
+    assert row["plan"]["fingerprint"] == load_plan(path).fingerprint and 0.5 < row["density"] < 1
+    assert {"versions", "threads", "seed", "dense_s", "exact_s", "s"} <= row.keys()
+    code, _, err = cli("eval", "--model", model_dir, "--methods", "dense", "--plan", str(path), "--tasks",
+                       "passkey,ppl", "--lengths", "256", "--samples", "1", "--dtype", "float32",
+                       "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    plan_rows = [r for r in rows if r["method"] == "plan"]
+    assert len(plan_rows) == 2 and all(r["plan"]["layers"]["1"]["method"] == "per-head" for r in plan_rows)
+    assert all(0.5 < r["density"] < 1 for r in plan_rows)
+
+
+def test_plan_on_demo_and_bench_prefill_bad_input(cli, model_dir, tmp_path):
+    path = _tiny_plan(model_dir, tmp_path)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    other = Plan("llama", fingerprint(tiny_llama()), Target("kl", 0.1), {}).save(tmp_path / "other.json")
+    for args, needle in [
+        (["bench", "prefill", "--plan", str(path), "--method", "window"], "not both"),
+        (["bench", "prefill", "--plan", str(path), "--density", "0.2"], "not both"),
+        (["bench", "prefill", "--plan", str(bad)], "corrupted"),
+        (["bench", "prefill", "--plan", str(other)], "different architecture"),
+        (["demo", "--plan", str(bad)], "corrupted"),
+        (["demo", "--plan", str(other)], "different architecture"),
+        (["demo", "--plan", str(tmp_path / "missing.json")], "does not exist"),
+    ]:
+        code, _, err = cli(*args[:2], "--model", model_dir, *args[2:]) if args[0] == "bench" else \
+            cli(args[0], "--model", model_dir, *args[1:])
+        assert code == 2 and err.count("\n") == 1 and needle in err, (args, err)
+
+
+def test_tune_validate_writes_the_report_and_the_frontier_plot(cli, model_dir, tmp_path):
+    out = tmp_path / "plan.json"
+    code, stdout, err = cli("tune", "--model", model_dir, "--target-kl", "0.05", "--methods", "window,block-topk",
+                            "--density", "0.25,0.5", "--set", "block-topk.block_size=16", "--lengths", "256",
+                            "--tasks", "passkey", "--calib", "1", "--objective", "density", "--dtype", "float32",
+                            "--validate", "--validate-samples", "2", "--out", str(out))
+    assert code == 0, err
+    doc = json.loads(stdout.strip().splitlines()[-1])
+    files = doc["validation"]["files"]
+    assert files == {"json": str(tmp_path / "plan.validation.json"), "markdown": str(tmp_path / "plan.validation.md"),
+                     "plot": str(tmp_path / "plan.frontier.png")}
+    assert (tmp_path / "plan.frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    v = json.loads((tmp_path / "plan.validation.json").read_text())
+    assert {"versions", "threads", "seed", "dtype", "device"} <= v.keys()
+    # held out: eval's seeds and depths on the other haystack, never the calibration's
+    assert [(i["seed"], i["depth"], i["haystack"]) for i in v["prompts"]["items"]] == [(0, 0.25, "repeat"),
+                                                                                     (1, 0.75, "repeat")]
+    for row in (v["dense"], v["plan"], v["best_uniform"]):
+        assert {"kl", "top1", "accuracy", "measured_density", "time_ratio"} <= row.keys()
+    assert v["dense"]["kl"] == 0 and v["dense"]["measured_density"] == 1
+    assert sorted(u["config"] for u in v["uniform"]) == sorted(
+        c for c in load_plan(out).extra["tuning"]["candidates"] if c != "dense")
+    # the best uniform configuration is the cheapest one at least as faithful as the plan (dense if none is)
+    ok = [u for u in v["uniform"] if u["kl"] <= v["plan"]["kl"]]
+    best = min(ok, key=lambda u: u["measured_density"]) if ok else v["dense"]
+    assert v["best_uniform"]["config"] == best["config"]
+    assert v["cost_vs_best_uniform"] == pytest.approx(v["plan"]["measured_density"] / best["measured_density"])
+    assert sum(f["chosen"] for f in v["frontier"]) == 1 and len(v["frontier"]) >= 2
+    assert v["full_forwards"] >= 2 * (1 + 1 + 2 + len(v["uniform"]) + 1)
+    md = (tmp_path / "plan.validation.md").read_text()
+    assert "best uniform of equal or better KL" in md and "plan.frontier.png" in md
+    assert load_plan(out).extra["tuning"]["validation"]["plan"] == v["plan"]  # the plan file keeps it too
+
+
+def test_validate_bad_input(cli, model_dir, tmp_path):
+    code, _, err = cli("tune", "--model", model_dir, "--target-kl", "0.1", "--validate", "--validate-samples", "0",
+                       "--out", str(tmp_path / "p.json"))
+    assert code == 2 and err.count("\n") == 1 and "--validate-samples must be >= 1" in err
+
+
+def test_ray_agrees_with_in_process(cli, model_dir, tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    args = ["tune", "--model", model_dir, "--target-kl", "0.02", "--methods", "window,block-topk", "--density",
+            "0.25,0.5", "--set", "block-topk.block_size=16", "--lengths", "256", "--tasks", "passkey", "--calib", "3",
+            "--objective", "density", "--dtype", "float32", "--validate", "--validate-samples", "2"]
+    code, _, err = cli(*args, "--out", str(tmp_path / "local.json"))
+    assert code == 0, err
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        code, stdout, err = cli(*args, "--ray", "local", "--out", str(tmp_path / "ray.json"))
+    finally:
+        ray.shutdown()
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["ray"] == "local"
+    a, b = load_plan(tmp_path / "local.json"), load_plan(tmp_path / "ray.json")
+    assert a.layers == b.layers and a.fingerprint == b.fingerprint
+    assert b.kl == pytest.approx(a.kl, rel=1e-4, abs=1e-7) and b.top1 == a.top1
+    assert b.measured_density == a.measured_density
+    ta, tb = a.extra["tuning"], b.extra["tuning"]
+    assert ta["full_forwards"] == tb["full_forwards"] and ta["choice"] == tb["choice"]
+    for unit, row in ta["profile"].items():  # 3 prompts over 2 workers: merged in prompt order
+        for lab, m in row.items():
+            assert tb["profile"][unit][lab]["rel_err"] == pytest.approx(m["rel_err"], rel=1e-4, abs=1e-7)
+            assert tb["profile"][unit][lab]["density"] == m["density"]
+    assert [v["kl"] for v in tb["search"]["verified"]] == pytest.approx([v["kl"] for v in ta["search"]["verified"]],
+                                                                        rel=1e-4, abs=1e-7)
+    va, vb = ta["validation"], tb["validation"]
+    for key in ("dense", "plan", "best_uniform"):
+        assert vb[key]["kl"] == pytest.approx(va[key]["kl"], rel=1e-4, abs=1e-7)
+        assert vb[key]["accuracy"] == va[key]["accuracy"]
+        assert vb[key]["measured_density"] == va[key]["measured_density"]
+    assert [u["kl"] for u in vb["uniform"]] == pytest.approx([u["kl"] for u in va["uniform"]], rel=1e-4, abs=1e-7)

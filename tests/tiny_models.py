@@ -75,6 +75,43 @@ def tiny_llama_retrieval(sensitive: int = 2, n_layers: int = 4, seed: int = 0):
     return model
 
 
+def tiny_llama_retrieval_head(layer: int = 2, head: int = 1, n_layers: int = 4, seed: int = 0):
+    """As tiny_llama_retrieval, but only query head `head` of layer `layer` retrieves the NEEDLE.
+
+    Its siblings (the other query heads of that layer, one of them reading the same KV head) and every
+    other layer stay random and diffuse: only that head's queries carry the bias, and only its output
+    columns are scaled up, so its output (the needle's value) dominates the layer's.
+    """
+    torch.manual_seed(seed)
+    hd, heads, kv_heads = 16, 4, 2
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd, attention_bias=True,
+        max_position_embeddings=1024, attn_implementation="sdpa", pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    slow, kv = hd // 2 - 1, head // (heads // kv_heads)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0
+        emb[NEEDLE] = 0
+        emb[NEEDLE, 0] = 1.0
+        for blk in model.model.layers:  # nothing writes residual coordinate 0: only the needle has it
+            blk.self_attn.o_proj.weight[0] = 0
+            blk.mlp.down_proj.weight[0] = 0
+        attn = model.model.layers[layer].self_attn
+        attn.k_proj.weight[kv * hd + slow] = 0
+        attn.k_proj.weight[kv * hd + slow, 0] = 3.0
+        attn.k_proj.bias[kv * hd + slow] = 0
+        attn.q_proj.weight[head * hd + slow] = 0
+        attn.q_proj.bias[head * hd + slow] = 3.0
+        attn.v_proj.weight[kv * hd : (kv + 1) * hd, 0] = torch.randn(hd) * 0.5
+        attn.o_proj.weight[:, head * hd : (head + 1) * hd] *= 10
+        attn.o_proj.weight[0] = 0
+        model.lm_head.weight *= 10  # peaked next-token distributions: KL and top-1 mean something
+    return model
+
+
 MODELS = {"gemma3": tiny_gemma3, "llama": tiny_llama}
 
 

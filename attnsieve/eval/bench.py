@@ -77,10 +77,12 @@ def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int =
 
 @torch.no_grad()
 def bench_prefill(model, tok, method: str, length: int, *, params: dict | None = None, reps: int = 1,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, plan=None) -> dict:
     """End-to-end prefill: stock SDPA, attnsieve's exact path and the method, same prompt.
 
-    All three run in the model's own dtype, in this process; the row records it.
+    All three run in the model's own dtype, in this process; the row records it. With `plan` (a
+    tuned attnsieve.tune.Plan) the plan runs instead of `method` (the row's method is "plan", and
+    its `plan` field records which plan and its choices).
     """
     from attnsieve.eval.tasks import make_passkey
     from attnsieve.integrations.hf import patched
@@ -99,14 +101,17 @@ def bench_prefill(model, tok, method: str, length: int, *, params: dict | None =
     dense_s = median_time(prefill, reps, warm)
     with patched(model, "dense"):
         exact_s = median_time(prefill, reps, warm)
-    with patched(model, method, **(params or {})) as p:
+    spec = {"plan": plan} if plan is not None else {"method": method, **(params or {})}
+    with patched(model, **spec) as p:
         method_s = median_time(prefill, reps, warm)
         p.stats.reset()
         prefill()
         density = p.stats.density()
     dtype = next(model.parameters()).dtype
     return {
-        "length": length, "method": method, "params": params or {}, "dtype": dtype_name(dtype),
+        "length": length, "method": "plan" if plan is not None else method,
+        "params": {} if plan is not None else params or {}, "plan": None if plan is None else plan.record(),
+        "dtype": dtype_name(dtype),
         **kernel_path(dtype), "dense_s": dense_s, "exact_s": exact_s,
         "s": method_s, "speedup": dense_s / method_s, "exact_speedup": dense_s / exact_s, "density": density,
     }
@@ -177,7 +182,8 @@ def plot_prefill(rows: list[dict], path) -> None:
     for dt in sorted({r["dtype"] for r in rows}):
         rs = sorted((r for r in rows if r["dtype"] == dt), key=lambda r: r["length"])
         lengths = [r["length"] for r in rs]
-        for key, label in (("dense_s", "stock SDPA"), ("exact_s", "attnsieve exact"), ("s", rs[0]["method"])):
+        name = (rs[0].get("plan") or {}).get("label", rs[0]["method"])
+        for key, label in (("dense_s", "stock SDPA"), ("exact_s", "attnsieve exact"), ("s", name)):
             ax.plot(lengths, [r[key] for r in rs], styles.get(dt, ":"), marker="o", color=colours[key],
                     label=f"{label} ({dt})")
     ax.set_xscale("log", base=2)

@@ -1,15 +1,17 @@
 """`attnsieve demo`: pass-key retrieval on the embedded model with dense, window and block-topk.
 
 For every length and depth it times stock transformers SDPA prefill and each method's prefill
-in the same process on the same input, scores the greedy answer, and reads each method's
-measured density. Rows aggregate over depths: accuracy is the mean score, prefill_ratio the
-median of per-sample ratios (method prefill / stock SDPA prefill on the same sample).
+(and each tuned plan's, given `plans`) in the same process on the same input, scores the
+greedy answer, and reads each method's measured density. Rows aggregate over depths: accuracy
+is the mean score, prefill_ratio the median of per-sample ratios (method prefill / stock SDPA
+prefill on the same sample).
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 from attnsieve.eval.generation import greedy
 from attnsieve.eval.tasks import make_passkey, score_contains
@@ -24,6 +26,7 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: ["dense", "window", "block-topk"])
     density: float = 0.1
     seed: int = 0
+    plans: list[Any] = field(default_factory=list)  # tuned plans (attnsieve.tune.Plan), one row each per length
 
     def __post_init__(self):
         if not 0 < self.density <= 1:
@@ -47,14 +50,30 @@ def check_lengths(model, lengths: list[int]) -> None:
             raise ValueError(f"length {n} is outside this model's range [64, {limit}]")
 
 
+def _configs(cfg: DemoConfig) -> list[tuple[str, dict, Any]]:
+    """(row name, patch() keywords, plan or None) per configuration: the methods, then the plans."""
+    out = [(name, {"method": name, **method_params(name, cfg.density)}, None) for name in cfg.methods]
+    labels = set()
+    for plan in cfg.plans:
+        if plan.label() in labels:
+            raise ValueError(f"two plans have the same label {plan.label()!r} (same target, same model); "
+                             "run them apart")
+        labels.add(plan.label())
+        out.append((plan.label(), {"plan": plan}, plan))
+    return out
+
+
 def run_demo(model, tok, cfg: DemoConfig, progress=None) -> list[dict]:
     """Run the demo grid; `progress(description)` is called before each step (for a progress bar)."""
     check_lengths(model, cfg.lengths)
+    for plan in cfg.plans:
+        plan.check_model(model)
+    configs = _configs(cfg)
     # Warm-up: the first forward pass pays one-off allocation costs that would skew the first ratio.
     warm = make_passkey(tok, 256, 0.5, cfg.seed).input_ids
     greedy(model, tok, warm, 0)
-    for name in cfg.methods:
-        with patched(model, name, **method_params(name, cfg.density)):
+    for _, spec, _ in configs:
+        with patched(model, **spec):
             greedy(model, tok, warm, 0)
 
     samples: dict[tuple[str, int], list[dict]] = {}
@@ -64,10 +83,10 @@ def run_demo(model, tok, cfg: DemoConfig, progress=None) -> list[dict]:
             if progress:
                 progress(f"{length} tokens, depth {depth:.2f}: stock SDPA")
             stock_s = greedy(model, tok, sample.input_ids, 0).prefill_s
-            for name in cfg.methods:
+            for name, spec, _ in configs:
                 if progress:
                     progress(f"{length} tokens, depth {depth:.2f}: {name}")
-                with patched(model, name, **method_params(name, cfg.density)) as p:
+                with patched(model, **spec) as p:
                     gen = greedy(model, tok, sample.input_ids, sample.max_new_tokens)
                     density = p.stats.density()
                     estimate_s = p.stats.estimate_s()
@@ -76,12 +95,16 @@ def run_demo(model, tok, cfg: DemoConfig, progress=None) -> list[dict]:
                     dict(correct=correct, density=density, ratio=gen.prefill_s / stock_s,
                          prefill_s=gen.prefill_s, stock_s=stock_s, estimate_s=estimate_s, output=gen.text)
                 )
+    plans = {name: plan for name, _, plan in configs}
     rows = []
     for (name, length), xs in samples.items():
+        plan = plans[name]
         rows.append(
             {
-                "method": name,
-                "params": method_params(name, cfg.density),
+                "method": name if plan is None else "plan",
+                "config": name,
+                "params": method_params(name, cfg.density) if plan is None else {},
+                "plan": None if plan is None else plan.record(),
                 "length": length,
                 "samples": len(xs),
                 "accuracy": sum(x["correct"] for x in xs) / len(xs),
@@ -93,4 +116,3 @@ def run_demo(model, tok, cfg: DemoConfig, progress=None) -> list[dict]:
             }
         )
     return rows
-

@@ -50,13 +50,7 @@ class MethodConfig:
 
     def layer_methods(self, force_causal: bool = False) -> dict:
         """The plan's {layer: method}; with `force_causal`, look-ahead methods in their leak-free form."""
-        out = {}
-        for idx, choice in sorted(self.plan.layers.items()):
-            params = dict(choice.params)
-            if force_causal and has_param(choice.method, "causal"):
-                params["causal"] = True
-            out[idx] = make(choice.method, **params)
-        return out
+        return {idx: choice.make(force_causal) for idx, choice in sorted(self.plan.layers.items())}
 
     def patch_kwargs(self) -> dict[str, Any]:
         return {} if self.kv is None else {"kv": self.kv, "kv_budget": self.kv_budget, **dict(self.kv_params)}
@@ -202,7 +196,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
         # scored on, so methods with a `causal` switch run leak-free there.
         if cfg.plan is not None:
             method = cfg.layer_methods(force_causal=sample is None)
-            forced_causal = sample is None and any(has_param(c.method, "causal") for c in cfg.plan.layers.values())
+            forced_causal = sample is None and any(has_param(leaf.method, "causal") for c in cfg.plan.layers.values()
+                                                   for leaf in c.leaves())
             spec_kw = {"method": "dense", "layers": method}
         else:
             forced_causal = sample is None and has_param(cfg.method, "causal")
@@ -220,7 +215,7 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
         row = {
             "method": cfg.method, "params": dict(cfg.params), "config": cfg.label, "task": task,
             "causal": _is_causal(method), "causal_forced": forced_causal,
-            "plan": None if cfg.plan is None else _plan_record(cfg.plan),
+            "plan": None if cfg.plan is None else cfg.plan.record(),
             "haystack": "prose" if sample is None else spec.haystack, "length": length, "sample": i,
             "depth": None if sample is None else sample.depth,
             "density": p.stats.density(), "local_density": p.stats.local_density(),
@@ -255,12 +250,6 @@ def _is_causal(method) -> bool:
     """Whether every estimate is leak-free: the method's, or each layer's of a plan."""
     methods = method.values() if isinstance(method, dict) else [method]
     return all(bool(getattr(m.params, "causal", True)) for m in methods)
-
-
-def _plan_record(plan) -> dict:
-    """What a row records of the plan it ran: enough to know which plan, and what it chose per layer."""
-    return {"label": plan.label(), "model": plan.model, "fingerprint": plan.fingerprint,
-            "target": plan.target.to_json(), "layers": {str(i): c.to_json() for i, c in sorted(plan.layers.items())}}
 
 
 def _timed_ppl(model, ids) -> tuple[float, float]:

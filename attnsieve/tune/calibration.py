@@ -4,6 +4,9 @@ Every prompt comes with an answer span scored as eval scores it (the prompt pref
 answer fed as a continuation): for a task prompt the task's answer text, for a text file the file's
 own next `span` tokens after the prompt. Task prompts use seeds CALIB_SEED + seed + k, far from the
 seeds eval uses (seed + sample index), and depths (k + 0.25) / n, between eval's (i + 0.5) / n.
+
+Held-out prompts (`tune --validate`) are the opposite: exactly eval's inputs (seed + i, depth
+(i + 0.5) / n per task and length) on the haystack the calibration did not use.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from attnsieve.eval.tasks import TASKS
+from attnsieve.eval.tasks import HAYSTACKS, TASKS
 from attnsieve.eval.tasks.base import encode
 
 CALIB_SEED = 1_000_000  # eval's seeds are seed + i for a few samples i: calibration never meets them
@@ -27,6 +30,8 @@ class CalibPrompt:
     prompt_ids: torch.Tensor  # [1, P]
     answer_ids: list[int]  # the span whose next-token distributions are scored
     meta: dict = field(default_factory=dict)  # JSON-ready description for the plan's `calibration`
+    answers: list[str] = field(default_factory=list)  # what a correct generation contains (task prompts)
+    max_new_tokens: int = 0  # tokens generated to score it (0: not a task prompt, no accuracy)
 
 
 def task_prompts(tok, tasks: list[str], lengths: list[int], n: int, haystack: str = "prose",
@@ -46,7 +51,36 @@ def task_prompts(tok, tasks: list[str], lengths: list[int], n: int, haystack: st
             out.append(CalibPrompt(
                 f"{task}@{length} seed={s} depth={depth:.3g}", sample.input_ids, encode(tok, target),
                 {"task": task, "length": length, "seed": s, "depth": depth, "haystack": haystack},
+                list(sample.answers), sample.max_new_tokens,
             ))
+    return out
+
+
+def other_haystack(haystack: str) -> str:
+    """The haystack held-out prompts use: the one the calibration did not."""
+    return next(h for h in HAYSTACKS if h != haystack)
+
+
+def heldout_prompts(tok, tasks: list[str], lengths: list[int], samples: int, haystack: str,
+                    seed: int = 0) -> list[CalibPrompt]:
+    """eval's own inputs: per task, length and sample i, seed `seed + i` and depth (i + 0.5) / samples."""
+    bad = sorted(set(tasks) - set(TASKS))
+    if bad:
+        raise ValueError(f"unknown task(s) {', '.join(bad)}; choose from: {', '.join(TASKS)}")
+    if samples < 1:
+        raise ValueError(f"--validate-samples must be >= 1, got {samples}")
+    out = []
+    for task in tasks:
+        for length in lengths:
+            for i in range(samples):
+                depth, s = (i + 0.5) / samples, seed + i
+                sample = TASKS[task](tok, length, depth, s, haystack=haystack)
+                target = sample.meta.get("target", " " + ", ".join(sample.answers))
+                out.append(CalibPrompt(
+                    f"{task}@{length} seed={s} depth={depth:.3g} {haystack}", sample.input_ids, encode(tok, target),
+                    {"task": task, "length": length, "seed": s, "depth": depth, "haystack": haystack},
+                    list(sample.answers), sample.max_new_tokens,
+                ))
     return out
 
 

@@ -4,9 +4,11 @@ A plan is what `attnsieve tune` writes and what `attnsieve.patch(model, plan=...
 versioned JSON object with `schema`, `model`, `fingerprint` (of the model's config: a plan is
 refused by any other architecture), `target` (what the tuner was asked for), `layers`
 ({"3": {"method": "block-topk", "params": {"density": 0.1}}, ...}; global layers a plan does not
-name stay dense), `calibration` (which prompts), the verified `kl`, `top1`, `measured_density`
-and `time_ratio`, and `versions`, `threads`, `seed`, `dtype`, `device`. Fields it does not know
-(`tuning`, the search report) are kept as they are.
+name stay dense; since schema 2 an entry may instead give one choice per query head,
+{"5": {"method": "per-head", "heads": [{"method": "dense", "params": {}}, {"method": "window", ...}, ...]}},
+run by `attnsieve.methods.heads.HeadSplit`), `calibration` (which prompts), the verified `kl`,
+`top1`, `measured_density` and `time_ratio`, and `versions`, `threads`, `seed`, `dtype`, `device`.
+Fields it does not know (`tuning`, the search report) are kept as they are.
 
 This module is a leaf (json, hashlib and the method registry): the integration reads plans
 through it without importing the tuner.
@@ -23,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attnsieve.methods import Method, make
+from attnsieve.methods import Method, has_param, make
+from attnsieve.methods.heads import HeadSplit
 
-SCHEMA = 1  # bump when a field changes meaning; older files stay readable, newer ones are refused
+# bump when a field changes meaning; older files stay readable, newer ones are refused.
+# 1: per-layer choices; 2: a layer may give per-head choices (`heads`)
+SCHEMA = 2
+PER_HEAD = "per-head"  # the `method` of a layer entry that lists `heads`
 
 # What a target means (all measured on the calibration prompts):
 #   kl: mean KL(dense || plan) of the next-token distributions over the answer spans, at most `value`
@@ -94,15 +100,38 @@ class Target:
 
 @dataclass
 class LayerChoice:
-    """What runs in one layer. Per-head choices (a future schema field `heads`) extend this."""
+    """What runs in one layer: one method, or (`heads`) one choice per query head."""
 
     method: str
     params: dict[str, Any] = field(default_factory=dict)
+    heads: list[LayerChoice] | None = None  # per query head, in head order (method is then PER_HEAD)
 
-    def make(self) -> Method:
-        return make(self.method, **self.params)
+    @classmethod
+    def per_head(cls, heads: list[LayerChoice]) -> LayerChoice:
+        """A per-head choice, or the one shared choice when every head has the same (run whole)."""
+        if all(h == heads[0] for h in heads):
+            return LayerChoice(heads[0].method, dict(heads[0].params))
+        return cls(PER_HEAD, {}, [LayerChoice(h.method, dict(h.params)) for h in heads])
+
+    def leaves(self) -> list[LayerChoice]:
+        """The per-head choices, or [self] for a whole-layer choice."""
+        return list(self.heads) if self.heads is not None else [self]
+
+    def make(self, force_causal: bool = False) -> Method:
+        """The method (a HeadSplit for per-head choices); `force_causal`: look-ahead estimators leak-free."""
+        def one(c: LayerChoice) -> Method:
+            params = dict(c.params)
+            if force_causal and has_param(c.method, "causal"):
+                params["causal"] = True
+            return make(c.method, **params)
+
+        if self.heads is None:
+            return one(self)
+        return HeadSplit([one(h) for h in self.heads])
 
     def to_json(self) -> dict:
+        if self.heads is not None:
+            return {"method": PER_HEAD, "heads": [h.to_json() for h in self.heads]}
         return {"method": self.method, "params": dict(self.params)}
 
 
@@ -122,6 +151,7 @@ class Plan:
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # dtype, device, tuning report, unknown fields
     schema: int = SCHEMA
+    source: str | None = field(default=None, compare=False)  # the file it was loaded from (not written)
 
     def methods(self) -> dict[int, Method]:
         """{layer index: Method} for `patch(model, "dense", layers=...)`; ValueError naming a bad layer."""
@@ -134,7 +164,8 @@ class Plan:
         return out
 
     def check_model(self, config_or_model) -> None:
-        """Refuse (ValueError) a model whose config fingerprint differs from the plan's."""
+        """Refuse (ValueError) a model whose config fingerprint differs from the plan's, or whose layers
+        have another number of query heads than a per-head choice names."""
         got = fingerprint(config_or_model)
         if got != self.fingerprint:
             raise ValueError(
@@ -142,15 +173,27 @@ class Plan:
                 f"different architecture ({describe_config(config_or_model)}, fingerprint {got}); tune a plan "
                 "for it with `attnsieve tune`"
             )
+        n_heads = getattr(text_config(getattr(config_or_model, "config", config_or_model)), "num_attention_heads", None)
+        for idx, choice in sorted(self.layers.items()):
+            if choice.heads is not None and n_heads is not None and len(choice.heads) != n_heads:
+                raise ValueError(f"plan layer {idx} gives {len(choice.heads)} per-head choices; the model has "
+                                 f"{n_heads} query heads per layer")
 
     def label(self) -> str:
         """Short name for tables and result rows: "plan:kl<=0.05@sha256:abcd"."""
         op = ">=" if self.target.kind == "top1" else "<="
         return f"plan:{self.target.kind}{op}{self.target.value:g}@{self.fingerprint.removeprefix('sha256:')[:8]}"
 
+    def record(self) -> dict:
+        """What a result row records of the plan it ran: which plan (its file, if loaded from one), what it
+        chose per layer."""
+        return {"label": self.label(), "file": self.source, "model": self.model,
+                "fingerprint": self.fingerprint, "target": self.target.to_json(),
+                "layers": {str(i): c.to_json() for i, c in sorted(self.layers.items())}}
+
     def to_json(self) -> dict:
         return {
-            "schema": self.schema, "model": self.model, "fingerprint": self.fingerprint,
+            "schema": SCHEMA, "model": self.model, "fingerprint": self.fingerprint,
             "target": self.target.to_json(),
             "layers": {str(i): c.to_json() for i, c in sorted(self.layers.items())},
             "calibration": self.calibration, "kl": self.kl, "top1": self.top1,
@@ -218,17 +261,7 @@ def from_json(doc: Any, where: str = "plan") -> Plan:
             raise ValueError(f"{where}: layer key {key!r} is not a layer index") from None
         if idx < 0 or str(idx) != key:
             raise ValueError(f"{where}: layer key {key!r} is not a layer index")
-        if not isinstance(spec, dict) or not isinstance(spec.get("method"), str):
-            raise ValueError(f"{where}: layer {idx} must be an object with a 'method' name")
-        params = spec.get("params", {})
-        if not isinstance(params, dict):
-            raise ValueError(f"{where}: layer {idx} 'params' must be an object")
-        choice = LayerChoice(spec["method"], params)
-        try:
-            choice.make()  # validated now: unknown methods or bad values never reach a model
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{where}: layer {idx}: {e}") from None
-        layers[idx] = choice
+        layers[idx] = _layer_choice(spec, f"{where}: layer {idx}", schema)
     calibration = doc.get("calibration", {})
     if not isinstance(calibration, dict):
         raise ValueError(f"{where}: 'calibration' must be an object")
@@ -244,6 +277,37 @@ def from_json(doc: Any, where: str = "plan") -> Plan:
         versions=doc.get("versions") or {}, threads=threads,
         extra={k: v for k, v in doc.items() if k not in _KNOWN}, schema=schema,
     )
+
+
+def _layer_choice(spec: Any, where: str, schema: int) -> LayerChoice:
+    """One `layers` entry: {method, params} or, from schema 2, {method: "per-head", heads: [...]}."""
+    if isinstance(spec, dict) and "heads" in spec:
+        if schema < 2:
+            raise ValueError(f"{where}: per-head choices ('heads') need plan schema 2, the file says {schema}")
+        heads = spec["heads"]
+        if spec.get("method", PER_HEAD) != PER_HEAD or "params" in spec:
+            raise ValueError(f"{where}: an entry with 'heads' has no method of its own (method {PER_HEAD!r})")
+        if not isinstance(heads, list) or not heads:
+            raise ValueError(f"{where}: 'heads' must be a non-empty list, one {{method, params}} per query head")
+        choice = LayerChoice(PER_HEAD, {}, [_leaf(h, f"{where} head {i}") for i, h in enumerate(heads)])
+    else:
+        choice = _leaf(spec, where)
+    try:
+        choice.make()  # validated now: unknown methods or bad values never reach a model
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    return choice
+
+
+def _leaf(spec: Any, where: str) -> LayerChoice:
+    if not isinstance(spec, dict) or not isinstance(spec.get("method"), str):
+        raise ValueError(f"{where} must be an object with a 'method' name")
+    if spec["method"] == PER_HEAD:
+        raise ValueError(f"{where}: method {PER_HEAD!r} needs a 'heads' list (and per-head choices do not nest)")
+    params = spec.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"{where} 'params' must be an object")
+    return LayerChoice(spec["method"], params)
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
@@ -265,7 +329,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
     except json.JSONDecodeError as e:
         raise ValueError(f"{where} is corrupted (not valid JSON: {e.msg} at line {e.lineno} column {e.colno})"
                          ) from None
-    return from_json(doc, where)
+    plan = from_json(doc, where)
+    plan.source = str(p)
+    return plan
 
 
 def as_plan(plan: Plan | str | os.PathLike) -> Plan:

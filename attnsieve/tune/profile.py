@@ -1,11 +1,15 @@
-"""Profiles: every candidate on every replaced layer, replayed on the dense run's captured inputs.
+"""Profiles: every candidate on every replaced layer (or head), replayed on the dense run's captured inputs.
 
 For each calibration prompt the dense reference keeps each global layer's post-RoPE q, k, v from
 the prompt prefill. Each candidate (method, parameters) runs on exactly those inputs, one layer at
 a time, so no full model forward is spent per candidate and errors do not compound across layers.
-Per layer and candidate, summed or averaged over the prompts:
+With `per_head`, the unit is one query head of one layer: the candidate runs on that head's
+queries alone and the KV head it reads (grouped-query attention sliced, never repeated).
+Per unit and candidate, summed or averaged over the prompts:
 
 - `rel_err`: relative Frobenius error of the output against exact attention (eval's `layer_rel_err`);
+  for a head, its error over the norm of the *whole layer's* exact output, so a layer's squared
+  error is the sum of its heads' (and a head that carries little of the layer's output weighs little);
 - `mass`: mean share of each query's exact softmax mass on the keys it computed (from log-sum-exps);
 - `cells` / `exact_cells`: measured density as DESIGN.md defines it;
 - `time_s`: measured wall-clock time of the call (support estimate + kernel; median of `reps`),
@@ -25,6 +29,7 @@ import torch
 from attnsieve.eval.fidelity import DenseReference, error_and_mass, exact_layer
 from attnsieve.kernels import exact_cells
 from attnsieve.methods import Method, exact_attention, make
+from attnsieve.tune.plan import LayerChoice
 
 
 @dataclass(frozen=True)
@@ -75,20 +80,88 @@ class Measurement:
                 "estimate_s": self.estimate_s}
 
 
+Unit = int | tuple[int, int]  # a layer index, or (layer index, query head)
+
+
+def unit_key(unit: Unit) -> str:
+    """"3" for layer 3, "3.1" for its query head 1 (report and JSON keys)."""
+    return str(unit) if isinstance(unit, int) else f"{unit[0]}.{unit[1]}"
+
+
+def layer_of(unit: Unit) -> int:
+    return unit if isinstance(unit, int) else unit[0]
+
+
 @dataclass
 class Profile:
     layers: list[int]  # the replaced (global) layers, in order
     candidates: list[Candidate]  # DENSE first
-    table: dict[int, dict[str, Measurement]]  # layer -> candidate label -> measurement
+    table: dict[Unit, dict[str, Measurement]]  # unit -> candidate label -> measurement
+    heads: int | None = None  # query heads per layer when the units are (layer, head); None: units are layers
 
-    def get(self, layer: int, label: str) -> Measurement:
-        return self.table[layer][label]
+    @property
+    def units(self) -> list[Unit]:
+        return list(self.table)
+
+    def get(self, unit: Unit, label: str) -> Measurement:
+        return self.table[unit][label]
 
     def candidate(self, label: str) -> Candidate:
         return next(c for c in self.candidates if c.label == label)
 
+    def units_of(self, layer: int) -> list[Unit]:
+        return [u for u in self.table if layer_of(u) == layer]
+
+    def layer_row(self, layer: int) -> dict[str, Measurement]:
+        """Every candidate on the whole layer (its heads' measurements combined when units are heads)."""
+        if self.heads is None:
+            return self.table[layer]
+        return {lab: self.combined({u: lab for u in self.units_of(layer)}) for lab in self.table[(layer, 0)]}
+
+    def combined(self, choice: dict[Unit, str]) -> Measurement:
+        """One layer's measurement when its units run `choice`: errors add in squares per prompt
+        (head errors are relative to the whole layer), cells and seconds add, masses average."""
+        ms = [self.get(u, lab) for u, lab in choice.items()]
+        if len(ms) == 1:
+            return ms[0]
+        n = len(ms[0].rel_err)
+        err = [sum(m.rel_err[p] ** 2 for m in ms) ** 0.5 for p in range(n)]
+        mass = [None if any(m.mass[p] is None for m in ms) else sum(m.mass[p] for m in ms) / len(ms)
+                for p in range(n)]
+        return Measurement(err, mass, sum(m.cells for m in ms), sum(m.exact_cells for m in ms),
+                           sum(m.time_s for m in ms), sum(m.estimate_s for m in ms))
+
+    def layer_err(self, layer: int, choice: dict[Unit, str]) -> float:
+        """Mean relative output error of `layer` under a choice for its units (the layer-error target's measure)."""
+        return self.combined({u: choice[u] for u in self.units_of(layer)}).err
+
+    def layer_choices(self, choice: dict[Unit, str]) -> dict[int, LayerChoice]:
+        """A plan's layer entries for a choice over units: per layer, one choice, or one per head
+        (collapsed to one when every head of the layer has the same)."""
+        def leaf(lab: str) -> LayerChoice:
+            c = self.candidate(lab)
+            return LayerChoice(c.method, dict(c.params))
+
+        out: dict[int, LayerChoice] = {}
+        for layer in self.layers:
+            units = [u for u in self.units_of(layer) if u in choice]
+            if not units:
+                continue
+            if self.heads is None:
+                out[layer] = leaf(choice[layer])
+            else:
+                if len(units) != self.heads:
+                    raise ValueError(f"layer {layer}: a per-head choice must cover all {self.heads} heads")
+                out[layer] = LayerChoice.per_head([leaf(choice[u]) for u in sorted(units)])
+        return out
+
+    def time_ratio(self, choice: dict[Unit, str]) -> float:
+        """Measured attention time of a choice's units over the exact path's on the same units and prompts."""
+        dense = sum(self.get(u, "dense").time_s for u in choice)
+        return sum(self.get(u, lab).time_s for u, lab in choice.items()) / dense if dense else 1.0
+
     def to_json(self) -> dict:
-        return {str(layer): {lab: m.to_json() for lab, m in row.items()} for layer, row in self.table.items()}
+        return {unit_key(u): {lab: m.to_json() for lab, m in row.items()} for u, row in self.table.items()}
 
 
 def _timed(fn: Callable[[], Any], reps: int) -> tuple[Any, float]:
@@ -104,9 +177,10 @@ def _timed(fn: Callable[[], Any], reps: int) -> tuple[Any, float]:
 
 
 @torch.no_grad()
-def profile(refs: list[DenseReference], candidates: list[Candidate], *, reps: int = 1,
+def profile(refs: list[DenseReference], candidates: list[Candidate], *, reps: int = 1, per_head: bool = False,
             progress: Callable[[str], None] | None = None) -> Profile:
-    """Measure every candidate on every captured global layer of every reference (see the module doc).
+    """Measure every candidate on every captured global layer (or query head, with `per_head`) of every
+    reference (see the module doc).
 
     Before timing, each method runs once untimed on the first layer (one-time costs: allocation,
     compiled-kernel loading), so the first candidate is not charged for them.
@@ -119,7 +193,9 @@ def profile(refs: list[DenseReference], candidates: list[Candidate], *, reps: in
     layers = sorted(refs[0].layers)
     if not layers:
         raise ValueError("the model has no global attention layer for a method to replace")
-    table = {layer: {c.label: Measurement() for c in cands} for layer in layers}
+    n_heads = refs[0].layers[layers[0]].q.shape[1]
+    units: list[Unit] = [(layer, h) for layer in layers for h in range(n_heads)] if per_head else list(layers)
+    table = {u: {c.label: Measurement() for c in cands} for u in units}
     methods = {c.label: c.make() for c in cands}
     warm = refs[0].layers[layers[0]]
     for name in dict.fromkeys(c.method for c in cands):
@@ -132,26 +208,53 @@ def profile(refs: list[DenseReference], candidates: list[Candidate], *, reps: in
         for layer in layers:
             c = ref.layers[layer]
             exact_out, exact_lse = exact_layer(c)
-            for cand in cands:
-                if progress:
-                    progress(f"profile prompt {p + 1}/{len(refs)} layer {layer}: {cand.label}")
-                m = methods[cand.label]
-                if cand.method == "dense":  # the exact path a plan's dense layer runs: fused SDPA
-                    res, seconds = _timed(lambda c=c: exact_attention(c.q, c.k, c.v, c.ctx), reps)
-                else:
-                    res, seconds = _timed(lambda m=m, c=c: m.prefill(c.q, c.k, c.v, c.ctx), reps)
-                err, mass = error_and_mass(res, exact_out, exact_lse, dense=cand.method == "dense")
-                if cand.method == "dense":  # the exact path; its difference from the reference kernel is rounding
-                    err = 0.0
-                meas = table[layer][cand.label]
-                meas.rel_err.append(err)
-                meas.mass.append(None if mass is None else float(mass.mean()))
-                meas.cells += res.cells
-                meas.exact_cells += exact_cells_of(c)
-                meas.time_s += seconds
-                meas.estimate_s += res.estimate_s
-                del res
-    return Profile(layers, cands, table)
+            norm = exact_out.norm().clamp_min(1e-30)
+            exact_all = exact_cells_of(c)
+            H, Hkv = c.q.shape[1], c.k.shape[1]
+            for unit in (u for u in units if layer_of(u) == layer):
+                if isinstance(unit, int):
+                    q, k, v, ex_out, ex_lse, exact = c.q, c.k, c.v, exact_out, exact_lse, exact_all
+                else:  # one query head and the KV head it reads
+                    h, j = unit[1], unit[1] // (H // Hkv)
+                    q, k, v = c.q[:, h : h + 1], c.k[:, j : j + 1], c.v[:, j : j + 1]
+                    ex_out, ex_lse, exact = exact_out[:, h : h + 1], exact_lse[:, h : h + 1], exact_all // H
+                for cand in cands:
+                    if progress:
+                        progress(f"profile prompt {p + 1}/{len(refs)} {'layer' if isinstance(unit, int) else 'head'} "
+                                 f"{unit_key(unit)}: {cand.label}")
+                    m = methods[cand.label]
+                    if cand.method == "dense":  # the exact path a plan's dense layer runs: fused SDPA
+                        res, seconds = _timed(lambda q=q, k=k, v=v, ctx=c.ctx: exact_attention(q, k, v, ctx), reps)
+                    else:
+                        res, seconds = _timed(lambda m=m, q=q, k=k, v=v, ctx=c.ctx: m.prefill(q, k, v, ctx), reps)
+                    _, mass = error_and_mass(res, ex_out, ex_lse, dense=cand.method == "dense")
+                    # relative to the whole layer's exact output (see the module doc); the exact path's
+                    # difference from the reference kernel is rounding
+                    err = 0.0 if cand.method == "dense" else float((res.out - ex_out).norm() / norm)
+                    meas = table[unit][cand.label]
+                    meas.rel_err.append(err)
+                    meas.mass.append(None if mass is None else float(mass.mean()))
+                    meas.cells += res.cells
+                    meas.exact_cells += exact
+                    meas.time_s += seconds
+                    meas.estimate_s += res.estimate_s
+                    del res
+    return Profile(layers, cands, table, n_heads if per_head else None)
+
+
+def merge(parts: list[Profile]) -> Profile:
+    """One profile from profiles of consecutive prompt ranges (in prompt order), as if profiled at once:
+    per-prompt lists concatenate, counts and seconds add."""
+    first = parts[0]
+    table = {}
+    for u, row in first.table.items():
+        table[u] = {}
+        for lab in row:
+            ms = [p.table[u][lab] for p in parts]
+            table[u][lab] = Measurement([e for m in ms for e in m.rel_err], [x for m in ms for x in m.mass],
+                                        sum(m.cells for m in ms), sum(m.exact_cells for m in ms),
+                                        sum(m.time_s for m in ms), sum(m.estimate_s for m in ms))
+    return Profile(first.layers, first.candidates, table, first.heads)
 
 
 def exact_cells_of(c) -> int:

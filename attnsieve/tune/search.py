@@ -1,10 +1,15 @@
-"""The allocation: which candidate each layer gets, cheapest first, until the verified target holds.
+"""The allocation: which candidate each unit gets, cheapest first, until the verified target holds.
+
+A unit is a replaced layer, or one query head of one (`--granularity head`); the text below says
+"layer" for both.
 
 Model of the end-to-end error. A small change of one layer's attention output moves the next-token
 distribution by a KL that is, to second order, quadratic in the change; changes in different layers
 add. So the tuner predicts KL(plan) = sum over layers of w_l * e_l(c_l)^2, where e_l(c) is candidate
 c's relative output error on layer l (profiled on the dense run's own inputs) and w_l the layer's
 sensitivity, measured once per layer by a full forward with that layer alone replaced (a probe).
+The heads of one layer share its sensitivity; a head's error is relative to the whole layer's
+output, so its squared error is its share of the layer's.
 
 Allocation. Per layer, the candidates that are not dominated (no other is both cheaper and more
 accurate) and lie on the lower convex hull of (cost, w_l * e_l^2) are the only ones a Lagrangian
@@ -19,7 +24,8 @@ after each verification the model is rescaled by measured / predicted KL and the
 [last failing, cheapest passing] narrows, falling back to bisection when the model keeps proposing
 the bracket's edge. The result is always a verified plan (or the exact one) and the cheapest
 passing plan on the path when the target is monotone along it. `--target-top1` has no model and
-bisects; `--target-layer-error` needs no search (each layer's cheapest candidate within the bound).
+bisects; `--target-layer-error` needs no search (each layer's cheapest candidate within the bound;
+per head, the cheapest point of the layer's own path whose combined error is within it).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from attnsieve.tune.plan import Target
-from attnsieve.tune.profile import Measurement, Profile
+from attnsieve.tune.profile import Measurement, Profile, Unit
 
 OBJECTIVES = ("time", "density")
 
@@ -41,83 +47,101 @@ def cost(m: Measurement, objective: str) -> float:
     return float(m.cells) if objective == "density" else m.time_s
 
 
-def layer_hull(profile: Profile, layer: int, objective: str) -> list[str]:
+def hull(row: dict[str, Measurement], objective: str) -> list[str]:
     """Candidate labels on the lower convex hull of (cost, mean squared error), cheapest first.
 
     The last one has the least error (the exact path, or a candidate that is as exact and cheaper)."""
-    pts = sorted(((cost(m, objective), m.err2, lab) for lab, m in profile.table[layer].items()),
-                 key=lambda p: (p[0], p[1]))
+    pts = sorted(((cost(m, objective), m.err2, lab) for lab, m in row.items()), key=lambda p: (p[0], p[1]))
     pareto: list[tuple[float, float, str]] = []
     for p in pts:
         if not pareto or p[1] < pareto[-1][1]:
             pareto.append(p)
-    hull: list[tuple[float, float, str]] = []
+    out: list[tuple[float, float, str]] = []
     for p in pareto:  # Andrew's monotone chain, lower part: pop while the middle point is not below
-        while len(hull) >= 2:
-            (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+        while len(out) >= 2:
+            (x1, y1, _), (x2, y2, _) = out[-2], out[-1]
             if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:
-                hull.pop()
+                out.pop()
             else:
                 break
-        hull.append(p)
-    return [lab for _, _, lab in hull]
+        out.append(p)
+    return [lab for _, _, lab in out]
+
+
+def layer_hull(profile: Profile, unit: Unit, objective: str) -> list[str]:
+    """The hull of one unit's candidates (see `hull`)."""
+    return hull(profile.table[unit], objective)
 
 
 @dataclass
 class PathPoint:
-    choice: dict[int, str]  # layer -> candidate label
-    cost: float  # summed over layers (and prompts)
-    predicted: float  # predicted KL: sum of w_l * e_l^2
-    moved: int | None = None  # the layer this step moved to a denser candidate (None at the start)
+    choice: dict[Unit, str]  # unit -> candidate label
+    cost: float  # summed over units (and prompts)
+    predicted: float  # predicted KL: sum of w_u * e_u^2
+    moved: Unit | None = None  # the unit this step moved to a denser candidate (None at the start)
 
 
-def predicted_kl(profile: Profile, weights: dict[int, float], choice: dict[int, str]) -> float:
-    return sum(weights[layer] * profile.get(layer, lab).err2 for layer, lab in choice.items())
+def predicted_kl(profile: Profile, weights: dict[Unit, float], choice: dict[Unit, str]) -> float:
+    return sum(weights[unit] * profile.get(unit, lab).err2 for unit, lab in choice.items())
 
 
-def lagrangian_path(profile: Profile, objective: str, weights: dict[int, float]) -> list[PathPoint]:
-    """Plans from the cheapest to the most accurate, one layer moving one hull point per step."""
-    hulls = {layer: layer_hull(profile, layer, objective) for layer in profile.layers}
-    pos = dict.fromkeys(profile.layers, 0)
+def lagrangian_path(profile: Profile, objective: str, weights: dict[Unit, float],
+                    units: list[Unit] | None = None) -> list[PathPoint]:
+    """Plans from the cheapest to the most accurate, one unit moving one hull point per step
+    (over `units`, default all of the profile's)."""
+    units = profile.units if units is None else units
+    hulls = {u: layer_hull(profile, u, objective) for u in units}
+    pos = dict.fromkeys(units, 0)
 
     def point(moved):
-        choice = {layer: hulls[layer][pos[layer]] for layer in profile.layers}
-        total = sum(cost(profile.get(layer, lab), objective) for layer, lab in choice.items())
+        choice = {u: hulls[u][pos[u]] for u in units}
+        total = sum(cost(profile.get(u, lab), objective) for u, lab in choice.items())
         return PathPoint(choice, total, predicted_kl(profile, weights, choice), moved)
 
     path = [point(None)]
     while True:
         best, best_ratio = None, -1.0
-        for layer in profile.layers:
-            h, i = hulls[layer], pos[layer]
+        for u in units:
+            h, i = hulls[u], pos[u]
             if i + 1 >= len(h):
                 continue
-            a, b = profile.get(layer, h[i]), profile.get(layer, h[i + 1])
-            gain = weights[layer] * (a.err2 - b.err2)
+            a, b = profile.get(u, h[i]), profile.get(u, h[i + 1])
+            gain = weights[u] * (a.err2 - b.err2)
             extra = max(cost(b, objective) - cost(a, objective), 1e-30)
             if gain / extra > best_ratio:
-                best, best_ratio = layer, gain / extra
+                best, best_ratio = u, gain / extra
         if best is None:
             return path
         pos[best] += 1
         path.append(point(best))
 
 
-def layer_error_choice(profile: Profile, objective: str, bound: float) -> dict[int, str]:
-    """Per layer, the cheapest candidate whose mean relative error is within `bound` (dense always is)."""
-    choice = {}
+def layer_error_choice(profile: Profile, objective: str, bound: float) -> dict[Unit, str]:
+    """Per layer, the cheapest choice whose mean relative error is within `bound` (dense always is).
+
+    Layer units: the cheapest candidate within it. Head units: along the layer's own greedy path over
+    its heads (cheapest to exact), the first point whose combined layer error is within it."""
+    choice: dict[Unit, str] = {}
     for layer in profile.layers:
-        ok = [(cost(m, objective), m.err, lab) for lab, m in profile.table[layer].items() if m.err <= bound]
-        ok.append((cost(profile.get(layer, "dense"), objective), 0.0, "dense"))
-        choice[layer] = min(ok)[2]
+        units = profile.units_of(layer)
+        if profile.heads is None:
+            row = profile.table[layer]
+            ok = [(cost(m, objective), m.err, lab) for lab, m in row.items() if m.err <= bound]
+            ok.append((cost(profile.get(layer, "dense"), objective), 0.0, "dense"))
+            choice[layer] = min(ok)[2]
+            continue
+        path = lagrangian_path(profile, objective, dict.fromkeys(units, 1.0), units)
+        within = [pt for pt in path if profile.layer_err(layer, pt.choice) <= bound]
+        choice.update(within[0].choice if within else dict.fromkeys(units, "dense"))
     return choice
 
 
 def probe_candidate(profile: Profile, layer: int, objective: str) -> str | None:
-    """The candidate whose full forward measures a layer's sensitivity: the middle of its inexact hull
-    points (the regime the target usually falls in); None when the hull is the exact path alone."""
-    hull = layer_hull(profile, layer, objective)[:-1]
-    return hull[len(hull) // 2] if hull else None
+    """The candidate whose full forward measures a layer's sensitivity (on all its heads): the middle
+    of its inexact hull points (the regime the target usually falls in); None when the hull is the
+    exact path alone."""
+    points = hull(profile.layer_row(layer), objective)[:-1]
+    return points[len(points) // 2] if points else None
 
 
 def sensitivity(kl: float, err2: float) -> float:
@@ -125,7 +149,7 @@ def sensitivity(kl: float, err2: float) -> float:
     return kl / err2 if err2 > 0 else 0.0
 
 
-def floor_weights(weights: dict[int, float], rel: float = 1e-3) -> dict[int, float]:
+def floor_weights(weights: dict[Unit, float], rel: float = 1e-3) -> dict[Unit, float]:
     """No layer counts as exactly insensitive (a probe's KL can round to 0): floor at rel * the largest."""
     top = max(weights.values(), default=0.0)
     floor = rel * top if top > 0 else 1.0

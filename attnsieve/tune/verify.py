@@ -35,19 +35,31 @@ class Verification:
         return {"kl": self.kl, "top1": self.top1, "measured_density": self.density,
                 "prefill_ratio": self.prefill_ratio, "per_prompt": self.per_prompt}
 
+    @classmethod
+    def from_rows(cls, rows: list[dict], dense_prefill_s: float) -> Verification:
+        """The verification over prompts from their rows (in prompt order), wherever each was run."""
+        exact = sum(r["exact_cells"] for r in rows)
+        return cls(sum(r["kl"] for r in rows) / len(rows), sum(r["top1"] for r in rows) / len(rows),
+                   sum(r["cells"] for r in rows) / exact if exact else None, sum(r["prefill_s"] for r in rows),
+                   dense_prefill_s, rows)
+
 
 @torch.no_grad()
-def verify(model, refs: list[DenseReference], layers: dict[int, Method]) -> Verification:
-    """KL, top-1 and measured density of `layers` ({layer: method}, every other layer exact) on `refs`."""
-    rows, kls, tops, prefill = [], [], [], 0.0
+def verify_rows(model, refs: list[DenseReference], layers: dict[int, Method]) -> list[dict]:
+    """Per prompt: KL, top-1, the replaced layers' computed and exact cells, prefill seconds of `layers`."""
+    rows = []
     with patched(model, "dense", layers=layers) as p:
         for ref in refs:
             t = timer()
+            start = len(p.stats.records)
             logprobs = continuation_logprobs(model, ref.prompt_ids, ref.answer_ids, capture=t)
             kl, top1 = kl_and_top1(ref.logprobs, logprobs)
-            kls.append(kl)
-            tops.append(top1)
-            prefill += t.seconds
-            rows.append({"kl": kl, "top1": top1, "prefill_s": t.seconds})
-    dense_s = sum(r.prefill_s or 0.0 for r in refs)
-    return Verification(sum(kls) / len(kls), sum(tops) / len(tops), p.stats.density(), prefill, dense_s, rows)
+            mine = [r for r in p.stats.records[start:] if r.role == "method" and r.phase == "prefill"]
+            rows.append({"kl": kl, "top1": top1, "prefill_s": t.seconds, "cells": sum(r.cells for r in mine),
+                         "exact_cells": sum(r.exact_cells for r in mine)})
+    return rows
+
+
+def verify(model, refs: list[DenseReference], layers: dict[int, Method]) -> Verification:
+    """KL, top-1 and measured density of `layers` ({layer: method}, every other layer exact) on `refs`."""
+    return Verification.from_rows(verify_rows(model, refs, layers), sum(r.prefill_s or 0.0 for r in refs))
