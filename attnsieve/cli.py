@@ -25,6 +25,8 @@ try:  # typer >= 0.20 vendors click; older releases use the click package itself
     from typer._click import exceptions as cx
 except ImportError:  # pragma: no cover
     from click import exceptions as cx
+# Ctrl-C inside a prompt or a progress bar: click's Abort, which vendoring typer defines itself
+_ABORT = getattr(cx, "Abort", None) or getattr(typer, "Abort", KeyboardInterrupt)
 
 app = typer.Typer(
     add_completion=False,
@@ -873,7 +875,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"attnsieve: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(1)
-    except (KeyboardInterrupt, cx.Abort):
+    except (KeyboardInterrupt, _ABORT):
         print("attnsieve: interrupted", file=sys.stderr)
         sys.exit(130)
     if rv == 130:  # typer turns Ctrl-C inside a command into exit code 130; no command returns a number

@@ -162,3 +162,16 @@ def test_readme_policies_table_matches_registry():
     assert table == policies_markdown([describe_policy(n) for n in policy_names()]), (
         "README policies table is stale: paste `python -m attnsieve policies --markdown`"
     )
+
+
+def test_an_unexpected_error_surfaces_as_itself(monkeypatch):
+    """A bug inside a command (here a RuntimeError) reaches the user as that error, not as a failure of
+    the CLI's own error handling (the Ctrl-C clause once named an exception the vendored click lacks)."""
+    import attnsieve.cli as cli
+
+    def boom(rows):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "methods_markdown", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["methods", "--markdown"])
