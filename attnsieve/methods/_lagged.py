@@ -32,6 +32,17 @@ def real_query_rows(q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Tensor |
     return rows
 
 
+def _sampled_rows(q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Tensor | None, stride: int):
+    """(grid queries [B, H, NQ, bs, D], real rows [B, NQ, bs], sampled row offsets): rows
+    `stride - 1, 2 * stride - 1, ...` of a block (its last row when stride > bs)."""
+    qg, _ = grid_queries(q, Tk, bs)
+    real = real_query_rows(q, Tk, bs, key_valid)
+    pick = torch.arange(stride - 1, bs, stride, device=q.device)
+    if pick.numel() == 0:
+        pick = torch.tensor([bs - 1], device=q.device)
+    return qg, real, pick
+
+
 def lagged_queries(
     q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Tensor | None, stride: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,13 +53,8 @@ def lagged_queries(
     every `stride`-th query), or, when block j - 1 holds none, block j's first real query alone.
     """
     B, H, _, D = q.shape
-    qg, _ = grid_queries(q, Tk, bs)  # [B, H, NQ, bs, D]
-    real = real_query_rows(q, Tk, bs, key_valid)  # [B, NQ, bs]
-    n_q = qg.shape[2]
-    pick = torch.arange(stride - 1, bs, stride, device=q.device)
-    if pick.numel() == 0:
-        pick = torch.tensor([bs - 1], device=q.device)
-    S = pick.numel()
+    qg, real, pick = _sampled_rows(q, Tk, bs, key_valid, stride)
+    n_q, S = qg.shape[2], pick.numel()
     prev_q = F.pad(qg[:, :, :-1, pick], (0, 0, 0, 0, 1, 0))  # [B, H, NQ, S, D] block j holds block j - 1's rows
     prev_ok = F.pad(real[:, :-1, pick], (0, 0, 1, 0))  # [B, NQ, S]
     has_prev = prev_ok.any(-1)  # [B, NQ]
@@ -76,13 +82,8 @@ def own_queries(
     Later queries of a block steer the keys its earlier queries see: not prefix-consistent.
     """
     B, H, _, D = q.shape
-    qg, _ = grid_queries(q, Tk, bs)  # [B, H, NQ, bs, D]
-    real = real_query_rows(q, Tk, bs, key_valid)  # [B, NQ, bs]
-    n_q = qg.shape[2]
-    pick = torch.arange(stride - 1, bs, stride, device=q.device)
-    if pick.numel() == 0:
-        pick = torch.tensor([bs - 1], device=q.device)
-    S = pick.numel()
+    qg, real, pick = _sampled_rows(q, Tk, bs, key_valid, stride)
+    n_q, S = qg.shape[2], pick.numel()
     reps, ok = qg[:, :, :, pick], real[:, :, pick]  # [B, H, NQ, S, D], [B, NQ, S]
     last_row = bs - 1 - real.flip(-1).to(torch.int8).argmax(-1)  # [B, NQ] last real row of the block
     last_q = torch.gather(qg, 3, last_row[:, None, :, None, None].expand(B, H, n_q, 1, D))
