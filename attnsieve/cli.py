@@ -440,7 +440,8 @@ def tune_cmd(
     target_top1: Annotated[float | None, typer.Option(
         help="top-1 agreement with dense over the calibration answers, at least this, in (0, 1]")] = None,
     target_layer_error: Annotated[float | None, typer.Option(
-        help="every replaced layer's mean relative output error, at most this")] = None,
+        help="every replaced layer's mean relative output error, at most this (the prompt's last 64 "
+             "query rows weigh as much as all rows; see attnsieve.tune.profile)")] = None,
     methods: Annotated[str, typer.Option(help="comma-separated candidate methods (dense is always one)")] =
         "block-topk,window",
     density: Annotated[str, typer.Option(help="comma-separated densities (methods with a density knob)")] =
