@@ -34,11 +34,12 @@ import torch
 from attnsieve.eval.fidelity import DenseReference, error_and_mass, exact_layer
 from attnsieve.kernels import exact_cells
 
+from attnsieve.methods import Method, exact_attention, make
+from attnsieve.tune.plan import LayerChoice
+
 # Query rows at the end of each calibration prompt whose error counts as much as all rows' (the
 # question's block and the positions the answer is decoded from)
 TAIL_ROWS = 64
-from attnsieve.methods import Method, exact_attention, make
-from attnsieve.tune.plan import LayerChoice
 
 
 @dataclass(frozen=True)
