@@ -33,7 +33,6 @@ import torch
 
 from attnsieve.eval.fidelity import DenseReference, error_and_mass, exact_layer
 from attnsieve.kernels import exact_cells
-
 from attnsieve.methods import Method, exact_attention, make
 from attnsieve.tune.plan import LayerChoice
 
