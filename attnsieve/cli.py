@@ -173,7 +173,9 @@ def generate_cmd(
     if max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if prompt_file is not None:
-        prompt = _read_prompt(prompt_file)
+        from attnsieve.tune.calibration import read_text
+
+        prompt = read_text(prompt_file)
     sets = _parse_sets(set_ or [])
     kv_params = {k: v for k, v in sets.items() if k.startswith("kv_")}
     if kv is None and (kv_params or kv_budget is not None):
@@ -223,21 +225,6 @@ def generate_cmd(
             f"[dim]{method}: prompt {ids.input_ids.shape[1]} tokens, prefill {gen.prefill_s:.2f} s, "
             f"measured density {density if density is None else round(density, 4)}[/dim]"
         )
-
-
-def _read_prompt(path: Path) -> str:
-    """The text of --prompt-file, or a ValueError that names the file and what is wrong with it."""
-    if path.is_dir():
-        raise ValueError(f"--prompt-file {str(path)!r} is a folder, not a file")
-    if not path.exists():
-        raise ValueError(f"--prompt-file {str(path)!r} does not exist")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"--prompt-file {str(path)!r} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})"
-                         ) from None
-    except OSError as e:
-        raise ValueError(f"--prompt-file {str(path)!r} cannot be read: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager

@@ -116,7 +116,8 @@ def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--prompt-file {str(path)!r} is not UTF-8 text (byte {e.start})") from None
+        raise ValueError(f"--prompt-file {str(path)!r} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x})"
+                         ) from None
     except OSError as e:
         raise ValueError(f"--prompt-file {str(path)!r} cannot be read: {e.strerror or e}") from None
 
