@@ -258,6 +258,13 @@ def _float_list(text: str, name: str) -> list[float]:
         raise ValueError(f"{name} expects comma-separated numbers, got {text!r}") from None
 
 
+def _int_list(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name} expects comma-separated integers, got {text!r}") from None
+
+
 @app.command("demo")
 def demo_cmd(
     model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
@@ -274,10 +281,7 @@ def demo_cmd(
     """Pass-key retrieval on the embedded model: dense, window and block-topk (and tuned plans) side by side."""
     from attnsieve.eval.demo import DemoConfig
 
-    try:
-        lens = [int(x) for x in lengths.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
+    lens = _int_list(lengths, "--lengths")
     cfg = DemoConfig(lengths=lens, depths=_float_list(depths, "--depths"), density=density, seed=seed,
                      plans=[_plan_for(p, model) for p in plan or []])
     dt = _dtype(dtype)
@@ -362,10 +366,7 @@ def eval_cmd(
 
     if haystack not in HAYSTACKS:
         raise ValueError(f"--haystack must be one of {', '.join(HAYSTACKS)}, got {haystack!r}")
-    try:
-        lens = [int(x) for x in lengths.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
+    lens = _int_list(lengths, "--lengths")
     from attnsieve.cache import policy_names
 
     kvs = [x.strip() for x in kv.split(",") if x.strip()] if kv else None
@@ -478,10 +479,7 @@ def tune_cmd(
         raise ValueError("give exactly one of --target-kl, --target-top1 or --target-layer-error")
     ((kind, value),) = given.items()
     target = Target(kind, value)
-    try:
-        lens = [int(x) for x in lengths.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
+    lens = _int_list(lengths, "--lengths")
     if not lens:
         raise ValueError("--lengths is empty")
     task_list = [t.strip() for t in (tasks or "").split(",") if t.strip()]
@@ -700,10 +698,7 @@ def bench_prefill_cmd(
     if length is not None and lengths is not None:
         raise ValueError("give --length or --lengths, not both")
     if lengths is not None:
-        try:
-            lens = [int(x) for x in lengths.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--lengths expects comma-separated integers, got {lengths!r}") from None
+        lens = _int_list(lengths, "--lengths")
         if not lens:
             raise ValueError("--lengths is empty")
     else:

@@ -34,6 +34,29 @@ def tiny_llama(seed: int = 0):
 NEEDLE = 5  # the token tiny_llama_retrieval's planted layer retrieves
 
 
+def _needle_llama(n_layers: int, seed: int):
+    """(model, head_dim, heads, kv_heads, slow): a random tiny Llama (every layer global) in which only
+    the NEEDLE token's embedding has residual coordinate 0 and no layer writes it; `slow` is the
+    rotary dimension whose pair (slow, slow + hd/2) turns slowest."""
+    torch.manual_seed(seed)
+    hd, heads, kv_heads = 16, 4, 2
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd, attention_bias=True,
+        max_position_embeddings=1024, attn_implementation="sdpa", pad_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 0] = 0
+        emb[NEEDLE] = 0
+        emb[NEEDLE, 0] = 1.0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+    return model, hd, heads, kv_heads, hd // 2 - 1
+
+
 def tiny_llama_retrieval(sensitive: int = 2, n_layers: int = 4, seed: int = 0):
     """Llama layout, every layer global; layer `sensitive` is a planted retrieval layer.
 
@@ -43,23 +66,8 @@ def tiny_llama_retrieval(sensitive: int = 2, n_layers: int = 4, seed: int = 0):
     coordinate of the residual stream, so only the needle's key matches. Its values and output are
     scaled up so the retrieved vector moves the logits; the other layers stay random (diffuse).
     """
-    torch.manual_seed(seed)
-    hd, heads, kv_heads = 16, 4, 2
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd, attention_bias=True,
-        max_position_embeddings=1024, attn_implementation="sdpa", pad_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    slow = hd // 2 - 1  # rotary pair (slow, slow + hd/2) turns slowest
+    model, hd, heads, kv_heads, slow = _needle_llama(n_layers, seed)
     with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        emb[:, 0] = 0
-        emb[NEEDLE] = 0
-        emb[NEEDLE, 0] = 1.0
-        for layer in model.model.layers:  # nothing writes residual coordinate 0: only the needle has it
-            layer.self_attn.o_proj.weight[0] = 0
-            layer.mlp.down_proj.weight[0] = 0
         attn = model.model.layers[sensitive].self_attn
         for h in range(kv_heads):
             attn.k_proj.weight[h * hd + slow] = 0
@@ -82,23 +90,9 @@ def tiny_llama_retrieval_head(layer: int = 2, head: int = 1, n_layers: int = 4, 
     other layer stay random and diffuse: only that head's queries carry the bias, and only its output
     columns are scaled up, so its output (the needle's value) dominates the layer's.
     """
-    torch.manual_seed(seed)
-    hd, heads, kv_heads = 16, 4, 2
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd, attention_bias=True,
-        max_position_embeddings=1024, attn_implementation="sdpa", pad_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg).eval()
-    slow, kv = hd // 2 - 1, head // (heads // kv_heads)
+    model, hd, heads, kv_heads, slow = _needle_llama(n_layers, seed)
+    kv = head // (heads // kv_heads)
     with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        emb[:, 0] = 0
-        emb[NEEDLE] = 0
-        emb[NEEDLE, 0] = 1.0
-        for blk in model.model.layers:  # nothing writes residual coordinate 0: only the needle has it
-            blk.self_attn.o_proj.weight[0] = 0
-            blk.mlp.down_proj.weight[0] = 0
         attn = model.model.layers[layer].self_attn
         attn.k_proj.weight[kv * hd + slow] = 0
         attn.k_proj.weight[kv * hd + slow, 0] = 3.0
