@@ -45,6 +45,10 @@ def kernel_path(dtype: torch.dtype) -> dict:
                                                  "or not x86-64 Linux with MKL)"}
     if dtype == torch.bfloat16:
         if compiled.bf16_available():
+            if compiled.amx_tiles():
+                return {"kernel_path": "compiled-bf16", "why": "bf16 products on AMX bf16 tiles via attnsieve's own "
+                                                               "tile kernels (oneDNN brgemm where a dim is not a "
+                                                               "multiple of 32)"}
             units = "AMX bf16 tiles" if amx else "AVX512-BF16 (no AMX)"
             return {"kernel_path": "compiled-bf16", "why": f"bf16 products on {units} via oneDNN brgemm"}
         return {"kernel_path": "compiled-fp32", "why": "no bf16 matrix units: bf16 inputs converted to float32"}

@@ -211,3 +211,85 @@ def test_planner_torch_path_accepts_bf16(monkeypatch):
     q, k, _ = qkv(1, 2, 1, 200, 200, 16, dtype=torch.bfloat16)
     support = make("block-topk", density=0.3, block_size=16).support(q, k, LayerContext(0, 0.25))
     assert support.num_blocks() > 0
+
+
+needs_amx_tiles = pytest.mark.skipif(
+    not compiled.amx_tiles(), reason="attnsieve's own AMX tile kernels do not run here (no AMX bf16 tiles)"
+)
+# (B, H, Hkv, Tq, Tk, bs, D, causal, window, row masks, padded): grouped blocks from anywhere in
+# the sequence, GQA, a window, partial tiles, padding rows and keys, a query chunk, several bs / D
+AMX_CASES = [
+    (1, 4, 1, 700, 700, 64, 256, True, None, True, False),
+    (2, 6, 2, 300, 300, 32, 64, True, 100, True, True),
+    (1, 3, 3, 96, 500, 128, 96, True, None, False, False),
+    (1, 2, 1, 256, 256, 64, 64, False, None, True, False),
+]
+
+
+@needs_amx_tiles
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: f"T{c[3]}x{c[4]}-bs{c[5]}-D{c[6]}")
+def test_amx_tile_kernels_equal_onednn_and_the_reference(case, monkeypatch):
+    """The own AMX kernels (groups of any blocks summed in the tiles, tile-major packing) against
+    oneDNN's brgemm path (ATTNSIEVE_AMX=0) and the float64 masked dense reference: the same cells,
+    outputs equal within bf16 rounding, and both within the kernel tolerance of the reference."""
+    B, H, Hkv, Tq, Tk, bs, D, causal, window, row_masks, padded = case
+    q, k, v = qkv(B, H, Hkv, Tq, Tk, D, 5, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(6)
+    support = random_support(B, H, Tq, Tk, bs, 0.4, row_masks, bs, g)
+    key_valid = None
+    if padded:
+        key_valid = torch.ones(B, Tk, dtype=torch.bool)
+        key_valid[0, :37] = False
+    kw = dict(causal=causal, window=window, key_valid=key_valid, backend="compiled")
+    monkeypatch.setenv("ATTNSIEVE_AMX", "1")
+    assert compiled.amx_tiles() and "own tile kernels" in kernel_path(torch.bfloat16)["why"]
+    own = block_sparse_attention(q, k, v, support, **kw)
+    monkeypatch.setenv("ATTNSIEVE_AMX", "0")
+    assert not compiled.amx_tiles() and "oneDNN" in kernel_path(torch.bfloat16)["why"]
+    dnn = block_sparse_attention(q, k, v, support, **kw)
+    assert own.cells == dnn.cells
+    assert_close(own.out.double(), dnn.out.double(), atol=1e-2, rtol=1e-2, what="out own vs oneDNN")
+    assert_close(own.lse.double(), dnn.lse.double(), **LSE_TOL, what="lse own vs oneDNN")
+    allowed = reference_mask(support, H, Tq, Tk, causal, window, key_valid)
+    ref_out, ref_lse = masked_dense_reference(q.double(), k.double(), v.double(), allowed)
+    assert_close(own.out.double(), ref_out, **OUT_TOL, what="out")
+    assert_close(own.lse.double(), ref_lse, **LSE_TOL, what="lse")
+
+
+@needs_amx_tiles
+@pytest.mark.parametrize("shape", [(4, 1, 1024, 256, 64), (9, 3, 1000, 64, 64), (4, 2, 700, 128, 32)])
+def test_amx_planner_makes_the_onednn_planner_choices(shape, monkeypatch):
+    """block-topk's bound GEMM on the own tile kernel sums the same bf16 products in the same order
+    as oneDNN's: the two planners choose the same blocks and row masks (fixed seeds)."""
+    H, Hkv, T, D, bs = shape
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, H, T, D, generator=g).bfloat16()
+    k = torch.randn(1, Hkv, T, D, generator=g).bfloat16()
+    method, ctx = make("block-topk", density=0.15, block_size=bs), LayerContext(0, D**-0.5)
+    monkeypatch.setenv("ATTNSIEVE_AMX", "1")
+    own = method.support(q, k, ctx)
+    monkeypatch.setenv("ATTNSIEVE_AMX", "0")
+    dnn = method.support(q, k, ctx)
+    assert torch.equal(own.blocks, dnn.blocks) and torch.equal(own.row_mask, dnn.row_mask)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="compiled kernels unavailable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_minmax_equals_torch_amax_amin(dtype):
+    """The one-pass key-block summaries equal torch's amax / amin: signed zeros, infinities, NaN
+    (a NaN channel is NaN in both), strided views (a model's transposed keys)."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 3, 256, 64, generator=g).to(dtype)
+    k[0, 1, 5, 7] = float("nan")
+    k[1, 2, 70, 3] = float("-inf")
+    k[1, 0, 130, 4] = float("inf")
+    k[1, 0, :64, 10] = -0.0
+    ref = torch.cat([k.view(2, 3, 4, 64, 64).amax(3), k.view(2, 3, 4, 64, 64).amin(3)], -1)
+    for view in (k, k.transpose(1, 2).contiguous().transpose(1, 2)):
+        out = compiled.module().block_minmax(view, 64)
+        assert out.dtype == dtype
+        assert torch.equal(out.isnan(), ref.isnan())
+        assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+        assert torch.equal(out.nan_to_num().signbit(), ref.nan_to_num().signbit())
+    with pytest.raises(RuntimeError, match="multiple of bs"):
+        compiled.module().block_minmax(k[:, :, :100], 64)

@@ -137,6 +137,15 @@ def bf16_available() -> bool:
     return mod is not None and bool(mod.bf16_supported())
 
 
+def amx_tiles() -> bool:
+    """Whether the bf16 engine runs attnsieve's own AMX tile kernels here: the CPU has AMX bf16 tiles,
+    Linux grants the process the tile state, and ATTNSIEVE_AMX is not "0". Calls whose block size,
+    head and value dims are multiples of 32 use them; other bf16 calls, and every call where this is
+    False, run oneDNN's brgemm (AVX512-BF16 or AMX). Read per call, like the environment variable."""
+    mod = module()
+    return mod is not None and bool(mod.bf16_supported()) and bool(mod.amx_tiles())
+
+
 def native_dtype(dtype: torch.dtype, block_size: int, head_dim: int, value_dim: int) -> torch.dtype:
     """The dtype the compiled kernels compute a call in: bf16 natively where they can, else float32."""
     if (dtype == torch.bfloat16 and bf16_available() and block_size % 16 == 0 and value_dim % 16 == 0

@@ -82,24 +82,24 @@ class BlockTopKParams:
 
 
 def key_block_summaries(
-    k: torch.Tensor, key_valid: torch.Tensor | None, bs: int, n_k: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k: torch.Tensor, key_valid: torch.Tensor | None, bs: int, n_k: int, mean: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per key block: channel min, channel max and mean over real keys, each [B, Hkv, NK, D].
 
-    Min and max keep k's dtype (exact in any dtype); the mean is computed in float32.
+    Min and max keep k's dtype (exact in any dtype); the mean is computed in float32, and only when
+    `mean` is true (None otherwise: it reads all of k once more in float32).
     """
     B, Hkv, Tk, D = k.shape
     pad = n_k * bs - Tk
     if key_valid is None and pad == 0:  # every block full of real keys: no masking needed
         kb = k.reshape(B, Hkv, n_k, bs, D)
-        return kb.amin(3), kb.amax(3), kb.float().mean(3)
+        return kb.amin(3), kb.amax(3), kb.float().mean(3) if mean else None
     kb = torch.nn.functional.pad(k, (0, 0, 0, pad)).view(B, Hkv, n_k, bs, D)
     valid = torch.ones(B, Tk, dtype=torch.bool, device=k.device) if key_valid is None else key_valid
     valid = torch.nn.functional.pad(valid, (0, pad)).view(B, 1, n_k, bs, 1)
     kmin = kb.masked_fill(~valid, float("inf")).amin(3)
     kmax = kb.masked_fill(~valid, float("-inf")).amax(3)
-    count = valid.sum(3).clamp_min(1)
-    kmean = kb.float().masked_fill(~valid, 0).sum(3) / count
+    kmean = kb.float().masked_fill(~valid, 0).sum(3) / valid.sum(3).clamp_min(1) if mean else None
     empty = ~valid.any(3)  # blocks of pure padding: zero summaries (they are never candidates)
     return kmin.masked_fill(empty, 0), kmax.masked_fill(empty, 0), kmean
 
@@ -128,7 +128,6 @@ class BlockTopK(SparseMethod):
         R = Gs * bs  # query rows of one support item, head-major as the kernel stacks them
         layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, q.device)
         n_q, n_k = layout.n_q, layout.n_k
-        kmin, kmax, kmean = key_block_summaries(k, ctx.key_valid, bs, n_k)
 
         lead = (Tk - Tq) - layout.first_qb * bs
         rows = torch.zeros(n_q * bs, dtype=torch.bool, device=q.device)
@@ -159,7 +158,11 @@ class BlockTopK(SparseMethod):
             # float32; only the order of accumulation differs from the float32 planner)
             pd = torch.bfloat16 if q.dtype == torch.bfloat16 and compiled.native_dtype(q.dtype, 16, D, 16) == q.dtype \
                 else torch.float32
-            summ = (torch.cat([kmax, kmin], -1) if p.summary == "minmax" else kmean).to(pd)
+            if p.summary == "minmax" and ctx.key_valid is None and Tk == n_k * bs and k.stride(-1) == 1:
+                summ = compiled.module().block_minmax(k, bs).to(pd)  # [max, min] per block in one pass
+            else:
+                kmin, kmax, kmean = key_block_summaries(k, ctx.key_valid, bs, n_k, mean=p.summary == "mean")
+                summ = (torch.cat([kmax, kmin], -1) if p.summary == "minmax" else kmean).to(pd)
             qf = q.to(pd)  # read in place when the channels are contiguous (a model's transposed view)
             slots, row_mask = compiled.module().block_topk_plan(
                 qf if qf.stride(-1) == 1 else qf.contiguous(), summ.contiguous(), rows.contiguous(),
@@ -173,6 +176,7 @@ class BlockTopK(SparseMethod):
         # k_cap; `first_rank` records, per query block and key block, the best rank any of the
         # block's queries gave it, so the union of the queries' top-k is {first_rank < k} for any k.
         k_cap = int(budget.max())
+        kmin, kmax, kmean = key_block_summaries(k, ctx.key_valid, bs, n_k, mean=p.summary == "mean")
         kmin, kmax = kmin.float(), kmax.float()
         qg = grid_queries(q.float(), Tk, bs)[0].view(B, Hkv, G, n_q, bs, D)
         ranked = torch.empty(B, Hs, n_q, R, k_cap, dtype=torch.int32, device=q.device)

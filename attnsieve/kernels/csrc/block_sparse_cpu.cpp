@@ -8,12 +8,15 @@
 //
 // Two tile engines share that loop:
 // - float32: MKL's sgemm (exported by torch's libtorch_cpu) reads q, k and v where they lie.
-// - bfloat16: the CPU's bf16 matrix units (AMX tiles, AVX512-BF16) through oneDNN's batch-reduce
-//   GEMM as torch exposes it (at::native::cpublas::brgemm, the call torch's own CPU
-//   flash-attention makes): bf16 products with float32 accumulation. Its B operands must be in
-//   the VNNI layout, so every key block (transposed) and value block is packed once per call,
-//   O(T x D) work reused by every query block that visits it; probabilities are rounded to bf16
-//   before the P x V product, as in torch's kernel.
+// - bfloat16: bf16 products with float32 accumulation on the CPU's bf16 matrix units. Where the
+//   CPU has AMX tiles and every dimension is a multiple of 32, attnsieve's own tile kernels
+//   (amx_gemm: one tile configuration for the whole call, groups of any key blocks summed inside
+//   the accumulator tiles, the next group's blocks prefetched between tile products); elsewhere
+//   oneDNN's batch-reduce GEMM as torch exposes it (at::native::cpublas::brgemm, the call torch's
+//   own CPU flash-attention makes; AVX512-BF16 without AMX). B operands must be in a VNNI layout,
+//   so every key block (transposed) and value block is packed once per call, O(T x D) work reused
+//   by every query block that visits it; probabilities are rounded to bf16 before the P x V
+//   product, as in torch's kernel.
 //
 // Built on first use by attnsieve/kernels/compiled.py (torch.utils.cpp_extension).
 
@@ -21,13 +24,19 @@
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
 #include <omp.h>
-#if defined(__AVX512F__)
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -95,6 +104,196 @@ inline void packed_gemm(const bf16* a, int64_t lda, const bf16* bp, float* c, in
     cpublas::brgemm(M, w, K, lda, w, ldc, add, a, bp + p0 * K, c + p0, true);
   }
 }
+
+
+// ---------------------------------------------------------------------------------------------
+// Own AMX tile micro-kernels for the block kernel's two products (bf16 in, float32 accumulate).
+// oneDNN's brgemm, as torch exposes it, takes one (A, B) pair per call and reloads the tile
+// configuration whenever the call's shape differs from the previous one, which the score and the
+// value products do every block; these kernels share one configuration (all eight tiles 16 rows
+// x 64 bytes) for the whole call and sum a run of value blocks inside the tiles. 2 x 2 register
+// blocking: four float32 accumulator tiles (32 x 32 outputs), two A tiles and two B tiles.
+// Packed operand layout ("tile-major"): B = X^T or X in VNNI pairs, cut into 1 KB tiles of 16
+// pair-rows x 16 columns; tile (panel p of 16 columns, chunk c of 32 depth) at ((p * (K / 32)) + c).
+// Used where the CPU has AMX bf16 tiles, the kernel may use them (Linux grants the tile state),
+// and every dimension is a multiple of 32; ATTNSIEVE_AMX=0 selects oneDNN's brgemm instead.
+constexpr int kMaxGroupQueue = 16;  // blocks a prefetch queue holds (keys and values each)
+// Lines requested per tile product step: about the next group's blocks over this group's steps
+// (measured: 16 beat 0, 4, 8, 24 and 32 at 16k and 32k).
+constexpr int kPrefetchLines = 16;
+#if defined(__x86_64__) && defined(__GNUC__) && (__GNUC__ >= 11 || defined(__clang__))
+#define ATTNSIEVE_HAVE_AMX 1
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+bool amx_enabled() {
+  const char* e = std::getenv("ATTNSIEVE_AMX");
+  return amx_usable() && !(e && e[0] == '0');
+}
+
+__attribute__((target("amx-tile"))) void amx_configure() {
+  AmxConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+__attribute__((target("amx-tile"))) void amx_release() { _tile_release(); }
+
+// Packs src [N x K] (rows = output columns, e.g. a key block [bs x D], row-major, leading
+// dimension ld) as the B operand of A . src^T in tile-major VNNI layout (K, N multiples of 32).
+void pack_tiles_nk(const bf16* src, int64_t N, int64_t K, int64_t ld, bf16* dst) {
+  const int64_t KC = K / 32;
+#if defined(__AVX512F__)
+  if (ld % 2 == 0) {  // a tile row gathers one 32-bit pair from each of 16 source rows
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int>(ld / 2)));
+    for (int64_t p = 0; p < N / 16; ++p)
+      for (int64_t c = 0; c < KC; ++c) {
+        const int* base = reinterpret_cast<const int*>(src + p * 16 * ld + c * 32);
+        bf16* t = dst + (p * KC + c) * 512;
+        for (int i = 0; i < 16; ++i)
+          _mm512_storeu_si512(t + i * 32, _mm512_i32gather_epi32(_mm512_add_epi32(rows, _mm512_set1_epi32(i)), base, 4));
+      }
+    return;
+  }
+#endif
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; k += 2) {
+      bf16* t = dst + ((n / 16) * KC + k / 32) * 512 + ((k % 32) / 2) * 32 + (n % 16) * 2;
+      t[0] = src[n * ld + k];
+      t[1] = src[n * ld + k + 1];
+    }
+}
+
+// Packs src [K x N] (depth-major, e.g. a value block [bs x Dv]) as the B operand of A . src.
+void pack_tiles_kn(const bf16* src, int64_t K, int64_t N, int64_t ld, bf16* dst) {
+  const int64_t KC = K / 32;
+#if defined(__AVX512BW__)
+  {  // a tile row interleaves 16 columns of two consecutive source rows
+    alignas(64) int16_t ix[32];
+    for (int j = 0; j < 32; ++j) ix[j] = static_cast<int16_t>(j % 2 ? 32 + j / 2 : j / 2);
+    const __m512i idx = _mm512_load_si512(ix);
+    for (int64_t k = 0; k < K; k += 2) {
+      const bf16* r0 = src + k * ld;
+      const bf16* r1 = r0 + ld;
+      for (int64_t p = 0; p < N / 16; ++p) {
+        const __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0 + p * 16)));
+        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1 + p * 16)));
+        _mm512_storeu_si512(dst + (p * KC + k / 32) * 512 + ((k % 32) / 2) * 32, _mm512_permutex2var_epi16(a, idx, b));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t k = 0; k < K; k += 2)
+    for (int64_t n = 0; n < N; ++n) {
+      bf16* t = dst + ((n / 16) * KC + k / 32) * 512 + ((k % 32) / 2) * 32 + (n % 16) * 2;
+      t[0] = src[k * ld + n];
+      t[1] = src[(k + 1) * ld + n];
+    }
+}
+
+// Cache lines to request ahead of use, a few at a time between tile products: the packed key and
+// value blocks of an item's next group (scattered over the sequence, so the hardware prefetchers
+// cannot guess them; asking for all of a group at once would stall on the fill buffers).
+struct PrefetchQueue {
+  const char* ptr[2 * kMaxGroupQueue] = {};
+  int64_t left[2 * kMaxGroupQueue] = {};
+  int n = 0, i = 0;
+  void add(const void* p, int64_t bytes) {
+    if (n < 2 * kMaxGroupQueue) {
+      ptr[n] = static_cast<const char*>(p);
+      left[n++] = bytes;
+    }
+  }
+  void reset() { n = i = 0; }
+  inline void step(int lines) {
+    while (lines > 0 && i < n) {
+      _mm_prefetch(ptr[i], _MM_HINT_T1);
+      ptr[i] += 64;
+      left[i] -= 64;
+      --lines;
+      if (left[i] <= 0) ++i;
+    }
+  }
+};
+
+// C[M x N] (float32, ldc) (+)= A[M x K] (bf16 row-major, lda) . B, B in tile-major layout spread
+// over nb operands of depth Kb each (operand i at bp[i]: the packed blocks of a group, anywhere in
+// memory), so K = nb * Kb. M, N, Kb multiples of 32. The tile configuration must be loaded.
+__attribute__((target("amx-tile,amx-bf16"))) void amx_gemm(const bf16* a, int64_t lda, const bf16* const* bp,
+                                                           int nb, int64_t Kb, float* c, int64_t ldc, int64_t M,
+                                                           int64_t N, bool add, PrefetchQueue* pq = nullptr) {
+  const int64_t KC = Kb / 32;
+  for (int64_t n0 = 0; n0 < N; n0 += 32) {
+    for (int64_t m0 = 0; m0 < M; m0 += 32) {
+      float* c0 = c + m0 * ldc + n0;
+      float* c1 = c0 + 16 * ldc;
+      if (add) {
+        _tile_loadd(0, c0, ldc * 4);
+        _tile_loadd(1, c0 + 16, ldc * 4);
+        _tile_loadd(2, c1, ldc * 4);
+        _tile_loadd(3, c1 + 16, ldc * 4);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      const bf16* a0 = a + m0 * lda;
+      const bf16* a1 = a0 + 16 * lda;
+      for (int i = 0; i < nb; ++i) {
+        const bf16* p0 = bp[i] + (n0 / 16) * KC * 512;
+        const bf16* p1 = p0 + KC * 512;
+        const int64_t ko = i * Kb;
+        for (int64_t kc = 0; kc < KC; ++kc) {
+          _tile_loadd(4, a0 + ko + kc * 32, lda * 2);
+          _tile_loadd(5, a1 + ko + kc * 32, lda * 2);
+          _tile_loadd(6, p0 + kc * 512, 64);
+          _tile_loadd(7, p1 + kc * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+          if (pq) pq->step(kPrefetchLines);
+        }
+      }
+      _tile_stored(0, c0, ldc * 4);
+      _tile_stored(1, c0 + 16, ldc * 4);
+      _tile_stored(2, c1, ldc * 4);
+      _tile_stored(3, c1 + 16, ldc * 4);
+    }
+  }
+}
+#else
+bool amx_enabled() { return false; }
+void amx_configure() {}
+void amx_release() {}
+void pack_tiles_nk(const bf16*, int64_t, int64_t, int64_t, bf16*) {}
+void pack_tiles_kn(const bf16*, int64_t, int64_t, int64_t, bf16*) {}
+struct PrefetchQueue {
+  void add(const void*, int64_t) {}
+  void reset() {}
+};
+void amx_gemm(const bf16*, int64_t, const bf16* const*, int, int64_t, float*, int64_t, int64_t, int64_t, bool,
+              PrefetchQueue* = nullptr) {}
+#endif
 
 // exp(x) for the softmax's x <= 0, to about 2 ulp, written so the compiler vectorises it (libm's
 // expf does not vectorise without -ffast-math, which would also break -inf handling). Range
@@ -306,6 +505,9 @@ struct RowSink {
   }
 };
 
+// Most key blocks one group (one softmax pass and one P x V product) covers.
+constexpr int kMaxGroup = 64;
+
 // Tile engines: the two small GEMMs of a run of g consecutive key blocks (W = g * bs keys).
 // `scores` writes one block's S[R x bs] at S (leading dimension W), scaled afterwards by
 // `post_scale` in the softmax pass; `values` adds P[R x W] . V[blk .. blk + g) into out[R x Dv]
@@ -318,11 +520,19 @@ struct F32Tiles {
   int R, bs, D, Dv;
   float scale;
   float post_scale() const { return 1.0f; }  // sgemm applies the scale itself
+  bool any_group() const { return false; }  // one product covers consecutive blocks only
+  void queue(PrefetchQueue&, int64_t) const {}
+  void scores(int64_t n, int64_t blk, float* S, int W, PrefetchQueue*) const { scores(n, blk, S, W); }
+  void values(const float* p, const int64_t* blks, int W, float* on, bool add, PrefetchQueue*) const {
+    values(p, blks, W, on, add);
+  }
+  void begin() const {}
+  void end() const {}
   void scores(int64_t n, int64_t blk, float* S, int W) const {
     scores_gemm(q + n * R * D, k + blk * bs * D, S, R, bs, D, scale, W);
   }
-  void values(const float* p, int64_t blk, int W, float* on, bool add) const {
-    values_gemm(p, v + blk * bs * Dv, on, R, W, Dv, add);
+  void values(const float* p, const int64_t* blks, int W, float* on, bool add) const {
+    values_gemm(p, v + blks[0] * bs * Dv, on, R, W, Dv, add);
   }
 };
 
@@ -334,35 +544,63 @@ struct BF16Tiles {
   int64_t NB;
   int R, bs, D, Dv;
   float scale;
+  bool amx;  // own tile kernels and tile-major packing (amx_gemm) instead of oneDNN's brgemm
   float post_scale() const { return scale; }
-  void scores(int64_t n, int64_t blk, float* S, int W) const {
-    packed_gemm(q + n * R * D, D, kp + blk * bs * D, S, W, R, bs, D, false);
+  void scores(int64_t n, int64_t blk, float* S, int W, PrefetchQueue* pq = nullptr) const {
+    if (amx) {
+      const bf16* b = kp + blk * bs * D;
+      amx_gemm(q + n * R * D, D, &b, 1, D, S, W, R, bs, false, pq);
+    } else {
+      packed_gemm(q + n * R * D, D, kp + blk * bs * D, S, W, R, bs, D, false);
+    }
   }
-  void values(const bf16* p, int64_t blk, int W, float* on, bool add) const {
-    cpublas::brgemm(R, Dv, W, W, Dv, Dv, add, p, vp + blk * bs * Dv, on, true);  // one product, all Dv columns
+  bool any_group() const { return amx; }  // amx_gemm sums blocks from anywhere
+  void queue(PrefetchQueue& pq, int64_t blk) const {
+    pq.add(kp + blk * bs * D, int64_t(bs) * D * 2);
+    pq.add(vp + blk * bs * Dv, int64_t(bs) * Dv * 2);
+  }
+  void values(const bf16* p, const int64_t* blks, int W, float* on, bool add, PrefetchQueue* pq = nullptr) const {
+    if (amx) {  // the group's blocks summed in the accumulator tiles
+      const bf16* b[kMaxGroup];
+      const int g = W / bs;
+      for (int t = 0; t < g; ++t) b[t] = vp + blks[t] * bs * Dv;
+      amx_gemm(p, W, b, g, bs, on, Dv, R, Dv, add, pq);
+    } else {
+      cpublas::brgemm(R, Dv, W, W, Dv, Dv, add, p, vp + blks[0] * bs * Dv, on, true);  // one product, all Dv columns
+    }
+  }
+  void begin() const { if (amx) amx_configure(); }
+  void end() const {
+    if (amx) amx_release(); else cpublas::brgemm_release(true);
   }
 };
 
-// Longest run of consecutive key blocks one pair of products covers (torch's CPU flash kernel
-// takes 512 keys at a time as well): fewer, deeper P x V products and one softmax rescale per run.
+// Most keys one group of blocks covers (torch's CPU flash kernel takes 512 keys at a time as
+// well): fewer, deeper P x V products and one softmax rescale per group.
 constexpr int kMaxRun = 512;
+// The same for groups of any blocks (amx_gemm): 128 keys keep the scores, probabilities and
+// output of a 64-row item in L1 / L2; measured faster than 64, 256 and 512 at 16k (both head
+// shapes) and 32k.
+constexpr int kMaxGroupKeys = 128;
 
 // The block kernel's loop over items and their slots, for either tile engine (see
-// block_sparse_forward for the arguments). Consecutive live slots naming consecutive key blocks
-// run as one tile of up to kMaxRun keys; masks, row masks and cell counts stay per block.
+// block_sparse_forward for the arguments). Consecutive live slots run as one group of up to
+// kMaxRun keys (for an engine whose products need adjacent blocks, only slots naming consecutive
+// key blocks); masks, row masks and cell counts stay per block.
 template <typename Tiles, typename Sink>
 int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, int64_t NB, int64_t Dv, int bs,
                           const int64_t* sl, const int64_t* kps, const int64_t* qps, const bool* rm, const bool* kok,
                           const bool* qok, bool causal, int64_t window, const Sink& sink) {
   using P = typename Tiles::P;
   constexpr bool kInPlace = std::is_same<P, float>::value;
+  const bool any_group = tiles.any_group();
   std::vector<char> block_full(NB, 1);  // per key block: every key real (no per-token key mask needed)
   if (kok)
     for (int64_t b = 0; b < NB; ++b)
       for (int c = 0; c < bs; ++c)
         if (!kok[b * bs + c]) { block_full[b] = 0; break; }
   const float post = tiles.post_scale();
-  const int max_run = std::max(1, kMaxRun / bs);
+  const int max_run = std::min(kMaxGroup, std::max(1, (any_group ? kMaxGroupKeys : kMaxRun) / bs));
   int64_t total_cells = 0;
   const int threads = at::get_num_threads();
 #pragma omp parallel num_threads(threads) reduction(+ : total_cells)
@@ -371,6 +609,9 @@ int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, i
     std::vector<P> Pbuf(kInPlace ? 0 : R * bs * max_run);
     std::vector<int64_t> row_q(R);
     std::vector<char> row_live(R);
+    int64_t gb[kMaxGroup], gk[kMaxGroup], gs[kMaxGroup];  // the group's blocks, first keys, slots
+    PrefetchQueue pq;
+    tiles.begin();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < N; ++n) {
       float* on = obuf.data();  // written by the item's first P x V product (add = false)
@@ -399,19 +640,39 @@ int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, i
       int64_t cells = 0;
       for (int64_t s = 0; s < K;) {
         if (dead(s)) { ++s; continue; }
-        const int64_t blk = sl[n * K + s], k00 = kps[n * K + s];
-        int g = 1;
-        while (g < max_run && s + g < K && sl[n * K + s + g] == blk + g && kps[n * K + s + g] == k00 + g * bs &&
-               !dead(s + g))
+        int g = 0;
+        int64_t s_next = s;
+        while (g < max_run && s_next < K) {
+          if (dead(s_next)) {
+            if (!any_group) break;
+            ++s_next;
+            continue;
+          }
+          const int64_t b = sl[n * K + s_next], k0 = kps[n * K + s_next];
+          if (!any_group && g > 0 && (b != gb[0] + g || k0 != gk[0] + g * bs)) break;
+          gb[g] = b;
+          gk[g] = k0;
+          gs[g] = s_next;
           ++g;
+          ++s_next;
+        }
         const int W = g * bs;
+        pq.reset();  // the next group's blocks, fetched while this group computes
+        {
+          int got = 0;
+          for (int64_t s2 = s_next; s2 < K && got < std::min(g, kMaxGroupQueue); ++s2)
+            if (!dead(s2)) {
+              tiles.queue(pq, sl[n * K + s2]);
+              ++got;
+            }
+        }
         std::fill(row_live.begin(), row_live.end(), 0);
         for (int t = 0; t < g; ++t) {
-          const int64_t b = blk + t, k0 = k00 + t * bs, st = s + t;
+          const int64_t b = gb[t], k0 = gk[t], st = gs[t];
           // Tile classes: full (no token mask) or partial.
           const bool full = q_full && block_full[b] && (!causal || k0 + bs - 1 <= q_first) &&
                             (window < 0 || q_last - k0 < window);
-          tiles.scores(n, b, S.data() + t * bs, W);
+          tiles.scores(n, b, S.data() + t * bs, W, &pq);
           const bool* kmask = kok ? kok + b * bs : nullptr;
           for (int64_t r = 0; r < R; ++r) {
             float* sr = S.data() + r * W + t * bs;
@@ -455,15 +716,15 @@ int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, i
           }
           online_softmax_row(S.data() + r * W, pr, W, post, m[r], l[r], on + r * Dv, Dv);
         }
-        tiles.values(pb, blk, W, on, !first);
+        tiles.values(pb, gb, W, on, !first, &pq);
         first = false;
-        s += g;
+        s = s_next;
       }
       if (first) std::fill(obuf.begin(), obuf.end(), 0.0f);  // no product ran: rows are empty
       sink.write(n, on, m.data(), l.data(), R);
       total_cells += cells;
     }
-    if (!kInPlace) cpublas::brgemm_release(true);
+    tiles.end();
   }
   return total_cells;
 }
@@ -474,7 +735,7 @@ int64_t block_sparse_loop(const Tiles& tiles, int64_t N, int64_t R, int64_t K, i
 // blocks is one packed operand of depth g * bs.
 // Only the blocks some slot names are packed (a decoding step's band touches a few of them).
 void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D, int64_t Dv, bf16* kp, bf16* vp,
-                    const int64_t* slots, int64_t n_slots) {
+                    const int64_t* slots, int64_t n_slots, bool amx) {
   std::vector<int64_t> used;
   {
     std::vector<char> mark(NB, 0);
@@ -488,6 +749,11 @@ void pack_kv_blocks(const bf16* k, const bf16* v, int64_t NB, int bs, int64_t D,
     for (int64_t u = lo; u < hi; ++u) {
       const int64_t b = used[u];
       const bf16* kb = k + b * bs * D;
+      if (amx) {  // tile-major layouts of amx_gemm
+        pack_tiles_nk(kb, bs, D, D, kp + b * bs * D);
+        pack_tiles_kn(v + b * bs * Dv, bs, Dv, Dv, vp + b * bs * Dv);
+        continue;
+      }
       for (int c = 0; c < bs; ++c)
         for (int64_t d = 0; d < D; ++d) kt[d * bs + c] = kb[c * D + d];
       pack_panels(kt.data(), D, bs, bs, kp + b * bs * D);
@@ -575,8 +841,9 @@ int64_t block_sparse_forward(const at::Tensor& q, const at::Tensor& k, const at:
     };
     reserve(kpk, NB * bs * D);
     reserve(vpk, NB * bs * Dv);
-    pack_kv_blocks(k.data_ptr<bf16>(), v.data_ptr<bf16>(), NB, bs, D, Dv, kpk.data(), vpk.data(), sl, N * K);
-    return run(BF16Tiles{q.data_ptr<bf16>(), kpk.data(), vpk.data(), NB, Ri, bs, Di, Dvi, scale});
+    const bool amx = amx_enabled() && bs % 32 == 0 && D % 32 == 0 && Dv % 32 == 0;
+    pack_kv_blocks(k.data_ptr<bf16>(), v.data_ptr<bf16>(), NB, bs, D, Dv, kpk.data(), vpk.data(), sl, N * K, amx);
+    return run(BF16Tiles{q.data_ptr<bf16>(), kpk.data(), vpk.data(), NB, Ri, bs, Di, Dvi, scale, amx});
   }
   return run(F32Tiles{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), Ri, bs, Di, Dvi, scale});
 }
@@ -765,14 +1032,21 @@ std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tens
   const int64_t Gs = H / Hs, R = Gs * bs, N = B * Hs * NQ;
   const T* qp = q.data_ptr<T>();
   const T* sp = summ.data_ptr<T>();
-  // bf16: summaries of each (b, KV head) as the packed B operand [C x NKp] (NKp = NK rounded up to 16)
-  const int64_t NKp = (NK + 15) / 16 * 16;
+  // bf16: summaries of each (b, KV head) as the packed B operand [C x NKp] (NKp = NK rounded up to
+  // 32), for amx_gemm (tile-major) where it runs, else for oneDNN's brgemm (VNNI panels)
+  const int64_t NKp = (NK + 31) / 32 * 32;
+  const bool amx = kBF16 && amx_enabled() && C % 32 == 0 && R % 32 == 0;
   std::vector<bf16> spk(kBF16 ? B * Hkv * C * NKp : 0);
   if constexpr (kBF16) {
     at::parallel_for(0, B * Hkv, 1, [&](int64_t lo, int64_t hi) {
       std::vector<bf16> st(C * NKp);
       for (int64_t bh = lo; bh < hi; ++bh) {
         std::fill(st.begin(), st.end(), bf16(0.0f));
+        if (amx) {  // rows = blocks [NKp x C], the padding blocks zero
+          std::copy(sp + bh * NK * C, sp + (bh + 1) * NK * C, st.begin());
+          pack_tiles_nk(st.data(), NKp, C, C, spk.data() + bh * C * NKp);
+          continue;
+        }
         for (int64_t c = 0; c < NK; ++c)
           for (int64_t x = 0; x < C; ++x) st[x * NKp + c] = sp[(bh * NK + c) * C + x];
         pack_panels(st.data(), C, NKp, NKp, spk.data() + bh * C * NKp);
@@ -794,6 +1068,7 @@ std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tens
     std::vector<int32_t> keys(NK);
     std::vector<uint8_t> sel(R * NK), uni(NK);
     std::vector<int64_t> cidx(NK);
+    if (amx) amx_configure();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t seq = 0; seq < B * Hs; ++seq) {
       const int64_t b = seq / Hs, s = seq % Hs, kvh = s * Hkv / Hs;
@@ -827,11 +1102,19 @@ std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tens
             }
             const T* src = qp + b * qs0 + h * qs1 + t * qs2;
             if (minmax) {
-              if constexpr (kBF16) {  // split by the sign bit: exact, and the loop vectorises
+              if constexpr (kBF16) {  // split by the sign bit: exact
                 const uint16_t* sb = reinterpret_cast<const uint16_t*>(src);
                 uint16_t* db = reinterpret_cast<uint16_t*>(dst);
-#pragma omp simd
-                for (int64_t d = 0; d < D; ++d) {
+                int64_t d0 = 0;
+#if defined(__AVX512BW__)
+                for (; d0 + 32 <= D; d0 += 32) {  // 32 channels at a time, the sign bits as a mask
+                  const __m512i x = _mm512_loadu_si512(sb + d0);
+                  const __mmask32 neg = _mm512_movepi16_mask(x);
+                  _mm512_storeu_si512(db + d0, _mm512_maskz_mov_epi16(static_cast<__mmask32>(~neg), x));
+                  _mm512_storeu_si512(db + D + d0, _mm512_maskz_mov_epi16(neg, x));
+                }
+#endif
+                for (int64_t d = d0; d < D; ++d) {
                   const uint16_t x = sb[d];
                   const bool neg = (x & 0x8000) != 0;
                   db[d] = neg ? 0 : x;
@@ -854,8 +1137,12 @@ std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tens
           const int64_t ldb = kBF16 ? NKp : jmax;  // leading dimension of the bounds
           if (extra > 0 && extra < m_cand) {
             if constexpr (kBF16) {
-              packed_gemm(qbuf.data(), C, spk.data() + (b * Hkv + kvh) * C * NKp, bnd.data(), NKp, R, NKp, C, false,
-                          jmax);
+              const bf16* sb = spk.data() + (b * Hkv + kvh) * C * NKp;
+              if (amx)
+                amx_gemm(reinterpret_cast<const bf16*>(qbuf.data()), C, &sb, 1, C, bnd.data(), NKp, R,
+                         (jmax + 31) / 32 * 32, false);
+              else
+                packed_gemm(qbuf.data(), C, sb, bnd.data(), NKp, R, NKp, C, false, jmax);
             } else {
               const int ldi = static_cast<int>(jmax);
               const char t = 'T', nn = 'N';
@@ -884,14 +1171,33 @@ std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tens
               lo = std::min(lo, key);
               hi = std::max(hi, key);
             }
-            // largest threshold t with at least `extra` keys >= t: the extra-th largest key itself
+            // largest threshold t with at least `extra` keys >= t: the extra-th largest key itself.
+            // A probe that finds exactly `extra` keys >= mid ends the search: those keys are the
+            // top `extra` (all keys >= t lie among them and there are no ties to break).
+            bool exact = false;
             while (lo < hi) {
               const int32_t mid = static_cast<int32_t>(lo + ((static_cast<int64_t>(hi) - lo + 1) >> 1));
-              int32_t cnt = 0;  // 32-bit lanes: the count vectorises at full width
+              int32_t cnt = 0;
               const int32_t* kx = keys.data();
               const int32_t mc = static_cast<int32_t>(m_cand);
-              for (int32_t x = 0; x < mc; ++x) cnt += kx[x] >= mid;
-              if (cnt >= extra) lo = mid; else hi = mid - 1;
+              int32_t x0 = 0;
+#if defined(__AVX512F__)
+              const __m512i vmid = _mm512_set1_epi32(mid);
+              for (; x0 + 16 <= mc; x0 += 16)
+                cnt += __builtin_popcount(_mm512_cmpge_epi32_mask(_mm512_loadu_si512(kx + x0), vmid));
+#endif
+              for (int32_t x = x0; x < mc; ++x) cnt += kx[x] >= mid;
+              if (cnt == extra) {
+                lo = mid;
+                exact = true;
+                break;
+              }
+              if (cnt > extra) lo = mid; else hi = mid - 1;
+            }
+            if (exact) {
+              for (int64_t x = 0; x < m_cand; ++x)
+                if (keys[x] >= lo) sr[cidx[x]] = 1;
+              continue;
             }
             int64_t above = 0;
             for (int64_t x = 0; x < m_cand; ++x) above += keys[x] > lo;
@@ -919,7 +1225,8 @@ std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tens
         if (is_free) debt = std::max(debt + bgt - static_cast<float>(size), -bgt);
       }
     }
-    if constexpr (kBF16) cpublas::brgemm_release(true);
+    if (amx) amx_release();
+    else if constexpr (kBF16) cpublas::brgemm_release(true);
   }
   int64_t K = 1;
   for (const auto& us : item_slots) K = std::max<int64_t>(K, us.size());
@@ -940,6 +1247,80 @@ std::vector<at::Tensor> block_topk_plan_impl(const at::Tensor& q, const at::Tens
   return {slots, row_mask};
 }
 
+// Quest's key-block summaries in one pass: k [B, Hkv, T, D] (channels contiguous, T a multiple of
+// bs) -> [B, Hkv, T / bs, 2D] in k's dtype, each block's channel maximum then its channel minimum
+// (the bound's operand order). A NaN key makes both NaN, as torch's amax / amin do. Exact in any
+// dtype: min and max only select values.
+template <typename T>
+void block_minmax_impl(const at::Tensor& k, int64_t bs, at::Tensor& out) {
+  const int64_t B = k.size(0), H = k.size(1), NK = k.size(2) / bs, D = k.size(3);
+  const int64_t s0 = k.stride(0), s1 = k.stride(1), s2 = k.stride(2);
+  const T* kp = k.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, B * H * NK, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<float> mx(D), mn(D);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / (H * NK), h = i / NK % H, c = i % NK;
+      const T* src = kp + b * s0 + h * s1 + c * bs * s2;
+#if defined(__AVX512BW__)
+      if constexpr (std::is_same<T, bf16>::value) {
+        if (D % 32 == 0) {  // bf16 compared as sign-magnitude integers turned into ordered ones
+          T* dst = op + i * 2 * D;
+          const __m512i mag = _mm512_set1_epi16(0x7fff), inf = _mm512_set1_epi16(0x7f80);
+          for (int64_t d = 0; d < D; d += 32) {
+            __m512i hi_ = _mm512_set1_epi16(-32768), lo_ = _mm512_set1_epi16(32767);
+            __mmask32 nan = 0;
+            for (int64_t r = 0; r < bs; ++r) {
+              const __m512i x = _mm512_loadu_si512(src + r * s2 + d);
+              nan |= _mm512_cmpgt_epu16_mask(_mm512_and_si512(x, mag), inf);
+              const __m512i key = _mm512_xor_si512(x, _mm512_and_si512(_mm512_srai_epi16(x, 15), mag));
+              hi_ = _mm512_max_epi16(hi_, key);
+              lo_ = _mm512_min_epi16(lo_, key);
+            }
+            // back to bf16 bits (the map is its own inverse); NaN channels become NaN
+            hi_ = _mm512_xor_si512(hi_, _mm512_and_si512(_mm512_srai_epi16(hi_, 15), mag));
+            lo_ = _mm512_xor_si512(lo_, _mm512_and_si512(_mm512_srai_epi16(lo_, 15), mag));
+            const __m512i qnan = _mm512_set1_epi16(0x7fc0);
+            _mm512_storeu_si512(dst + d, _mm512_mask_mov_epi16(hi_, nan, qnan));
+            _mm512_storeu_si512(dst + D + d, _mm512_mask_mov_epi16(lo_, nan, qnan));
+          }
+          continue;
+        }
+      }
+#endif
+      for (int64_t d = 0; d < D; ++d) mx[d] = mn[d] = static_cast<float>(src[d]);
+      for (int64_t r = 1; r < bs; ++r) {
+        const T* row = src + r * s2;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) {
+          const float v = static_cast<float>(row[d]);
+          const bool nan = v != v;
+          mx[d] = (nan || v > mx[d]) ? v : mx[d];
+          mn[d] = (nan || v < mn[d]) ? v : mn[d];
+        }
+      }
+      T* dst = op + i * 2 * D;
+      for (int64_t d = 0; d < D; ++d) {
+        dst[d] = static_cast<T>(mx[d]);
+        dst[D + d] = static_cast<T>(mn[d]);
+      }
+    }
+  });
+}
+
+at::Tensor block_minmax(const at::Tensor& k, int64_t bs) {
+  TORCH_CHECK(k.dim() == 4 && k.stride(3) == 1 && bs > 0 && k.size(2) % bs == 0,
+              "k [B, H, T, D] with contiguous channels and T a multiple of bs");
+  auto out = at::empty({k.size(0), k.size(1), k.size(2) / bs, 2 * k.size(3)}, k.options());
+  if (k.dtype() == at::kBFloat16) {
+    block_minmax_impl<bf16>(k, bs, out);
+  } else {
+    TORCH_CHECK(k.dtype() == at::kFloat, "k must be float32 or bfloat16");
+    block_minmax_impl<float>(k, bs, out);
+  }
+  return out;
+}
+
 std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& summ, const at::Tensor& rows,
                                         const at::Tensor& cand, const at::Tensor& forced, const at::Tensor& budget,
                                         int64_t Hs, int64_t first_qb, int64_t lead, int64_t k_cap, bool minmax) {
@@ -956,5 +1337,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_sparse_forward", &block_sparse_forward, "fused block-sparse attention over per-item key-block slots");
   m.def("token_gather_forward", &token_gather_forward, "attention of each item over its own list of key tokens");
   m.def("block_topk_plan", &block_topk_plan, "block-topk's per-query selection with its causal budget controller");
+  m.def("block_minmax", &block_minmax, "per key block: channel max then channel min (Quest's summaries)");
+  m.def("amx_tiles", &amx_enabled, "whether the bf16 engine runs its own AMX tile kernels (else oneDNN's brgemm)");
   m.def("bf16_supported", &bf16_supported, "whether the bf16 engine (oneDNN packing for bf16 matrix units) runs here");
 }

@@ -1,16 +1,20 @@
-"""Tables of docs/results/bf16-cpu (kernel.jsonl, prefill16k.jsonl, prefill.jsonl) for the README.
+"""Tables of docs/results/bf16-cpu (kernel rows, prefill16k.jsonl, prefill.jsonl) for the README.
 
-python docs/results/bf16-cpu/table.py  (from the repository root)
+python docs/results/bf16-cpu/table.py [KERNEL_FILE]  (from the repository root; the kernel rows
+default to kernel-amx.jsonl, the current kernel's; kernel.jsonl and kernel-vnni.jsonl hold the
+earlier kernels' rows)
 """
 
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 here = Path(__file__).parent
 runs = defaultdict(list)
-for line in (here / "kernel.jsonl").read_text().splitlines():
+kernel_file = here / (sys.argv[1] if len(sys.argv) > 1 else "kernel-amx.jsonl")
+for line in kernel_file.read_text().splitlines():
     r = json.loads(line)
     runs[(r["dtype"], r["heads"], r["kv_heads"], r["head_dim"], r["length"], r["params"].get("density"))].append(r)
 
