@@ -33,13 +33,13 @@ for (dt, h, hkv, d, length, dens), rs in order:
 
 print()
 print("| length | dtype | stock SDPA s | attnsieve exact s | block-topk s | speed-up over SDPA | exact speed-up "
-      "| measured density |")
-print("|---|---|---|---|---|---|---|---|")
+      "| measured density | rows |")
+print("|---|---|---|---|---|---|---|---|---|")
 rows = []
 for name in ("prefill16k.jsonl", "prefill.jsonl"):
     path = here / name
     if path.exists():
-        rows += [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-for r in sorted(rows, key=lambda r: (r["length"], r["dtype"])):
+        rows += [dict(json.loads(x), file=name) for x in path.read_text().splitlines() if x.strip()]
+for r in sorted(rows, key=lambda r: (r["length"], r["dtype"], r["file"])):
     print(f"| {r['length']} | {r['dtype']} | {r['dense_s']:.2f} | {r['exact_s']:.2f} | {r['s']:.2f} "
-          f"| {r['speedup']:.2f}x | {r['exact_speedup']:.2f}x | {r['density']:.3f} |")
+          f"| {r['speedup']:.2f}x | {r['exact_speedup']:.2f}x | {r['density']:.3f} | {r['file']} |")
