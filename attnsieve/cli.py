@@ -450,6 +450,12 @@ def tune_cmd(
         help="what one choice covers: head (each query head of a layer its own method and budget: dense, "
              "window or a method at a density) or layer")] = "head",
     max_verify: Annotated[int, typer.Option(help="most plans verified with full forwards on the calibration set")] = 6,
+    uniform_check: Annotated[bool, typer.Option(
+        "--uniform-check/--no-uniform-check",
+        help="also verify, per method, the cheapest uniform configuration (one candidate on every head or layer) "
+             "cheaper than the searched plan that meets the target, and keep it if it passes")] = True,
+    max_uniform_verify: Annotated[int, typer.Option(
+        help="verifications the uniform check may spend per candidate method (bisection)")] = 3,
     reps: Annotated[int | None, typer.Option(
         help="timed repetitions of each profiled call (median; default 3 with --objective time, else 1)")] = None,
     validate: Annotated[bool, typer.Option(
@@ -457,7 +463,8 @@ def tune_cmd(
                            "haystack) against dense and every candidate applied uniformly, and plot the frontier; "
                            "writes <out stem>.validation.json/.md and .frontier.png (costs full runs)")] = False,
     validate_samples: Annotated[int, typer.Option(
-        help="held-out prompts per task and length for --validate (as eval's --samples)")] = 1,
+        help="held-out prompts per task and length for --validate (as eval's --samples; accuracy claims "
+             "rest on at least 5)")] = 5,
     seed: Annotated[int, typer.Option(help="random seed (calibration prompts; held-out ones use eval's)")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     ray: Annotated[str | None, typer.Option(
@@ -505,6 +512,7 @@ def tune_cmd(
     candidates = candidates_for([m.strip() for m in methods.split(",") if m.strip()], _float_list(density, "--density"),
                                 sets)
     spec = TuneSpec(target, candidates, objective=objective, granularity=granularity, max_verify=max_verify, reps=reps,
+                    uniform_check=uniform_check, max_uniform_verify=max_uniform_verify,
                     model=model, seed=seed,
                     extra={"command": "attnsieve " + " ".join(sys.argv[1:])})
     if out_file.is_dir():

@@ -21,9 +21,9 @@ from attnsieve.methods import LayerContext, exact_attention, make
 from attnsieve.methods.heads import HeadSplit, head_calls
 from attnsieve.tune import SCHEMA, LayerChoice, Plan, Target, fingerprint, load_plan
 from attnsieve.tune.calibration import CALIB_SEED, CalibPrompt, task_prompts
-from attnsieve.tune.profile import Measurement, Profile, candidates_for, profile
+from attnsieve.tune.profile import Candidate, Measurement, Profile, candidates_for, profile
 from attnsieve.tune.search import PathPoint, lagrangian_path, layer_hull, search
-from attnsieve.tune.tuner import TuneSpec, tune
+from attnsieve.tune.tuner import TuneSpec, _uniform_check, tune
 
 from helpers import assert_close
 from tiny_models import (
@@ -645,3 +645,44 @@ def test_ray_agrees_with_in_process(cli, model_dir, tmp_path):
         assert vb[key]["accuracy"] == va[key]["accuracy"]
         assert vb[key]["measured_density"] == va[key]["measured_density"]
     assert [u["kl"] for u in vb["uniform"]] == pytest.approx([u["kl"] for u in va["uniform"]], rel=1e-4, abs=1e-7)
+
+
+@dataclass
+class _FakeVerification:
+    kl: float
+    top1: float = 1.0
+
+    def to_json(self) -> dict:
+        return {"kl": self.kl, "top1": self.top1}
+
+
+def _uniform_case():
+    row = {"dense": (1000, 0.0), "m[density=0.1]": (100, 0.5), "m[density=0.3]": (300, 0.2),
+           "m[density=0.5]": (500, 0.1), "m[density=0.7]": (700, 0.05), "w[density=0.1]": (100, 0.9)}
+    prof = _profile({0: row, 1: row})
+    prof.candidates = [Candidate("dense", "dense")]
+    prof.candidates += [Candidate(lab, lab.split("[")[0]) for lab in row if lab != "dense"]
+    true_kl = {"m[density=0.1]": 0.3, "m[density=0.3]": 0.04, "m[density=0.5]": 0.01,
+               "m[density=0.7]": 0.005, "w[density=0.1]": 0.6}
+    calls = []
+
+    def run(choice, what):
+        (lab,) = set(choice.values())
+        calls.append(lab)
+        return _FakeVerification(true_kl[lab])
+
+    return prof, run, calls
+
+
+@pytest.mark.parametrize("plan_cost,expect", [(1500, "m[density=0.3]"), (2000, "m[density=0.3]"), (500, None)])
+def test_uniform_check_finds_the_cheapest_passing_uniform_configuration_below_the_plan(plan_cost, expect):
+    """Per method, bisection over its uniform configurations cheaper than the path's plan; the cheapest
+    passing one wins, none when every cheaper one fails (a made-up profile: 2 layers, costs in cells)."""
+    prof, run, calls = _uniform_case()
+    spec = TuneSpec(Target("kl", 0.05), prof.candidates, objective="density", max_uniform_verify=3)
+    best, log = _uniform_check(prof, spec, run, lambda v: spec.target.met(kl=v.kl), plan_cost)
+    got = None if best is None else set(best[0].values())
+    assert got == (None if expect is None else {expect})
+    assert all(e["cost"] < plan_cost for e in log)  # only configurations cheaper than the plan ran
+    assert calls.count("w[density=0.1]") <= 1 and len([c for c in calls if c.startswith("m")]) <= 3
+    assert [e["label"] for e in log] == calls and all(e["met"] == (e["kl"] <= 0.05) for e in log)

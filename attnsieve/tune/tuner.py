@@ -8,6 +8,13 @@
    replaced by its middle hull candidate) gives the layer's sensitivity; the greedy / Lagrangian
    path from the cheapest plan to the exact one; the verified search along it (`search.py`).
    For a layer-error target: each layer's cheapest candidate within the bound, verified once.
+   Then the uniform check (`uniform_check`, on by default): per candidate method, the cheapest of its
+   uniform configurations (that candidate on every unit) cheaper than the path's plan that meets the
+   target, by bisection over its configurations in cost order (at most `max_uniform_verify` per
+   method); a uniform configuration that passes and costs less replaces the path's plan. The error
+   model behind the path ranks units by their output error, which can favour plans that a uniform
+   configuration beats at the target; with the check, the plan never costs more on the calibration
+   prompts than a verified uniform configuration the search could name.
 4. The plan, with the verified numbers and a report of how many full forwards it took.
 5. With a validation spec (`--validate`): the plan, dense, every candidate applied uniformly and
    the plans for several targets around the plan's, measured on held-out prompts (`validate.py`).
@@ -51,6 +58,8 @@ class TuneSpec:
     candidates: list[Candidate]
     objective: str = "time"  # what is minimised: measured attention time, or measured density
     max_verify: int = 6  # verifications (each a full forward per prompt) the search may spend
+    uniform_check: bool = True  # also verify uniform configurations cheaper than the path's plan
+    max_uniform_verify: int = 3  # verifications the uniform check may spend per candidate method
     # timed repetitions per profiled call (median; the first also gives the outputs). None: 3 when the
     # objective is time (single timings of short calls on a busy machine rank candidates by noise), else 1
     reps: int | None = None
@@ -66,6 +75,8 @@ class TuneSpec:
             raise ValueError(f"--granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.max_verify < 1:
             raise ValueError(f"--max-verify must be >= 1, got {self.max_verify}")
+        if self.max_uniform_verify < 1:
+            raise ValueError(f"--max-uniform-verify must be >= 1, got {self.max_uniform_verify}")
         if not self.candidates:
             raise ValueError("tuning needs at least one candidate method")
         if self.reps is None:
@@ -154,6 +165,17 @@ def tune(model, prompts: list[CalibPrompt], spec: TuneSpec, progress: Progress |
         }
         if result is None and not _exact(choice):  # the search ran out of verifications above a plan it never ran
             result = run(choice, "verify the plan")
+    if spec.target.kind != "layer_error" and spec.uniform_check:
+        plan_cost = sum(cost(prof.get(u, lab), spec.objective) for u, lab in choice.items())
+        steps.total = steps.done + spec.max_uniform_verify * n * len({c.method for c in prof.candidates})
+        best, log = _uniform_check(prof, spec, run, lambda v: spec.target.met(kl=v.kl, top1=v.top1), plan_cost)
+        report["uniform_check"] = log
+        if best is not None:
+            choice, result = best
+            report["search"]["chosen_from"] = "uniform"
+        else:
+            report["search"]["chosen_from"] = "path"
+        steps.total = steps.done
     if result is None:  # every layer exact: nothing to measure
         result = Verification(0.0, 1.0, 1.0, dense_s, dense_s)
     layer_err = {layer: prof.layer_err(layer, choice) for layer in prof.layers}
@@ -222,6 +244,43 @@ def _frontier(prof: Profile, spec: TuneSpec, choice: dict[Unit, str], path: list
         kl = path[j].predicted * scale
         add(f"kl<={kl:.3g} (predicted)", kl, path[j].choice)
     return out
+
+
+def _uniform_check(prof: Profile, spec: TuneSpec, run, met, plan_cost: float):
+    """The cheapest verified uniform configuration cheaper than `plan_cost` that meets the target, or None.
+
+    Per candidate method, its uniform configurations cheaper than the plan, in cost order, bisected for
+    the cheapest that passes (assumes accuracy grows with cost along one method's configurations; at
+    most `spec.max_uniform_verify` verifications each). Returns ((choice, verification) or None, log)."""
+    units = prof.units
+    by_method: dict[str, list[tuple[float, str]]] = {}
+    for c in prof.candidates:
+        if c.label == "dense":
+            continue
+        total = sum(cost(prof.get(u, c.label), spec.objective) for u in units)
+        if total < plan_cost:
+            by_method.setdefault(c.method, []).append((total, c.label))
+    best, log = None, []
+    for method in sorted(by_method):
+        configs = sorted(by_method[method])
+        lo, hi, spent = -1, len(configs), 0  # configs[hi:] pass or are untried above the last pass
+        passing = None
+        while hi - lo > 1 and spent < spec.max_uniform_verify:
+            mid = (lo + hi) // 2
+            total, lab = configs[mid]
+            v = run(dict.fromkeys(units, lab), f"uniform check: {lab}")
+            spent += 1
+            ok = met(v)
+            log.append({"label": lab, "cost": total, **v.to_json(), "met": ok})
+            if ok:
+                hi, passing = mid, (total, lab, v)
+            else:
+                lo = mid
+        if passing is not None and (best is None or passing[0] < best[0]):
+            best = passing
+    if best is None:
+        return None, log
+    return (dict.fromkeys(units, best[1]), best[2]), log
 
 
 def _exact(choice: dict[Unit, str]) -> bool:
