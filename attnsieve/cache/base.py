@@ -3,11 +3,14 @@
 A `LayerKV` holds one attention layer's past for every batch row and KV head as separate rows of
 real tensors (keys, values and the tokens' true positions), so rows may hold different numbers of
 tokens (per-head budgets, left padding) without padding or masking in memory: `nbytes()` is what
-the cache really holds. Each call of the layer (prefill, a prefill chunk, or one decoding step)
-goes through `attend`: attention of the new queries over the stored past (`attend_past`, which a
-policy may override: quantised keys, pruned channels, page selection) merged through the
-log-sum-exp with attention over the new tokens themselves (the layer's prefill method), then
-`absorb` stores the new tokens and lets the policy `compress`.
+the cache really holds. A row grows in place: it is a view of a buffer with a little headroom (at
+most 1/16 of the row plus 4 tokens, counted by `nbytes()`), so a decoding step writes its token
+instead of copying the row, and dropping a row's oldest tokens (a sliding window) moves the view.
+Each call of the layer (prefill, a prefill chunk, or one decoding step) goes through `attend`:
+attention of the new queries over the stored past (`attend_past`, which a policy may override:
+quantised keys, pruned channels, page selection) merged through the log-sum-exp with attention over
+the new tokens themselves (the layer's prefill method), then `absorb` stores the new tokens and
+lets the policy `compress`.
 
 A policy is a `KVPolicy` subclass registered with `@register_policy`; it builds one `LayerKV`
 per layer. Sliding-window layers get a `WindowKV` that keeps exactly the layer's window (as
@@ -48,6 +51,9 @@ class LayerKV:
         self.pos: list[torch.Tensor] = []  # int32 true positions of the stored tokens
         self.B = self.Hkv = 0
         self.valid_seen: torch.Tensor | None = None  # [B] real tokens seen per batch row
+        # per row: (key buffer, value buffer, position buffer, offset) when the row is a view of
+        # buffers with headroom that appends write into; None when the row is a tensor of its own
+        self._bufs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None] = []
 
     # ----- storage -------------------------------------------------------------------------
     def _init(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -57,10 +63,57 @@ class LayerKV:
         self.values = [v.new_zeros(0, v.shape[-1]) for _ in range(n)]
         self.pos = [torch.zeros(0, dtype=torch.int32, device=k.device) for _ in range(n)]
         self.valid_seen = torch.zeros(self.B, dtype=torch.long, device=k.device)
+        self._bufs = [None] * n
 
     def nbytes(self) -> int:
-        """Bytes of every tensor this layer keeps for its past (keys, values, positions, metadata)."""
-        return sum(t.numel() * t.element_size() for t in self._held())
+        """Bytes of every tensor this layer keeps for its past (keys, values, positions, metadata);
+        a row that grows in a buffer counts the whole buffer, headroom included."""
+        total = sum(t.numel() * t.element_size() for t in self._held())
+        for r in range(len(self._bufs)):
+            if self._tracked(r):
+                kb, vb, pb, _ = self._bufs[r]
+                total += sum(t.numel() * t.element_size() for t in (kb, vb, pb))
+                total -= sum(t.numel() * t.element_size() for t in (self.keys[r], self.values[r], self.pos[r]))
+        return total
+
+    def _tracked(self, r: int) -> bool:
+        """Whether row r is still the view of its buffers that `_append` made (a policy may have
+        replaced the row with a tensor of its own since)."""
+        if r >= len(self._bufs) or self._bufs[r] is None:
+            return False
+        kb, vb, pb, off = self._bufs[r]
+        n = self.keys[r].shape[0]
+        if n == 0 or off + n > kb.shape[0] or self.values[r].shape[0] != n or self.pos[r].shape[0] != n:
+            return False
+        return (self.keys[r].data_ptr() == kb[off].data_ptr() and self.values[r].data_ptr() == vb[off].data_ptr()
+                and self.pos[r].data_ptr() == pb[off].data_ptr())
+
+    def _append(self, r: int, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Append t tokens to row r: written into the row's buffer headroom when there is room, else the
+        row moves into new buffers with headroom (amortised: a copy every ~n/16, at least 4, appended tokens)."""
+        t = k.shape[0]
+        if t == 0:
+            return
+        n = self.keys[r].shape[0]
+        if self._tracked(r):
+            kb, vb, pb, off = self._bufs[r]
+            if off + n + t <= kb.shape[0]:
+                end = off + n + t
+                kb[off + n : end] = k
+                vb[off + n : end] = v
+                pb[off + n : end] = pos
+                self.keys[r], self.values[r], self.pos[r] = kb[off:end], vb[off:end], pb[off:end]
+                return
+        cap = n + t + (max(4, (n + t) // 16) if n else 0)  # a prompt is stored exactly; growth gets headroom
+        old_k, old_v, old_p = self.keys[r], self.values[r], self.pos[r]
+        kb = old_k.new_empty(cap, old_k.shape[-1])
+        vb = old_v.new_empty(cap, old_v.shape[-1])
+        pb = old_p.new_empty(cap)
+        for buf, old, new in ((kb, old_k, k), (vb, old_v, v), (pb, old_p, pos)):
+            buf[:n] = old
+            buf[n : n + t] = new
+        self._bufs[r] = (kb, vb, pb, 0)
+        self.keys[r], self.values[r], self.pos[r] = kb[: n + t], vb[: n + t], pb[: n + t]
 
     def _held(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values, *self.pos]
@@ -80,7 +133,13 @@ class LayerKV:
         return torch.tensor([p.numel() for p in self.pos]).view(self.B, self.Hkv)
 
     def row_tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The rows padded to one batch (a transient view for computing): k, v, pos, valid [N, Lmax]."""
+        """The rows padded to one batch (a transient view for computing): k, v, pos, valid [N, Lmax].
+
+        Read-only: with one row these are views of the stored row itself."""
+        if len(self.pos) == 1:  # one row (batch 1, one KV head): views, no copy
+            p = self.pos[0]
+            return self.keys[0][None], self.values[0][None], p[None], torch.ones(1, p.numel(), dtype=torch.bool,
+                                                                                   device=p.device)
         lengths = [p.numel() for p in self.pos]
         if len(set(lengths)) == 1:  # equal rows: stack, no padding
             k, v, pos = torch.stack(self.keys), torch.stack(self.values), torch.stack(self.pos)
@@ -155,11 +214,9 @@ class LayerKV:
         pos = self.query_positions(Tq, k_new.device).to(torch.int32)
         for b in range(B):
             keep = slice(None) if new_valid is None else new_valid[b].bool()
+            p_b = pos[keep]
             for h in range(Hkv):
-                r = b * Hkv + h
-                self.keys[r] = torch.cat([self.keys[r], k_new[b, h][keep]])
-                self.values[r] = torch.cat([self.values[r], v_new[b, h][keep]])
-                self.pos[r] = torch.cat([self.pos[r], pos[keep]])
+                self._append(b * Hkv + h, k_new[b, h][keep], v_new[b, h][keep], p_b)
         self.valid_seen += Tq if new_valid is None else new_valid.sum(-1)
         self.seen += Tq
         self.compress(q, k_new, new_valid, scale)
@@ -168,9 +225,20 @@ class LayerKV:
         """Hook: reduce what is stored. The base class keeps everything (the dense cache)."""
 
     def keep_rows(self, keep: list[torch.Tensor]) -> None:
-        """Keep, in every row r, the stored tokens at indices keep[r] (kept in position order)."""
+        """Keep, in every row r, the stored tokens at indices keep[r] (kept in position order).
+
+        A kept range at the end of a buffered row (a window dropping its oldest tokens) moves the row's
+        view forward without copying; any other selection copies the kept tokens into a tensor of
+        their own, so the evicted ones are freed."""
         for r, idx in enumerate(keep):
             idx = idx.sort().values
+            n, m = self.keys[r].shape[0], idx.numel()
+            if m and self._tracked(r) and int(idx[-1]) == n - 1 and int(idx[0]) == n - m:
+                kb, vb, pb, off = self._bufs[r]
+                a = off + n - m
+                self._bufs[r] = (kb, vb, pb, a)
+                self.keys[r], self.values[r], self.pos[r] = kb[a : a + m], vb[a : a + m], pb[a : a + m]
+                continue
             self.keys[r] = self.keys[r].index_select(0, idx).contiguous()
             self.values[r] = self.values[r].index_select(0, idx).contiguous()
             self.pos[r] = self.pos[r].index_select(0, idx).contiguous()
