@@ -30,6 +30,20 @@ from attnsieve.params import enforce_types
 
 
 @dataclass
+class Rotary:
+    """How a call's queries and keys were rotated (RoPE in transformers' rotate-half layout).
+
+    The integration sets it on the layer before each call, for policies that reason about
+    positions (Expected Attention projects query statistics to future positions). Dims i and
+    i + R/2 of the first R = 2 * len(inv_freq) dims of a head turn together at inv_freq[i] * position;
+    the remaining dims are not rotated.
+    """
+
+    inv_freq: torch.Tensor  # [R/2] angular frequencies
+    positions: torch.Tensor  # [B, Tq] position ids the call's tokens were rotated with
+
+
+@dataclass
 class PastAttention:
     out: torch.Tensor  # [B, H, Tq, Dv]
     lse: torch.Tensor  # [B, H, Tq]
@@ -48,6 +62,7 @@ class LayerKV:
         self.pos: list[torch.Tensor] = []  # int32 true positions of the stored tokens
         self.B = self.Hkv = 0
         self.valid_seen: torch.Tensor | None = None  # [B] real tokens seen per batch row
+        self.rotary: Rotary | None = None  # this call's RoPE, set by the integration (None: unknown or no RoPE)
 
     # ----- storage -------------------------------------------------------------------------
     def _init(self, k: torch.Tensor, v: torch.Tensor) -> None:
