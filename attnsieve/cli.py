@@ -354,6 +354,9 @@ def eval_cmd(
     ray: Annotated[str | None, typer.Option("--ray", help="Ray address, 'auto', or 'local' (ray extra)")] = None,
     kv: Annotated[str | None, typer.Option(help="comma-separated KV-cache policies, each with every method")] = None,
     kv_budget: Annotated[str | None, typer.Option(help="comma-separated KV budgets in (0, 1] for --kv")] = None,
+    kv_mode: Annotated[str, typer.Option(
+        help="comma-separated: aware (the policy compresses the prompt with its question) and/or agnostic (the "
+             "context alone is compressed, then the question is appended to the frozen cache)")] = "aware",
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP + "; rows record it, fidelity is against dense "
                                             "in the same dtype")] = "auto",
     plan: Annotated[list[Path] | None, typer.Option(
@@ -382,6 +385,7 @@ def eval_cmd(
         densities=_float_list(density, "--density") if density else None, sets=sets, haystack=haystack,
         seed=seed, command="attnsieve " + " ".join(sys.argv[1:]), kv=kvs,
         kv_budgets=_float_list(kv_budget, "--kv-budget") if kv_budget else None, kv_sets=kv_sets,
+        kv_modes=[x.strip() for x in kv_mode.split(",") if x.strip()],
         dtype=str(_dtype(dtype)).removeprefix("torch."),
         plans=[_plan_for(p, model) for p in plan or []],
     )
@@ -769,6 +773,8 @@ def bench_decode_cmd(
     kv_budget: Annotated[float | None, typer.Option(help="fraction of the dense cache kept, in (0, 1]")] = 0.25,
     length: Annotated[int, typer.Option(help="prompt length in tokens")] = 4096,
     steps: Annotated[int, typer.Option(help="decoding steps timed after the prefill")] = 32,
+    rounds: Annotated[int, typer.Option(
+        help="alternating blocks the steps run in (DynamicCache, then the policy; medians over blocks)")] = 4,
     method: Annotated[str, typer.Option(help="prefill method (registered name)")] = "dense",
     set_: Annotated[list[str] | None, typer.Option("--set", help="method or policy parameter key=value")] = None,
     seed: Annotated[int, typer.Option(help="random seed of the prompt")] = 0,
@@ -792,6 +798,8 @@ def bench_decode_cmd(
         raise ValueError(f"--length must be in [64, {limit}] for this model, got {length}")
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {rounds}")
     dt = _dtype(dtype)
     _threads(threads)
 
@@ -799,15 +807,18 @@ def bench_decode_cmd(
 
     with err.status(f"loading {model}"):
         mdl, tok = load(model, dtype=dt)
-    with err.status(f"prefill {length} tokens + {steps} steps: DynamicCache, then {kv}"):
+    with err.status(f"prefill {length} tokens, then {steps} steps in {rounds} alternating blocks: "
+                    f"DynamicCache and {kv}"):
         r = bench_decode(mdl, tok, kv, kv_budget, length, steps=steps, method=method,
-                         params={**params, **kv_params}, seed=seed)
+                         params={**params, **kv_params}, seed=seed, rounds=rounds)
     if not as_json:
-        table = Table("policy", "budget", "dense ms/step", "ms/step", "dense MB", "MB", "compressed layers",
+        table = Table("policy", "budget", "dense ms/step", "ms/step", "dense attn ms", "attn ms",
+                      "dense global-layer attn ms", "global-layer attn ms", "dense MB", "MB", "compressed layers",
                       "tokens agree")
-        table.add_row(kv, str(kv_budget), f"{r['dense_ms']:.1f}", f"{r['ms']:.1f}", f"{r['dense_bytes'] / 2**20:.1f}",
-                      f"{r['bytes'] / 2**20:.1f}", f"{r['compressed_layers_ratio']:.3f}x",
-                      f"{r['token_agreement']:.2f}")
+        table.add_row(kv, str(kv_budget), f"{r['dense_ms']:.1f}", f"{r['ms']:.1f}", f"{r['dense_attn_ms']:.1f}",
+                      f"{r['attn_ms']:.1f}", f"{r['dense_global_attn_ms']:.2f}", f"{r['global_attn_ms']:.2f}",
+                      f"{r['dense_bytes'] / 2**20:.1f}", f"{r['bytes'] / 2**20:.1f}",
+                      f"{r['compressed_layers_ratio']:.3f}x", f"{r['token_agreement']:.2f}")
         out.print(table)
     _print_json({"command": "bench decode", "model": model, **r}, seed, dt)
 

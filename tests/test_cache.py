@@ -356,3 +356,59 @@ def test_unpatch_during_generate_refuses_rather_than_decode_wrongly(kv, arch):
         first = model.generate(ids, max_new_tokens=10, do_sample=False)
     with attnsieve.patched(model, "dense", kv=kv, kv_budget=0.1):
         assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=False), first)
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.25])
+def test_bench_decode_interleaves_and_reports_attention_time(budget, tmp_path):
+    """bench decode on a tiny Gemma-3 (sliding and global layers): both caches decode the same steps in
+    alternating blocks; at budget 1 the policy's tokens are DynamicCache's; the attention fields are
+    there and the global layers are the ones the policy compresses."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+
+    from attnsieve.eval.bench import bench_decode
+
+    from tiny_models import save_tiny_eval_model
+
+    folder = save_tiny_eval_model(tmp_path / "m")
+    model, tok = Gemma3ForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    r = bench_decode(model, tok, "snapkv", budget, 300, steps=6, rounds=3, params={"kv_window": 8})
+    assert r["rounds"] == 3 and r["steps"] == 6
+    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
+    sliding = [getattr(m, "sliding_window", None) for m in layers]
+    assert r["global_layers"] == [i for i, w in enumerate(sliding) if not w]
+    for key in ("ms", "dense_ms", "attn_ms", "dense_attn_ms", "global_attn_ms", "dense_global_attn_ms"):
+        assert r[key] > 0, key
+    assert r["attn_ms"] < r["ms"] and r["global_attn_ms"] <= r["attn_ms"]
+    if budget == 1.0:
+        assert r["token_agreement"] == 1.0 and r["decode_density"] == 1.0
+    else:
+        assert r["bytes_compressed_layers"] < 0.5 * r["dense_bytes_compressed_layers"]
+    assert not hasattr(model, attnsieve.integrations.hf._STATE)  # left unpatched
+
+
+@pytest.mark.parametrize("kv", ["snapkv", "tova", "keydiff"])
+def test_query_agnostic_cache_does_not_depend_on_the_question(kv):
+    """compress_context: the policy compresses the context alone and the cache is frozen, so two
+    different questions appended to it leave the context's kept tokens identical, and the questions'
+    own tokens are all stored (no recompression)."""
+    model = tiny_llama()
+    ctx, _ = prompt(T=160, seed=3)
+    qa, _ = prompt(T=12, seed=4)
+    qb, _ = prompt(T=12, seed=5)
+    with attnsieve.patched(model, "dense", kv=kv, kv_budget=0.25) as p:
+        kept = []
+        for q in (qa, qb):
+            cache = p.compress_context(ctx)
+            before = [[r.clone() for r in layer.kv.pos] for layer in cache.layers]
+            keys = [[r.clone() for r in layer.kv.keys] for layer in cache.layers]
+            model(q, cache=cache, use_cache=True)
+            for layer, pos0, keys0 in zip(cache.layers, before, keys, strict=True):
+                for row, p0, k0 in zip(range(len(pos0)), pos0, keys0, strict=True):
+                    n = p0.numel()
+                    assert torch.equal(layer.kv.pos[row][:n], p0) and torch.equal(layer.kv.keys[row][:n], k0)
+                    assert layer.kv.pos[row][n:].tolist() == list(range(160, 172))  # the question, whole
+            kept.append(before)
+        assert all(torch.equal(a, b) for la, lb in zip(*kept, strict=True) for a, b in zip(la, lb, strict=True))
+        assert max(r.numel() for layer in kept[0] for r in layer) <= math.ceil(0.25 * 160)
+    with attnsieve.patched(model, "dense") as p, pytest.raises(ValueError, match="needs a KV-cache policy"):
+        p.compress_context(ctx)

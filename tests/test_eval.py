@@ -207,3 +207,22 @@ def test_fidelity_prefills_the_prompt_alone_then_decodes_the_answer(model, tok):
         stepwise = continuation_logprobs(model, prompt, answer)
     torch.testing.assert_close(stepwise, forced, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ref.logprobs, forced, atol=1e-4, rtol=1e-4)
+
+
+def test_grid_runs_each_policy_query_aware_and_query_agnostic(tmp_path, model, tok):
+    """--kv-mode aware,agnostic: each policy twice, labelled apart; the agnostic row compressed the
+    context alone (its question appended to the frozen cache); bad modes are one clear error."""
+    rows = run_grid(model, tok, spec(tmp_path, methods=["dense"], tasks=["passkey", "niah_single"], samples=1,
+                                     lengths=[400], kv=["snapkv"], kv_budgets=[0.25], kv_modes=["aware", "agnostic"]))
+    by = {(r["task"], r["config"]): r for r in rows}
+    for task in ("passkey", "niah_single"):
+        aware, agnostic = by[(task, "dense+snapkv@0.25")], by[(task, "dense+snapkv@0.25:agnostic")]
+        assert aware["kv_mode"] == "aware" and agnostic["kv_mode"] == "agnostic"
+        assert by[(task, "dense")]["kv_mode"] is None
+        # the question's tokens stay whole in agnostic mode: more stored than the aware cache's budget
+        assert agnostic["kv_cache_bytes"] > aware["kv_cache_bytes"]
+        assert agnostic["decode_ms_per_token"] is not None
+    with pytest.raises(ValueError, match="--kv-mode must be one or more of aware, agnostic, got 'blind'"):
+        spec(tmp_path, kv=["snapkv"], kv_budgets=[0.25], kv_modes=["blind"])
+    with pytest.raises(ValueError, match="--kv-mode needs --kv"):
+        spec(tmp_path, kv_modes=["agnostic"])

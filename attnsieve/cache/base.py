@@ -33,6 +33,20 @@ from attnsieve.params import enforce_types
 
 
 @dataclass
+class Rotary:
+    """How a call's queries and keys were rotated (RoPE in transformers' rotate-half layout).
+
+    The integration sets it on the layer before each call, for policies that reason about
+    positions (Expected Attention projects query statistics to future positions). Dims i and
+    i + R/2 of the first R = 2 * len(inv_freq) dims of a head turn together at inv_freq[i] * position;
+    the remaining dims are not rotated.
+    """
+
+    inv_freq: torch.Tensor  # [R/2] angular frequencies
+    positions: torch.Tensor  # [B, Tq] position ids the call's tokens were rotated with
+
+
+@dataclass
 class PastAttention:
     out: torch.Tensor  # [B, H, Tq, Dv]
     lse: torch.Tensor  # [B, H, Tq]
@@ -54,6 +68,10 @@ class LayerKV:
         # per row: (key buffer, value buffer, position buffer, offset) when the row is a view of
         # buffers with headroom that appends write into; None when the row is a tensor of its own
         self._bufs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None] = []
+        self.rotary: Rotary | None = None  # this call's RoPE, set by the integration (None: unknown or no RoPE)
+        # True once the context is compressed in query-agnostic mode (PolicyCache.freeze): later tokens
+        # (questions, answers) are stored as they come and the policy compresses nothing more
+        self.frozen = False
 
     # ----- storage -------------------------------------------------------------------------
     def _init(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -168,6 +186,8 @@ class LayerKV:
         """
         if not self.keys:
             self._init(k_new, v_new)
+        if q.shape[2] == 1 and new_valid is None and self.seen > 0 and self._plain_decode():
+            return self._decode_step(q, k_new, v_new, scale)
         new = new_attention(q, k_new, v_new)
         out, cells = new.out, new.cells
         if self.seen > 0:
@@ -177,6 +197,35 @@ class LayerKV:
                 cells += past.cells
         self.absorb(q, k_new, v_new, new_valid, scale)
         return out, cells
+
+    def _plain_decode(self) -> bool:
+        """Whether a one-token step may take the fused path: the past is read as stored (the policy
+        does not override `attend_past`), every row holds as many tokens, and every stored token is
+        inside the new query's window."""
+        if type(self).attend_past is not LayerKV.attend_past or len({p.numel() for p in self.pos}) != 1:
+            return False
+        return self.window is None or all(int(p[0]) > self.seen - self.window for p in self.pos if p.numel())
+
+    def _decode_step(self, q, k_new, v_new, scale):
+        """One decoding step without padding: store the token, then one attention call over every stored
+        row (the token itself included: one query over one key is exact under any method), then let
+        the policy compress. The same cells as the general path, in one call instead of attention
+        over the past and over the new token merged through the log-sum-exp."""
+        B, H, _, D = q.shape
+        pos = self.query_positions(1, q.device).to(torch.int32)
+        for b in range(B):
+            for h in range(self.Hkv):
+                self._append(b * self.Hkv + h, k_new[b, h], v_new[b, h], pos)
+        self.valid_seen += 1
+        self.seen += 1
+        k, v, _, _ = self.row_tensors()
+        L = k.shape[1]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k.view(B, self.Hkv, L, D), v.view(B, self.Hkv, L, -1), scale=scale, enable_gqa=H != self.Hkv
+        )
+        if not self.frozen:
+            self.compress(q, k_new, None, scale)
+        return out, B * H * L
 
     def query_positions(self, Tq: int, device) -> torch.Tensor:
         return torch.arange(self.seen, self.seen + Tq, device=device)
@@ -219,7 +268,8 @@ class LayerKV:
                 self._append(b * Hkv + h, k_new[b, h][keep], v_new[b, h][keep], p_b)
         self.valid_seen += Tq if new_valid is None else new_valid.sum(-1)
         self.seen += Tq
-        self.compress(q, k_new, new_valid, scale)
+        if not self.frozen:
+            self.compress(q, k_new, new_valid, scale)
 
     def compress(self, q, k_new, new_valid, scale) -> None:
         """Hook: reduce what is stored. The base class keeps everything (the dense cache)."""
@@ -228,12 +278,14 @@ class LayerKV:
         """Keep, in every row r, the stored tokens at indices keep[r] (kept in position order).
 
         A kept range at the end of a buffered row (a window dropping its oldest tokens) moves the row's
-        view forward without copying; any other selection copies the kept tokens into a tensor of
-        their own, so the evicted ones are freed."""
+        view forward without copying while the buffer's unused part stays within the headroom; any
+        other selection copies the kept tokens into a tensor of their own, so the evicted ones are
+        freed."""
         for r, idx in enumerate(keep):
             idx = idx.sort().values
             n, m = self.keys[r].shape[0], idx.numel()
-            if m and self._tracked(r) and int(idx[-1]) == n - 1 and int(idx[0]) == n - m:
+            if (m and self._tracked(r) and int(idx[-1]) == n - 1 and int(idx[0]) == n - m
+                    and self._bufs[r][0].shape[0] - m <= max(4, (m + 1) // 16) + 1):  # little left unused
                 kb, vb, pb, off = self._bufs[r]
                 a = off + n - m
                 self._bufs[r] = (kb, vb, pb, a)

@@ -119,52 +119,126 @@ def bench_prefill(model, tok, method: str, length: int, *, params: dict | None =
 
 @torch.no_grad()
 def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, steps: int = 32,
-                 method: str = "dense", params: dict | None = None, seed: int = 0) -> dict:
-    """One prefill of `length` tokens, then `steps` greedy decoding steps; policy cache vs DynamicCache.
+                 method: str = "dense", params: dict | None = None, seed: int = 0, rounds: int = 4) -> dict:
+    """One prefill of `length` tokens on each cache, then `steps` greedy decoding steps on each:
+    transformers' DynamicCache (the model unpatched) against the policy's cache, interleaved.
 
-    Both runs decode the same prompt in the same process; bytes are the tensors each cache holds
-    after the last step (for the policy: every row it really stores, metadata included).
+    The steps run in `rounds` alternating blocks (DynamicCache, then the policy; the model is
+    patched for the policy's blocks only), and `ms` / `dense_ms` are the medians of the blocks'
+    per-step times, so a change in the machine's speed hits both alike. `attn_ms` / `dense_attn_ms`
+    are the time per step inside the attention modules of all layers (projections, RoPE, the
+    cache's update or store, and attention: the projections are the same on both sides, so the
+    difference is the cache's), `global_attn_ms` / `dense_global_attn_ms` the same over the layers
+    the policy compresses (a model's sliding-window layers keep their window on both sides).
+    Bytes are the tensors each cache holds after the last step (for the policy: every row it
+    really stores, metadata included).
     """
     from attnsieve.eval.tasks import make_passkey
-    from attnsieve.integrations.hf import patched
+    from attnsieve.integrations.hf import _attention_modules, patch, unpatch
+    from attnsieve.integrations.hf_cache import PolicyCache
 
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    rounds = min(rounds, steps)
     ids = make_passkey(tok, length, 0.5, seed).input_ids
+    kw = dict(kv=kv, kv_budget=kv_budget, **(params or {}))
 
-    def run():
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        tokens = []
+    modules = _attention_modules(model)
+    timer = {"on": False, "t0": {}, "acc": {}}
+
+    def pre(idx):
+        def hook(module, args, kwargs):
+            if timer["on"]:
+                timer["t0"][idx] = time.perf_counter()
+        return hook
+
+    def post(idx):
+        def hook(module, args, kwargs, output):
+            if timer["on"] and idx in timer["t0"]:
+                timer["acc"][idx] = timer["acc"].get(idx, 0.0) + time.perf_counter() - timer["t0"].pop(idx)
+        return hook
+
+    handles = [m.register_forward_pre_hook(pre(i), with_kwargs=True) for i, m in modules.items()]
+    handles += [m.register_forward_hook(post(i), with_kwargs=True) for i, m in modules.items()]
+
+    def decode(state, n):
+        """n greedy steps continuing state = [cache, next token, tokens]: (seconds per step, attention s by layer)."""
+        cache, nxt, tokens = state
+        timer["acc"], timer["on"] = {}, True
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(n):
             out = model(nxt, cache=cache, use_cache=True, logits_to_keep=1)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(nxt))
-        return (time.perf_counter() - t0) / steps, cache, tokens
+        dt = (time.perf_counter() - t0) / n
+        timer["on"] = False
+        state[1] = nxt
+        return dt, {i: t / n for i, t in timer["acc"].items()}
 
-    run_short = ids[:, : min(length, 256)]
-    model(run_short, use_cache=True, logits_to_keep=1)  # warm-up
-    dense_step, dense_cache, dense_tokens = run()
+    try:
+        model(ids[:, : min(length, 256)], use_cache=True, logits_to_keep=1)  # warm-up
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        dense = [out.cache, out.logits[:, -1].argmax(-1, keepdim=True), []]
+        p = patch(model, method, **kw)
+        try:
+            out = model(ids, use_cache=True, logits_to_keep=1)
+        finally:
+            unpatch(model)
+        policy = [out.cache, out.logits[:, -1].argmax(-1, keepdim=True), []]
+        cache = policy[0]
+        if not isinstance(cache, PolicyCache):
+            raise RuntimeError("internal error: the patched prefill did not build the policy's cache")
+        global_layers = [i for i, layer in enumerate(cache.layers) if layer.kv.window is None]
+        times = {"dense": [], "policy": []}
+        attn = {"dense": [], "policy": []}
+        cells = exact = 0
+        sizes = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+        for n in sizes:
+            dt, a = decode(dense, n)
+            times["dense"].append(dt)
+            attn["dense"].append(a)
+            p = patch(model, method, **kw)
+            try:
+                for layer in cache.layers:  # the cache continues under this patch (same policy and method)
+                    layer.owner = p
+                dt, a = decode(policy, n)
+                rs = [r for r in p.stats.records if r.role == "method" and r.phase == "decode"]
+                cells += sum(r.cells for r in rs)
+                exact += sum(r.exact_cells for r in rs)
+            finally:
+                unpatch(model)
+            times["policy"].append(dt)
+            attn["policy"].append(a)
+    finally:
+        for h in handles:
+            h.remove()
+
+    def med_attn(side, layers=None):
+        return 1000 * statistics.median(sum(v for i, v in a.items() if layers is None or i in layers)
+                                        for a in attn[side])
+
+    dense_tokens, tokens = dense[2], policy[2]
+    dense_cache = dense[0]
     dense_bytes = sum(
         (layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size())
         for layer in dense_cache.layers
     )
-    with patched(model, method, kv=kv, kv_budget=kv_budget, **(params or {})) as p:
-        step, cache, tokens = run()
-        stats = p.stats
-        decode_density = stats.density("decode")
     agree = sum(a == b for a, b in zip(tokens, dense_tokens, strict=True)) / steps
     return {
-        "length": length, "steps": steps, "kv": kv, "kv_budget": kv_budget, "method": method,
-        "params": params or {}, "dense_ms": 1000 * dense_step, "ms": 1000 * step,
+        "length": length, "steps": steps, "rounds": rounds, "kv": kv, "kv_budget": kv_budget, "method": method,
+        "params": params or {},
+        "dense_ms": 1000 * statistics.median(times["dense"]), "ms": 1000 * statistics.median(times["policy"]),
+        "dense_attn_ms": med_attn("dense"), "attn_ms": med_attn("policy"),
+        "dense_global_attn_ms": med_attn("dense", global_layers), "global_attn_ms": med_attn("policy", global_layers),
+        "global_layers": global_layers,
         "dense_bytes": dense_bytes, "bytes": cache.nbytes(),
         "dense_bytes_compressed_layers": cache.dense_nbytes(compressed_only=True),
         "bytes_compressed_layers": cache.nbytes(compressed_only=True),
         "bytes_ratio": cache.nbytes() / dense_bytes,
         "compressed_layers_ratio": cache.nbytes(compressed_only=True) / cache.dense_nbytes(compressed_only=True),
-        "token_agreement": agree, "decode_density": decode_density,
+        "token_agreement": agree, "decode_density": cells / exact if exact else None,
     }
 
 

@@ -29,13 +29,34 @@ class Generation:
         return 1000 * self.decode_s / steps if steps > 0 else None
 
 
+def context_then_question(model, input_ids: torch.Tensor, context_len: int):
+    """Prefill the context alone, freeze its compressed cache, then prefill the question over it."""
+    if not 0 < context_len < input_ids.shape[1]:
+        raise ValueError(f"context_len must be in [1, {input_ids.shape[1] - 1}], got {context_len}")
+    out = model(input_ids[:, :context_len], use_cache=True, logits_to_keep=1)
+    if not hasattr(out.cache, "freeze"):
+        raise ValueError("query-agnostic mode needs a KV-cache policy (transformers' DynamicCache has no freeze)")
+    out.cache.freeze()
+    return model(input_ids[:, context_len:], cache=out.cache, use_cache=True, logits_to_keep=1)
+
+
 @torch.no_grad()
-def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None) -> Generation:
-    """Greedy continuation of a batch-1 prompt; stops at EOS or after `max_new_tokens` tokens."""
+def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
+           context_len: int | None = None) -> Generation:
+    """Greedy continuation of a batch-1 prompt; stops at EOS or after `max_new_tokens` tokens.
+
+    `context_len` (query-agnostic KV compression, with a KV policy patched in): the first
+    `context_len` tokens are prefilled and compressed alone, the cache is frozen, and the rest of
+    the prompt (the question) is prefilled over it as a continuation; both count as prefill."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if context_len is not None and attention_mask is not None:
+        raise ValueError("context_len runs unpadded batch-1 prompts only")
     t0 = time.perf_counter()
-    out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    if context_len is None:
+        out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    else:
+        out = context_then_question(model, input_ids, context_len)
     prefill_s = time.perf_counter() - t0
     cache_bytes = kv_cache_bytes(out.cache)
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)

@@ -41,6 +41,9 @@ class MethodConfig:
     kv: str | None = None  # decoding-cache policy (None: transformers' DynamicCache)
     kv_budget: float | None = None
     kv_params: tuple[tuple[str, Any], ...] = ()
+    # "aware": the policy compresses the prompt with its question; "agnostic": the context alone, then
+    # the question (and the answer) are appended to the frozen compressed cache
+    kv_mode: str = "aware"
     # a tuned plan (attnsieve.tune.Plan): method "plan", one method per layer; its label names it, and
     # it stays out of hashing (a Plan is mutable)
     plan: Any = field(default=None, compare=False, hash=False)
@@ -56,15 +59,25 @@ class MethodConfig:
         return {} if self.kv is None else {"kv": self.kv, "kv_budget": self.kv_budget, **dict(self.kv_params)}
 
 
+KV_MODES = ("aware", "agnostic")
+
+
 def with_policies(
     configs: list[MethodConfig], kvs: list[str] | None, budgets: list[float] | None,
-    kv_sets: dict[str, dict[str, Any]] | None = None,
+    kv_sets: dict[str, dict[str, Any]] | None = None, kv_modes: list[str] | None = None,
 ) -> list[MethodConfig]:
-    """Each configuration as given (DynamicCache) plus, for every policy and budget, with that policy."""
+    """Each configuration as given (DynamicCache) plus, for every policy, budget and KV mode, with that
+    policy (labels of query-agnostic configurations end in ":agnostic")."""
     from attnsieve.cache import make_policy
 
     if budgets and not kvs:
         raise ValueError("--kv-budget needs --kv POLICY[,POLICY]")
+    modes = kv_modes or ["aware"]
+    bad = sorted(set(modes) - set(KV_MODES))
+    if bad or not modes:
+        raise ValueError(f"--kv-mode must be one or more of {', '.join(KV_MODES)}, got {','.join(modes)!r}")
+    if modes != ["aware"] and not kvs:
+        raise ValueError("--kv-mode needs --kv POLICY[,POLICY]")
     out = list(configs)
     for kv in kvs or []:
         params = (kv_sets or {}).get(kv, {})
@@ -72,9 +85,11 @@ def with_policies(
             make_policy(kv, b, **params)  # validate now, before any model work
             items = tuple(sorted(params.items()))
             extra = f"[{','.join(f'{k}={v}' for k, v in items)}]" if items else ""
-            for c in configs:
-                label = f"{c.label}+{kv}{extra}@{b if b is not None else 1.0}"
-                out.append(MethodConfig(label, c.method, c.params, kv, b, items))
+            for mode in modes:
+                for c in configs:
+                    label = f"{c.label}+{kv}{extra}@{b if b is not None else 1.0}"
+                    label += "" if mode == "aware" else f":{mode}"
+                    out.append(MethodConfig(label, c.method, c.params, kv, b, items, mode))
     return out
 
 
@@ -131,6 +146,7 @@ class EvalSpec:
     kv: list[str] | None = None  # KV-cache policies, each run with every method configuration
     kv_budgets: list[float] | None = None
     kv_sets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kv_modes: list[str] = field(default_factory=lambda: ["aware"])  # KV_MODES: each policy run in each
     dtype: str = "float32"  # the model's dtype: rows record it, and dense references run in it
     plans: list = field(default_factory=list)  # tuned plans (attnsieve.tune.Plan), each run as one configuration
 
@@ -148,7 +164,7 @@ class EvalSpec:
                 raise ValueError(f"length must be >= 64 tokens, got {n}")
         self.configs = with_policies(
             expand_configs(self.methods, self.densities, self.sets) + plan_configs(self.plans),
-            self.kv, self.kv_budgets, self.kv_sets,
+            self.kv, self.kv_budgets, self.kv_sets, self.kv_modes,
         )
 
     def inputs(self) -> list[tuple[str, int, int]]:
@@ -158,6 +174,16 @@ class EvalSpec:
 def load_rows(path: Path) -> list[dict]:
     """The rows of a results file, one per cell; ValueError naming the file and line for a malformed row."""
     return read_rows(path)
+
+
+def question_tokens(tok, sample) -> int:
+    """Tokens of a sample's question, the end of its prompt (what query-agnostic mode holds back)."""
+    from attnsieve.eval.tasks.base import encode
+
+    question = sample.meta.get("question")
+    if not question:
+        raise ValueError(f"task {sample.task!r} has no separate question: --kv-mode agnostic cannot run it")
+    return len(encode(tok, question))
 
 
 def make_input(tok, spec: EvalSpec, task: str, length: int, i: int):
@@ -208,7 +234,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
                 ppl, prefill_s = _timed_ppl(model, ids)
                 gen = None
             else:
-                gen = greedy(model, tok, ids, sample.max_new_tokens)
+                context = None if cfg.kv_mode == "aware" else ids.shape[1] - question_tokens(tok, sample)
+                gen = greedy(model, tok, ids, sample.max_new_tokens, context_len=context)
                 prefill_s = gen.prefill_s
         if cfg.method == "dense":
             exact_s = prefill_s
@@ -223,6 +250,7 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
             "prefill_s": prefill_s, "dense_prefill_s": stock_s, "prefill_ratio": prefill_s / stock_s,
             "estimate_s": p.stats.estimate_s(), "peak_mem_mb": mem.peak_mb,
             "kv": cfg.kv, "kv_budget": cfg.kv_budget, "kv_params": dict(cfg.kv_params),
+            "kv_mode": cfg.kv_mode if cfg.kv is not None else None,
         }
         if sample is None:
             row.update(correct=None, ppl=ppl, dense_ppl=dense_ppl, kl=None, top1_agree=None,

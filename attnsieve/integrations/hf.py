@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
-from attnsieve.cache import KVPolicy, make_policy
+from attnsieve.cache import KVPolicy, Rotary, make_policy
 from attnsieve.integrations.hf_cache import KV_KWARG, PolicyCache
 from attnsieve.kernels import dense_attention, exact_cells
 from attnsieve.methods import AttnOutput, LayerContext, Method, exact_attention, make
@@ -109,6 +109,7 @@ class LayerRuntime:
     role: str  # as in LayerRecord
     stats: Stats
     capture: dict[int, CapturedLayer] | None = None  # shared by all layers while capturing
+    rope: tuple[torch.nn.Module, str] | None = None  # (rotary module, its inv_freq buffer's name) for this layer
 
 
 @dataclass
@@ -128,6 +129,21 @@ class Patch:
 
     def unpatch(self) -> None:
         unpatch(self.model)
+
+    @torch.no_grad()
+    def compress_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PolicyCache:
+        """Query-agnostic compression: prefill `input_ids` (a context, without its question) into a new
+        cache of this patch's policy, let the policy compress it, and freeze it (`PolicyCache.freeze`).
+        Then append questions and answers with `model(ids, cache=cache)` or
+        `model.generate(..., past_key_values=cache)`: the policy never sees them before compressing."""
+        if self.kv is None:
+            raise ValueError("compress_context needs a KV-cache policy: patch(model, kv=POLICY, kv_budget=B)")
+        if not self.active:
+            raise RuntimeError("this patch was unpatched; patch the model again")
+        cache = self.new_cache()
+        self.model(input_ids, attention_mask=attention_mask, cache=cache, use_cache=True, logits_to_keep=1)
+        cache.freeze()
+        return cache
 
     def new_cache(self) -> PolicyCache:
         """A fresh cache for this patch: the policy's compressed global layers, exact sliding windows.
@@ -209,6 +225,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     ctx = LayerContext(module.layer_idx, scale, window, key_valid, causal)
     cache_layer = kwargs.get(KV_KWARG)
     if cache_layer is not None:
+        cache_layer.kv.rotary = _rotary(rt, kwargs.get("position_ids"), query, cache_layer.kv.seen)
         return _attention_with_policy_cache(rt, module, query, key, value, ctx, cache_layer.kv)
     phase = "decode" if Tq == 1 and Tk > 1 else "prefill"  # one new token over a cache
     if rt.capture is not None and phase == "prefill":
@@ -226,6 +243,42 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         LayerRecord(module.layer_idx, rt.role, phase, name, res.cells, exact, res.estimate_s, res.skipped_cells)
     )
     return res.out.transpose(1, 2).contiguous(), None
+
+
+def _rotary(rt: LayerRuntime, position_ids, query, seen: int) -> Rotary | None:
+    """The RoPE this call's q and k carry (for policies that reason about positions), or None if unknown."""
+    if rt.rope is None:
+        return None
+    B, _, Tq, _ = query.shape
+    if position_ids is None:  # what the model itself uses then: positions continue the cache
+        position_ids = torch.arange(seen, seen + Tq, device=query.device)[None]
+    if position_ids.dim() != 2 or position_ids.shape[-1] != Tq:  # e.g. multimodal M-RoPE positions [3, B, T]
+        return None
+    module, name = rt.rope
+    return Rotary(getattr(module, name), position_ids.expand(B, Tq))
+
+
+def _rotary_modules(model) -> list[torch.nn.Module]:
+    """The decoder's rotary-embedding modules (a vision tower's are left out)."""
+    return [
+        m for path, m in model.named_modules()
+        if type(m).__name__.endswith("RotaryEmbedding") and "vision" not in path and "visual" not in path
+    ]
+
+
+def _rope_source(rotaries: list[torch.nn.Module], module) -> tuple[torch.nn.Module, str] | None:
+    """Where this attention layer's RoPE frequencies live: a rotary module and its buffer's name.
+
+    Read at each call, not copied, so rotary types that update their frequencies (dynamic NTK) stay right.
+    Gemma-3 keeps one buffer per layer type (`full_attention_inv_freq`), Llama-style models one `inv_freq`.
+    """
+    layer_type = getattr(module, "layer_type", None)
+    names = ([f"{layer_type}_inv_freq"] if layer_type else []) + ["inv_freq"]
+    for m in rotaries:
+        for name in names:
+            if isinstance(getattr(m, name, None), torch.Tensor):
+                return m, name
+    return None
 
 
 def _attention_with_policy_cache(rt: LayerRuntime, module, query, key, value, ctx: LayerContext, kv):
@@ -259,8 +312,11 @@ def _attention_with_policy_cache(rt: LayerRuntime, module, query, key, value, ct
 
     out, cells = kv.attend(query, key, value, ctx.key_valid, ctx.scale, new_attention)
     H = query.shape[1]
-    exact = H * exact_cells(Tq, Tq, window=ctx.window, key_valid=ctx.key_valid, batch=query.shape[0])
-    if past_real is not None:
+    if Tq == 1 and ctx.key_valid is None and past_real is not None:  # a decoding step: itself + its past
+        exact = H * (query.shape[0] + int(past_real.sum()))
+    else:
+        exact = H * exact_cells(Tq, Tq, window=ctx.window, key_valid=ctx.key_valid, batch=query.shape[0])
+    if past_real is not None and not (Tq == 1 and ctx.key_valid is None):
         q_real = torch.full((query.shape[0],), Tq) if ctx.key_valid is None else ctx.key_valid.sum(-1).cpu()
         if ctx.window is None:
             exact += H * int((q_real * past_real.cpu()).sum())
@@ -405,13 +461,15 @@ def patch(
         for idx, mod in modules.items()
     }
     every_layer_slides = all(sliding.values())  # e.g. Mistral-style models: the method runs in every window
+    rotaries = _rotary_modules(model) if policy is not None else []
     for idx, mod in modules.items():
         chosen = overrides.get(idx, None if sliding[idx] and not every_layer_slides else main)
         if chosen is None:  # only sliding layers run without a method: their exact local attention
             role = "local"
         else:
             role = "kept" if chosen.name == "dense" and main.name != "dense" else "method"
-        setattr(mod, _RUNTIME, LayerRuntime(chosen, role, stats))
+        rope = _rope_source(rotaries, mod) if policy is not None else None
+        setattr(mod, _RUNTIME, LayerRuntime(chosen, role, stats, rope=rope))
         described[idx] = ("exact-local" if sliding[idx] else "exact") if chosen is None else chosen.name
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPL)

@@ -104,6 +104,15 @@ class PolicyCache(Cache):
         super().__init__(layers=layers)
         self.policy = policy
 
+    def freeze(self) -> None:
+        """Query-agnostic mode: what is stored now (a context, compressed by the policy) stays as it is,
+        and every later token (a question, an answer, the next question) is stored as it comes, with
+        no further compression, so nothing the policy kept depends on a question. Sliding-window layers
+        keep dropping what leaves their window."""
+        for layer in self.layers:
+            if not isinstance(layer.kv, WindowKV):
+                layer.kv.frozen = True
+
     def nbytes(self, compressed_only: bool = False) -> int:
         """Bytes this cache holds; `compressed_only` counts only the layers the policy compresses."""
         return sum(
