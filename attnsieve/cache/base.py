@@ -376,13 +376,20 @@ class EvictingKV(LayerKV):
     def should_compress(self, Tq: int) -> bool:
         return Tq > 1 or any(p.numel() > b for p, b in zip(self.pos, self.row_budgets(), strict=True))
 
-    def compress(self, q, k_new, new_valid, scale) -> None:
+    def scored_budgets(self, q, k_new, new_valid, scale) -> tuple[list[int], list[torch.Tensor]] | None:
+        """(tokens each row keeps, token scores per row) when this call must evict, else None."""
         if self.policy.budget >= 1.0 or not self.should_compress(k_new.shape[2]):
-            return
+            return None
         budgets = self.row_budgets()
         if all(p.numel() <= b for p, b in zip(self.pos, budgets, strict=True)):
+            return None
+        return budgets, self.token_scores(q, k_new, new_valid, scale)
+
+    def compress(self, q, k_new, new_valid, scale) -> None:
+        got = self.scored_budgets(q, k_new, new_valid, scale)
+        if got is None:
             return
-        scores = self.token_scores(q, k_new, new_valid, scale)
+        budgets, scores = got
         keep = []
         for r, (p, s) in enumerate(zip(self.pos, scores, strict=True)):
             n = min(budgets[r], p.numel())

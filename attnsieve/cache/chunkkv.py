@@ -102,12 +102,10 @@ class ChunkKVLayer(EvictingKV):
         return snapkv_press_scores(self, q, new_valid, scale, self.p.kv_window, self.p.kv_kernel)
 
     def compress(self, q, k_new, new_valid, scale) -> None:
-        if self.policy.budget >= 1.0 or not self.should_compress(k_new.shape[2]):
+        got = self.scored_budgets(q, k_new, new_valid, scale)
+        if got is None:
             return
-        budgets = self.row_budgets()
-        if all(p.numel() <= b for p, b in zip(self.pos, budgets, strict=True)):
-            return
-        scores = self.token_scores(q, k_new, new_valid, scale)
+        budgets, scores = got
         C, Hkv = self.p.kv_chunk, self.Hkv
         keep = []
         for b in range(self.B):
