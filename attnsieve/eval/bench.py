@@ -133,8 +133,9 @@ def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, s
     Bytes are the tensors each cache holds after the last step (for the policy: every row it
     really stores, metadata included).
     """
+    from attnsieve.eval.efficiency import AttentionTimer
     from attnsieve.eval.tasks import make_passkey
-    from attnsieve.integrations.hf import _attention_modules, patch, unpatch
+    from attnsieve.integrations.hf import patch, unpatch
     from attnsieve.integrations.hf_cache import PolicyCache
 
     if steps < 1:
@@ -145,37 +146,22 @@ def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, s
     ids = make_passkey(tok, length, 0.5, seed).input_ids
     kw = dict(kv=kv, kv_budget=kv_budget, **(params or {}))
 
-    modules = _attention_modules(model)
-    timer = {"on": False, "t0": {}, "acc": {}}
-
-    def pre(idx):
-        def hook(module, args, kwargs):
-            if timer["on"]:
-                timer["t0"][idx] = time.perf_counter()
-        return hook
-
-    def post(idx):
-        def hook(module, args, kwargs, output):
-            if timer["on"] and idx in timer["t0"]:
-                timer["acc"][idx] = timer["acc"].get(idx, 0.0) + time.perf_counter() - timer["t0"].pop(idx)
-        return hook
-
-    handles = [m.register_forward_pre_hook(pre(i), with_kwargs=True) for i, m in modules.items()]
-    handles += [m.register_forward_hook(post(i), with_kwargs=True) for i, m in modules.items()]
+    timer = AttentionTimer(model).__enter__()
 
     def decode(state, n):
         """n greedy steps continuing state = [cache, next token, tokens]: (seconds per step, attention s by layer)."""
         cache, nxt, tokens = state
-        timer["acc"], timer["on"] = {}, True
+        timer.seconds.clear()
+        timer.on = True
         t0 = time.perf_counter()
         for _ in range(n):
             out = model(nxt, cache=cache, use_cache=True, logits_to_keep=1)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             tokens.append(int(nxt))
         dt = (time.perf_counter() - t0) / n
-        timer["on"] = False
+        timer.on = False
         state[1] = nxt
-        return dt, {i: t / n for i, t in timer["acc"].items()}
+        return dt, {i: t / n for i, t in timer.seconds.items()}
 
     try:
         model(ids[:, : min(length, 256)], use_cache=True, logits_to_keep=1)  # warm-up
@@ -212,8 +198,7 @@ def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, s
             times["policy"].append(dt)
             attn["policy"].append(a)
     finally:
-        for h in handles:
-            h.remove()
+        timer.__exit__(None, None, None)
 
     def med_attn(side, layers=None):
         return 1000 * statistics.median(sum(v for i, v in a.items() if layers is None or i in layers)

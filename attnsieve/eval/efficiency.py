@@ -56,3 +56,49 @@ def kv_cache_bytes(cache) -> int:
             if t is not None and hasattr(t, "numel"):
                 total += t.numel() * t.element_size()
     return total
+
+
+class AttentionTimer:
+    """Wall-clock seconds spent inside a model's attention modules, by layer, while `on` is True.
+
+    `with AttentionTimer(model) as t:` registers forward hooks on every attention module (removed on
+    exit); set `t.on = True` around the calls to measure, read `t.seconds` ({layer: s}) and reset it
+    with `t.seconds.clear()`. A module's time covers its projections, RoPE, the cache's update or
+    store and the attention itself.
+    """
+
+    def __init__(self, model):
+        from attnsieve.integrations.hf import _attention_modules
+
+        self.modules = _attention_modules(model)
+        self.on = False
+        self.seconds: dict[int, float] = {}
+        self._t0: dict[int, float] = {}
+        self._handles: list = []
+
+    def __enter__(self):
+        for idx, m in self.modules.items():
+            self._handles.append(m.register_forward_pre_hook(self._pre(idx), with_kwargs=True))
+            self._handles.append(m.register_forward_hook(self._post(idx), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    def _pre(self, idx):
+        def hook(module, args, kwargs):
+            if self.on:
+                self._t0[idx] = time.perf_counter()
+        return hook
+
+    def _post(self, idx):
+        def hook(module, args, kwargs, output):
+            if self.on and idx in self._t0:
+                self.seconds[idx] = self.seconds.get(idx, 0.0) + time.perf_counter() - self._t0.pop(idx)
+        return hook
+
+    def total(self, layers=None) -> float:
+        return sum(s for i, s in self.seconds.items() if layers is None or i in layers)

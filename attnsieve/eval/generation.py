@@ -22,11 +22,17 @@ class Generation:
     prefill_s: float
     decode_s: float
     kv_cache_bytes: int = 0  # bytes of the KV cache right after prefill
+    decode_attn_s: float | None = None  # of decode_s, inside the attention modules (with a timer)
 
     @property
     def decode_ms_per_token(self) -> float | None:
         steps = len(self.tokens) - 1  # the first token comes from the prefill logits
         return 1000 * self.decode_s / steps if steps > 0 else None
+
+    @property
+    def decode_attn_ms_per_token(self) -> float | None:
+        steps = len(self.tokens) - 1
+        return 1000 * self.decode_attn_s / steps if steps > 0 and self.decode_attn_s is not None else None
 
 
 def context_then_question(model, input_ids: torch.Tensor, context_len: int):
@@ -42,12 +48,13 @@ def context_then_question(model, input_ids: torch.Tensor, context_len: int):
 
 @torch.no_grad()
 def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_mask=None,
-           context_len: int | None = None) -> Generation:
+           context_len: int | None = None, timer=None) -> Generation:
     """Greedy continuation of a batch-1 prompt; stops at EOS or after `max_new_tokens` tokens.
 
     `context_len` (query-agnostic KV compression, with a KV policy patched in): the first
     `context_len` tokens are prefilled and compressed alone, the cache is frozen, and the rest of
-    the prompt (the question) is prefilled over it as a continuation; both count as prefill."""
+    the prompt (the question) is prefilled over it as a continuation; both count as prefill.
+    `timer` (an entered efficiency.AttentionTimer) measures the attention modules' share of decoding."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if context_len is not None and attention_mask is not None:
@@ -62,6 +69,9 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)
     eos = {t for t in [tok.eos_token_id, *(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])] if t is not None}
     tokens: list[int] = []
+    if timer is not None:
+        timer.seconds.clear()
+        timer.on = True
     t1 = time.perf_counter()
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
     while len(tokens) < max_new_tokens:
@@ -73,5 +83,9 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
         out = model(nxt, cache=out.cache, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     decode_s = time.perf_counter() - t1
+    attn_s = None
+    if timer is not None:
+        timer.on = False
+        attn_s = timer.total()
     text = tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-    return Generation(tokens, text, prefill_s, decode_s, cache_bytes)
+    return Generation(tokens, text, prefill_s, decode_s, cache_bytes, attn_s)

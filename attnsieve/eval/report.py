@@ -31,6 +31,7 @@ _AGGREGATES: dict[str, tuple[str, Callable]] = {
     "top1_agree": ("top1_agree", statistics.fmean),
     "mass_covered": ("mass_covered", statistics.fmean),
     "decode_ms_per_token": ("decode_ms_per_token", statistics.median),
+    "decode_attn_ms_per_token": ("decode_attn_ms_per_token", statistics.median),
     "peak_mem_mb": ("peak_mem_mb", max),
     "kv_cache_bytes": ("kv_cache_bytes", max),
     "ppl": ("ppl", statistics.fmean),
@@ -379,7 +380,8 @@ def write_report(rows: Sequence[dict], out_dir, command: str) -> Path:
         md += ["No results.", ""]
     ppl_tasks = {t: ss for t, ss in tasks.items() if _is_ppl_task(ss)}
     # runs with KV-cache policies also show what decoding keeps in memory and how fast it steps
-    kv_cols = [("KV bytes", "kv_cache_bytes"), ("decode ms/token", "decode_ms_per_token")] if any(
+    kv_cols = [("KV bytes", "kv_cache_bytes"), ("decode ms/token", "decode_ms_per_token"),
+               ("decode attention ms/token", "decode_attn_ms_per_token")] if any(
         r.get("kv") for r in rows) else []
     for task, ss in tasks.items():
         if task in ppl_tasks:

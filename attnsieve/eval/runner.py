@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from attnsieve.eval.efficiency import PeakRSS
+from attnsieve.eval.efficiency import AttentionTimer, PeakRSS
 from attnsieve.eval.fidelity import dense_reference, method_fidelity
 from attnsieve.eval.generation import greedy
 from attnsieve.eval.perplexity import perplexity
@@ -178,8 +178,6 @@ def load_rows(path: Path) -> list[dict]:
 
 def question_tokens(tok, sample) -> int:
     """Tokens of a sample's question, the end of its prompt (what query-agnostic mode holds back)."""
-    from attnsieve.eval.tasks.base import encode
-
     question = sample.meta.get("question")
     if not question:
         raise ValueError(f"task {sample.task!r} has no separate question: --kv-mode agnostic cannot run it")
@@ -235,7 +233,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
                 gen = None
             else:
                 context = None if cfg.kv_mode == "aware" else ids.shape[1] - question_tokens(tok, sample)
-                gen = greedy(model, tok, ids, sample.max_new_tokens, context_len=context)
+                with AttentionTimer(model) as timer:
+                    gen = greedy(model, tok, ids, sample.max_new_tokens, context_len=context, timer=timer)
                 prefill_s = gen.prefill_s
         if cfg.method == "dense":
             exact_s = prefill_s
@@ -254,7 +253,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
         }
         if sample is None:
             row.update(correct=None, ppl=ppl, dense_ppl=dense_ppl, kl=None, top1_agree=None,
-                       layer_rel_err={}, mass_covered=None, decode_ms_per_token=None, kv_cache_bytes=None)
+                       layer_rel_err={}, mass_covered=None, decode_ms_per_token=None, decode_attn_ms_per_token=None,
+                       kv_cache_bytes=None)
         else:
             key = (cfg.method, cfg.params)
             if key not in fidelity_of:
@@ -262,7 +262,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
             fid = fidelity_of[key]
             row.update(
                 correct=score_contains(gen.text, sample.answers), output=gen.text, answers=sample.answers,
-                decode_ms_per_token=gen.decode_ms_per_token, kv_cache_bytes=gen.kv_cache_bytes, **fid,
+                decode_ms_per_token=gen.decode_ms_per_token, decode_attn_ms_per_token=gen.decode_attn_ms_per_token,
+                kv_cache_bytes=gen.kv_cache_bytes, **fid,
             )
         rows.append({**row, **info})
     if exact_s is None:  # attnsieve's exact path, timed on this input in this process
