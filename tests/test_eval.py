@@ -227,3 +227,21 @@ def test_grid_runs_each_policy_query_aware_and_query_agnostic(tmp_path, model, t
         spec(tmp_path, kv=["snapkv"], kv_budgets=[0.25], kv_modes=["blind"])
     with pytest.raises(ValueError, match="--kv-mode needs --kv"):
         spec(tmp_path, kv_modes=["agnostic"])
+
+
+def test_multiturn_task_asks_each_key_in_turn_on_one_cache(tmp_path, model, tok):
+    """niah_multiturn: four keys, the prompt asks the first and three follow-up turns ask the others on
+    the same cache (query-agnostic: the frozen context); the score is the fraction of turns answered."""
+    from attnsieve.eval.tasks import TASKS
+
+    s = TASKS["niah_multiturn"](tok, 500, 0.3, 0, haystack="prose")
+    keys = s.meta["keys"]
+    assert [t["question"].count(k) for t, k in zip(s.meta["turns"], keys[1:], strict=True)] == [2, 2, 2]
+    values = [n.split(" is: ")[1].rstrip(".") for n in s.meta["needles"]]
+    assert s.answers == values[:1] and [t["answers"][0] for t in s.meta["turns"]] == values[1:]
+    rows = run_grid(model, tok, spec(tmp_path, methods=["dense"], tasks=["niah_multiturn"], samples=1, lengths=[500],
+                                     haystack="prose", kv=["snapkv"], kv_budgets=[0.5], kv_modes=["agnostic"]))
+    assert {r["config"] for r in rows} == {"dense", "dense+snapkv@0.5:agnostic"}
+    for r in rows:
+        assert len(r["turn_outputs"]) == 3
+        assert r["correct"] in {0.0, 0.25, 0.5, 0.75, 1.0}

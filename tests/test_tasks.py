@@ -22,7 +22,7 @@ from attnsieve.eval.tasks.cwe import NOISE
 from attnsieve.eval.tasks.haystack import FILLER, source_text
 
 LENGTHS = (300, 1000, 2049)
-NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
+NEEDLE_TASKS = ("passkey", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "niah_multiturn", "vt")
 WORD_TASKS = ("cwe", "fwe")
 
 

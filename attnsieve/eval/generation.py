@@ -8,7 +8,8 @@ time through the cache. Times are wall-clock seconds of this process.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -23,6 +24,8 @@ class Generation:
     decode_s: float
     kv_cache_bytes: int = 0  # bytes of the KV cache right after prefill
     decode_attn_s: float | None = None  # of decode_s, inside the attention modules (with a timer)
+    cache: Any = field(default=None, repr=False)  # the cache after the turn, where a next turn continues
+    last: torch.Tensor | None = field(default=None, repr=False)  # the last generated token, not yet fed
 
     @property
     def decode_ms_per_token(self) -> float | None:
@@ -88,4 +91,29 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
         timer.on = False
         attn_s = timer.total()
     text = tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-    return Generation(tokens, text, prefill_s, decode_s, cache_bytes, attn_s)
+    return Generation(tokens, text, prefill_s, decode_s, cache_bytes, attn_s, out.cache, nxt)
+
+
+@torch.no_grad()
+def next_turn(model, tok, prev: Generation, question_ids: list[int], max_new_tokens: int) -> Generation:
+    """One more turn on `prev`'s cache: its last token (never fed) and the question are prefilled over
+    the cache, then the answer is decoded greedily. A policy cache compresses the chunk as its policy
+    does (query-aware), or stores it as it comes once frozen (query-agnostic)."""
+    ids = torch.cat([prev.last.view(1, 1), torch.tensor([question_ids], dtype=prev.last.dtype)], dim=1)
+    t0 = time.perf_counter()
+    out = model(ids, cache=prev.cache, use_cache=True, logits_to_keep=1)
+    prefill_s = time.perf_counter() - t0
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+    eos = {t for t in [tok.eos_token_id, *(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])] if t is not None}
+    tokens: list[int] = []
+    t1 = time.perf_counter()
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    while len(tokens) < max_new_tokens:
+        tokens.append(int(nxt))
+        if tokens[-1] in eos or len(tokens) == max_new_tokens:
+            break
+        out = model(nxt, cache=out.cache, use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    text = tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
+    return Generation(tokens, text, prefill_s, time.perf_counter() - t1, kv_cache_bytes(out.cache), None,
+                      out.cache, nxt)

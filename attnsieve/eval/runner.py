@@ -176,6 +176,25 @@ def load_rows(path: Path) -> list[dict]:
     return read_rows(path)
 
 
+def later_turns(model, tok, sample, first) -> list:
+    """The follow-up turns of a multi-turn sample (`meta["turns"]`), each on the previous turn's cache."""
+    from attnsieve.eval.generation import next_turn
+
+    out, prev = [], first
+    for turn in sample.meta.get("turns", []):
+        prev = next_turn(model, tok, prev, encode(tok, turn["question"]), sample.max_new_tokens)
+        out.append(prev)
+    for t in out:
+        t.cache = t.last = None
+    return out
+
+
+def turn_score(sample, turns) -> float:
+    """The fraction of a sample's turns answered (one turn: the task's own score)."""
+    answers = [sample.answers, *(t["answers"] for t in sample.meta.get("turns", []))]
+    return sum(score_contains(t.text, a) for t, a in zip(turns, answers, strict=True)) / len(turns)
+
+
 def question_tokens(tok, sample) -> int:
     """Tokens of a sample's question, the end of its prompt (what query-agnostic mode holds back)."""
     question = sample.meta.get("question")
@@ -236,6 +255,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
                 with AttentionTimer(model) as timer:
                     gen = greedy(model, tok, ids, sample.max_new_tokens, context_len=context, timer=timer)
                 prefill_s = gen.prefill_s
+                turns = [gen, *later_turns(model, tok, sample, gen)]
+                gen.cache = gen.last = None  # the cache is freed with the patch
         if cfg.method == "dense":
             exact_s = prefill_s
         row = {
@@ -261,7 +282,8 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
                 fidelity_of[key] = method_fidelity(model, method, ref)
             fid = fidelity_of[key]
             row.update(
-                correct=score_contains(gen.text, sample.answers), output=gen.text, answers=sample.answers,
+                correct=turn_score(sample, turns), output=gen.text, answers=sample.answers,
+                turn_outputs=[t.text for t in turns[1:]] or None,
                 decode_ms_per_token=gen.decode_ms_per_token, decode_attn_ms_per_token=gen.decode_attn_ms_per_token,
                 kv_cache_bytes=gen.kv_cache_bytes, **fid,
             )

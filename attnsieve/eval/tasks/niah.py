@@ -3,7 +3,10 @@
 Needles read "One of the special magic numbers for {key} is: {value}." with adjective-noun keys
 and 7-digit values, after NVIDIA/RULER `scripts/data/synthetic/niah.py`. Variants (RULER's
 num_needle_k / num_needle_v / num_needle_q): single 1/1/1; multikey 4/1/1 (three distractor keys);
-multivalue 1/4/1 (partial credit per value); multiquery 4/1/4 (all four keys asked at once).
+multivalue 1/4/1 (partial credit per value); multiquery 4/1/4 (all four keys asked at once);
+multiturn 4/1/4 asked one after another on the same cache (the prompt asks the first key; each
+later turn appends the next question after the previous answer, as a chat or a document asked
+several questions does: the setting query-agnostic KV compression is for).
 Needles go in key order, each key's values in order; the first sits at `depth` and the rest are
 spread evenly after it (`spread_depths`), so for multikey `depth` is the depth of the real needle.
 Keys and values are drawn from `random.Random(f"{task}-{seed}")`, the same for every length and
@@ -87,3 +90,13 @@ def make_niah_multivalue(tok, length: int, depth: float, seed: int, haystack: st
 def make_niah_multiquery(tok, length: int, depth: float, seed: int, haystack: str = "repeat") -> Sample:
     """Four keys, all asked at once; their four values are the answers."""
     return _niah("niah_multiquery", tok, length, depth, seed, haystack, n_keys=4, n_values=1, n_queries=4)
+
+
+def make_niah_multiturn(tok, length: int, depth: float, seed: int, haystack: str = "repeat") -> Sample:
+    """Four keys asked one per turn on the same cache: the prompt asks the first, `meta["turns"]` holds
+    the three follow-up questions and their answers (the score is the fraction of turns answered)."""
+    s = _niah("niah_multiturn", tok, length, depth, seed, haystack, n_keys=4, n_values=1, n_queries=1)
+    keys, values = s.meta["keys"], [n.rsplit(" ", 1)[-1].rstrip(".") for n in s.meta["needles"]]
+    s.meta["turns"] = [{"question": QUESTION.format(query=k), "answers": [v]} for k, v in zip(keys[1:], values[1:],
+                                                                                         strict=True)]
+    return s
