@@ -135,7 +135,7 @@ def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, s
     """
     from attnsieve.eval.efficiency import AttentionTimer
     from attnsieve.eval.tasks import make_passkey
-    from attnsieve.integrations.hf import patch, unpatch
+    from attnsieve.integrations.hf import patched
     from attnsieve.integrations.hf_cache import PolicyCache
 
     if steps < 1:
@@ -146,9 +146,7 @@ def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, s
     ids = make_passkey(tok, length, 0.5, seed).input_ids
     kw = dict(kv=kv, kv_budget=kv_budget, **(params or {}))
 
-    timer = AttentionTimer(model).__enter__()
-
-    def decode(state, n):
+    def decode(timer, state, n):
         """n greedy steps continuing state = [cache, next token, tokens]: (seconds per step, attention s by layer)."""
         cache, nxt, tokens = state
         timer.seconds.clear()
@@ -163,42 +161,34 @@ def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, s
         state[1] = nxt
         return dt, {i: t / n for i, t in timer.seconds.items()}
 
-    try:
-        model(ids[:, : min(length, 256)], use_cache=True, logits_to_keep=1)  # warm-up
+    model(ids[:, : min(length, 256)], use_cache=True, logits_to_keep=1)  # warm-up
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    dense = [out.cache, out.logits[:, -1].argmax(-1, keepdim=True), []]
+    with patched(model, method, **kw):
         out = model(ids, use_cache=True, logits_to_keep=1)
-        dense = [out.cache, out.logits[:, -1].argmax(-1, keepdim=True), []]
-        p = patch(model, method, **kw)
-        try:
-            out = model(ids, use_cache=True, logits_to_keep=1)
-        finally:
-            unpatch(model)
-        policy = [out.cache, out.logits[:, -1].argmax(-1, keepdim=True), []]
-        cache = policy[0]
-        if not isinstance(cache, PolicyCache):
-            raise RuntimeError("internal error: the patched prefill did not build the policy's cache")
-        global_layers = [i for i, layer in enumerate(cache.layers) if layer.kv.window is None]
-        times = {"dense": [], "policy": []}
-        attn = {"dense": [], "policy": []}
-        cells = exact = 0
-        sizes = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    policy = [out.cache, out.logits[:, -1].argmax(-1, keepdim=True), []]
+    cache = policy[0]
+    if not isinstance(cache, PolicyCache):
+        raise RuntimeError("internal error: the patched prefill did not build the policy's cache")
+    global_layers = [i for i, layer in enumerate(cache.layers) if layer.kv.window is None]
+    times = {"dense": [], "policy": []}
+    attn = {"dense": [], "policy": []}
+    cells = exact = 0
+    sizes = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
+    with AttentionTimer(model) as timer:
         for n in sizes:
-            dt, a = decode(dense, n)
+            dt, a = decode(timer, dense, n)
             times["dense"].append(dt)
             attn["dense"].append(a)
-            p = patch(model, method, **kw)
-            try:
+            with patched(model, method, **kw) as p:
                 for layer in cache.layers:  # the cache continues under this patch (same policy and method)
                     layer.owner = p
-                dt, a = decode(policy, n)
+                dt, a = decode(timer, policy, n)
                 rs = [r for r in p.stats.records if r.role == "method" and r.phase == "decode"]
                 cells += sum(r.cells for r in rs)
                 exact += sum(r.exact_cells for r in rs)
-            finally:
-                unpatch(model)
             times["policy"].append(dt)
             attn["policy"].append(a)
-    finally:
-        timer.__exit__(None, None, None)
 
     def med_attn(side, layers=None):
         return 1000 * statistics.median(sum(v for i, v in a.items() if layers is None or i in layers)

@@ -69,6 +69,13 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
         out = context_then_question(model, input_ids, context_len)
     prefill_s = time.perf_counter() - t0
     cache_bytes = kv_cache_bytes(out.cache)
+    tokens, text, decode_s, attn_s, out, nxt = _decode(model, tok, out, max_new_tokens, attention_mask, timer)
+    return Generation(tokens, text, prefill_s, decode_s, cache_bytes, attn_s, out.cache, nxt)
+
+
+def _decode(model, tok, out, max_new_tokens: int, attention_mask=None, timer=None):
+    """Greedy decoding after a prefill's `out`: (tokens, text, seconds, attention seconds or None, last
+    forward's output, the last token, not yet fed); stops at EOS or after `max_new_tokens` tokens."""
     cfg_eos = getattr(model.generation_config, "eos_token_id", None)
     eos = {t for t in [tok.eos_token_id, *(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])] if t is not None}
     tokens: list[int] = []
@@ -91,7 +98,7 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
         timer.on = False
         attn_s = timer.total()
     text = tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-    return Generation(tokens, text, prefill_s, decode_s, cache_bytes, attn_s, out.cache, nxt)
+    return tokens, text, decode_s, attn_s, out, nxt
 
 
 @torch.no_grad()
@@ -103,17 +110,5 @@ def next_turn(model, tok, prev: Generation, question_ids: list[int], max_new_tok
     t0 = time.perf_counter()
     out = model(ids, cache=prev.cache, use_cache=True, logits_to_keep=1)
     prefill_s = time.perf_counter() - t0
-    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
-    eos = {t for t in [tok.eos_token_id, *(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])] if t is not None}
-    tokens: list[int] = []
-    t1 = time.perf_counter()
-    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    while len(tokens) < max_new_tokens:
-        tokens.append(int(nxt))
-        if tokens[-1] in eos or len(tokens) == max_new_tokens:
-            break
-        out = model(nxt, cache=out.cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    text = tok.decode([t for t in tokens if t not in eos], skip_special_tokens=True)
-    return Generation(tokens, text, prefill_s, time.perf_counter() - t1, kv_cache_bytes(out.cache), None,
-                      out.cache, nxt)
+    tokens, text, decode_s, _, out, nxt = _decode(model, tok, out, max_new_tokens)
+    return Generation(tokens, text, prefill_s, decode_s, kv_cache_bytes(out.cache), None, out.cache, nxt)

@@ -46,14 +46,18 @@ def task_prompts(tok, tasks: list[str], lengths: list[int], n: int, haystack: st
     for length in lengths:
         for k in range(n):
             task, depth, s = tasks[k % len(tasks)], (k + 0.25) / n, CALIB_SEED + seed + k
-            sample = TASKS[task](tok, length, depth, s, haystack=haystack)
-            target = sample.meta.get("target", " " + ", ".join(sample.answers))
-            out.append(CalibPrompt(
-                f"{task}@{length} seed={s} depth={depth:.3g}", sample.input_ids, encode(tok, target),
-                {"task": task, "length": length, "seed": s, "depth": depth, "haystack": haystack},
-                list(sample.answers), sample.max_new_tokens,
-            ))
+            name = f"{task}@{length} seed={s} depth={depth:.3g}"
+            out.append(_task_prompt(tok, task, length, depth, s, haystack, name))
     return out
+
+
+def _task_prompt(tok, task: str, length: int, depth: float, seed: int, haystack: str, name: str) -> CalibPrompt:
+    """One task sample as a prompt: its answer (or its task's scoring target) is the scored span."""
+    sample = TASKS[task](tok, length, depth, seed, haystack=haystack)
+    target = sample.meta.get("target", " " + ", ".join(sample.answers))
+    return CalibPrompt(name, sample.input_ids, encode(tok, target),
+                       {"task": task, "length": length, "seed": seed, "depth": depth, "haystack": haystack},
+                       list(sample.answers), sample.max_new_tokens)
 
 
 def other_haystack(haystack: str) -> str:
@@ -74,13 +78,8 @@ def heldout_prompts(tok, tasks: list[str], lengths: list[int], samples: int, hay
         for length in lengths:
             for i in range(samples):
                 depth, s = (i + 0.5) / samples, seed + i
-                sample = TASKS[task](tok, length, depth, s, haystack=haystack)
-                target = sample.meta.get("target", " " + ", ".join(sample.answers))
-                out.append(CalibPrompt(
-                    f"{task}@{length} seed={s} depth={depth:.3g} {haystack}", sample.input_ids, encode(tok, target),
-                    {"task": task, "length": length, "seed": s, "depth": depth, "haystack": haystack},
-                    list(sample.answers), sample.max_new_tokens,
-                ))
+                name = f"{task}@{length} seed={s} depth={depth:.3g} {haystack}"
+                out.append(_task_prompt(tok, task, length, depth, s, haystack, name))
     return out
 
 
