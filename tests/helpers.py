@@ -43,3 +43,14 @@ def masked_dense_reference(q, k, v, allowed, scale=None):
     lse = torch.logsumexp(s, dim=-1)
     p = torch.where(allowed, torch.exp(s - torch.where(torch.isfinite(lse), lse, 0)[..., None]), 0)
     return (p @ v).to(q.dtype), lse.to(q.dtype)
+
+
+class CharTokenizer:
+    """A stand-in tokenizer for policies that replay text (KVzip) on tiny random models: one id per
+    character (3 + code % 90), BOS = 1, no chat template."""
+
+    chat_template = None
+    all_special_ids = [1]
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return ([1] if add_special_tokens else []) + [3 + ord(c) % 90 for c in text]

@@ -12,13 +12,18 @@ from attnsieve.cache import LayerKV, make_policy, policy_class, policy_names
 from attnsieve.cache.pyramidkv import layer_budget
 from attnsieve.kernels import dense_attention
 
-from helpers import assert_close
+from helpers import CharTokenizer, assert_close
 from tiny_models import MODELS, tiny_gemma3, tiny_llama
 
 POLICIES = policy_names()
 EVICTING = [n for n in POLICIES if policy_class(n).kind == "eviction"]
 QUANTISING = [n for n in POLICIES if policy_class(n).kind == "quantisation"]
 EXACT_AT_FULL_BUDGET = [n for n in POLICIES if n not in QUANTISING]
+
+
+def extra(name: str) -> dict:
+    """What patch() needs beyond the policy for `name`: a tokenizer for policies that replay text."""
+    return {"tokenizer": CharTokenizer()} if policy_class(name).replays else {}
 
 
 def prompt(B=1, T=60, seed=0, pad=0):
@@ -46,7 +51,7 @@ def test_budget_keeping_everything_generates_exactly_as_dense(name, arch):
 def test_eviction_frees_memory_and_keeps_the_budget(name):
     model = tiny_llama()
     ids, _ = prompt(T=200)
-    with attnsieve.patched(model, "dense", kv=name, kv_budget=0.25) as p:
+    with attnsieve.patched(model, "dense", kv=name, kv_budget=0.25, **extra(name)) as p:
         cache = model(ids, use_cache=True).cache
     assert cache.get_seq_length() == 200  # tokens seen: generate's positions stay right
     lengths = [row.numel() for layer in cache.layers for row in layer.kv.pos]
@@ -54,7 +59,7 @@ def test_eviction_frees_memory_and_keeps_the_budget(name):
     assert sum(lengths) * per_token / len(cache.layers) == pytest.approx(cache.nbytes(), rel=0.05)
     if name == "adakv":  # heads share the layer's budget unevenly
         assert all(sum(r.numel() for r in layer.kv.pos) <= 2 * 50 for layer in cache.layers)
-    elif name != "pyramidkv":  # pyramidkv shares one budget unevenly across layers
+    elif name not in ("pyramidkv", "kvzip"):  # these share one budget unevenly across layers
         assert max(lengths) <= math.ceil(0.25 * 200)
     assert cache.nbytes() <= 0.27 * cache.dense_nbytes()
     for layer in cache.layers:  # tensor sizes, not masks
@@ -386,7 +391,7 @@ def test_bench_decode_interleaves_and_reports_attention_time(budget, tmp_path):
     assert not hasattr(model, attnsieve.integrations.hf._STATE)  # left unpatched
 
 
-@pytest.mark.parametrize("kv", ["snapkv", "tova", "keydiff"])
+@pytest.mark.parametrize("kv", ["snapkv", "tova", "keydiff", "kvzip"])
 def test_query_agnostic_cache_does_not_depend_on_the_question(kv):
     """compress_context: the policy compresses the context alone and the cache is frozen, so two
     different questions appended to it leave the context's kept tokens identical, and the questions'
@@ -395,7 +400,7 @@ def test_query_agnostic_cache_does_not_depend_on_the_question(kv):
     ctx, _ = prompt(T=160, seed=3)
     qa, _ = prompt(T=12, seed=4)
     qb, _ = prompt(T=12, seed=5)
-    with attnsieve.patched(model, "dense", kv=kv, kv_budget=0.25) as p:
+    with attnsieve.patched(model, "dense", kv=kv, kv_budget=0.25, **extra(kv)) as p:
         kept = []
         for q in (qa, qb):
             cache = p.compress_context(ctx)
@@ -409,6 +414,10 @@ def test_query_agnostic_cache_does_not_depend_on_the_question(kv):
                     assert layer.kv.pos[row][n:].tolist() == list(range(160, 172))  # the question, whole
             kept.append(before)
         assert all(torch.equal(a, b) for la, lb in zip(*kept, strict=True) for a, b in zip(la, lb, strict=True))
-        assert max(r.numel() for layer in kept[0] for r in layer) <= math.ceil(0.25 * 160)
+        lengths = [r.numel() for layer in kept[0] for r in layer]
+        if kv == "kvzip":  # one budget for the whole cache, shared unevenly
+            assert sum(lengths) == len(lengths) * math.ceil(0.25 * 160)
+        else:
+            assert max(lengths) <= math.ceil(0.25 * 160)
     with attnsieve.patched(model, "dense") as p, pytest.raises(ValueError, match="needs a KV-cache policy"):
         p.compress_context(ctx)

@@ -72,6 +72,9 @@ class LayerKV:
         # True once the context is compressed in query-agnostic mode (PolicyCache.freeze): later tokens
         # (questions, answers) are stored as they come and the policy compresses nothing more
         self.frozen = False
+        # Set (to the policy's per-row spans) while a policy replays text over the cache to score it
+        # (KVzip's reconstruction passes): calls attend as usual but store nothing, and `probe` scores
+        self.probing: Any = None
 
     # ----- storage -------------------------------------------------------------------------
     def _init(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -186,6 +189,8 @@ class LayerKV:
         """
         if not self.keys:
             self._init(k_new, v_new)
+        if self.probing is not None:
+            return self._probe_call(q, k_new, v_new, new_valid, scale, new_attention)
         if q.shape[2] == 1 and new_valid is None and self.seen > 0 and self._plain_decode():
             return self._decode_step(q, k_new, v_new, scale)
         new = new_attention(q, k_new, v_new)
@@ -197,6 +202,21 @@ class LayerKV:
                 cells += past.cells
         self.absorb(q, k_new, v_new, new_valid, scale)
         return out, cells
+
+    def _probe_call(self, q, k_new, v_new, new_valid, scale, new_attention):
+        """A replay call: the same attention as `attend`, then `probe` instead of storing the tokens."""
+        new = new_attention(q, k_new, v_new)
+        out, cells = new.out, new.cells
+        if self.seen > 0:
+            past = self.attend_past(q, scale, new_valid)
+            if past is not None:
+                out, _ = merge(past.out, past.lse, new.out, new.lse)
+                cells += past.cells
+        self.probe(q, k_new, new_valid, scale)
+        return out, cells
+
+    def probe(self, q, k_new, new_valid, scale) -> None:
+        """Hook: score the stored tokens from a replay call's queries and keys (nothing is stored)."""
 
     def _plain_decode(self) -> bool:
         """Whether a one-token step may take the fused path: the past is read as stored (the policy
@@ -326,6 +346,9 @@ class KVPolicy:
     # "lowrank" (rank), "selection" (tokens read per step) or "heads" (KV heads kept whole)
     Params: ClassVar[type]
     summary: ClassVar[str]
+    # True for policies that score the cache by running the model again over it after a prefill (KVzip's
+    # context reconstruction): the integration then calls `replay_passes` and `finish_replay`
+    replays: ClassVar[bool] = False
 
     def __init__(self, budget: float | None, params=None, *, n_layers: int = 1):
         if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)):

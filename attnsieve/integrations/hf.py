@@ -17,7 +17,7 @@ import torch
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function, causal_mask_function
 
-from attnsieve.cache import KVPolicy, Rotary, make_policy
+from attnsieve.cache import KVPolicy, Rotary, WindowKV, make_policy
 from attnsieve.integrations.hf_cache import KV_KWARG, PolicyCache
 from attnsieve.kernels import dense_attention, exact_cells
 from attnsieve.methods import AttnOutput, LayerContext, Method, exact_attention, make
@@ -126,6 +126,9 @@ class Patch:
     hook: Any = None  # forward pre-hook that gives every new forward an attnsieve cache
     active: bool = True  # False once unpatched: caches made by this patch then refuse to continue
     plan: Any = None  # the tuned plan applied (attnsieve.tune.Plan), if patch() was given one
+    tokenizer: Any = None  # for policies that replay text over the cache (KVzip)
+    replay_hook: Any = None  # forward hook that runs such a policy's replay after a prefill
+    replaying: bool = False  # True while the replay's own forwards run
 
     def unpatch(self) -> None:
         unpatch(self.model)
@@ -388,6 +391,7 @@ def patch(
     kv_budget: float | None = None,
     layers: dict[int, str | Method] | None = None,
     plan=None,
+    tokenizer=None,
     **params,
 ) -> Patch:
     """Run `method` in the model's global attention layers; returns a handle with measurements.
@@ -403,6 +407,8 @@ def patch(
     `plan` (a tuned plan, `attnsieve.tune.Plan` or the path of its JSON file) sets every layer instead
     of `method`/`layers`: the layers it names run its choices, every other global layer stays dense;
     a plan tuned for another architecture (config fingerprint) is refused.
+    `tokenizer` is used by policies that replay text over the cache (KVzip's "repeat the previous
+    context"); without it, such a policy loads the tokenizer saved beside the model.
     """
     kv_params = {k: params.pop(k) for k in list(params) if k.startswith("kv_")}
     plan_obj = None
@@ -478,9 +484,13 @@ def patch(
         if sliding.get(i) else None
         for i in range(n_layers)
     }
-    handle = Patch(model, main, described, stats, previous, policy, windows, plan=plan_obj)
+    if policy is not None and policy.replays and policy.budget < 1:
+        tokenizer = _policy_tokenizer(model, tokenizer)  # refused here, before anything runs, if there is none
+    handle = Patch(model, main, described, stats, previous, policy, windows, plan=plan_obj, tokenizer=tokenizer)
     if policy is not None:
         handle.hook = model.register_forward_pre_hook(_give_policy_cache(handle), with_kwargs=True)
+    if policy is not None and policy.replays and policy.budget < 1:
+        handle.replay_hook = model.register_forward_hook(_replay_after_prefill(handle), with_kwargs=True)
     setattr(model, _STATE, handle)
     return handle
 
@@ -505,6 +515,70 @@ def _give_policy_cache(handle: Patch):
     return hook
 
 
+def _policy_tokenizer(model, tokenizer):
+    """The tokenizer a replaying policy uses: the one given to patch(), else the one saved beside the model."""
+    if tokenizer is not None:
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    where = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=True)
+    except Exception as e:  # no tokenizer files there: say what to pass instead
+        raise ValueError(
+            f"this KV policy replays text over the cache and needs the model's tokenizer; none could be loaded "
+            f"from {where!r} ({type(e).__name__}); pass patch(..., tokenizer=tok)"
+        ) from e
+
+
+def _replay_after_prefill(handle: Patch):
+    """Forward hook: after a forward that stored more than one new token in a policy cache that is not
+    frozen, run the policy's replay passes over that cache (KVzip's context reconstruction), then let
+    the policy compress. The replay's own forwards store nothing and are left out of the measurements."""
+
+    def hook(module, args, kwargs, output):
+        if handle.replaying or not handle.active:
+            return None
+        cache = kwargs.get("cache")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(cache, PolicyCache) or ids is None or ids.dim() != 2 or ids.shape[1] < 2:
+            return None
+        scored = [layer.kv for layer in cache.layers if not isinstance(layer.kv, WindowKV)]
+        if not scored or scored[0].frozen or not scored[0].keys:
+            return None
+        mask = kwargs.get("attention_mask")
+        _replay(handle, cache, scored, ids, None if mask is None else mask[:, -ids.shape[1]:].bool())
+        return None
+
+    return hook
+
+
+@torch.no_grad()
+def _replay(handle: Patch, cache: PolicyCache, scored, ids: torch.Tensor, mask) -> None:
+    rows = [(ids[b] if mask is None else ids[b][mask[b]]).tolist() for b in range(ids.shape[0])]
+    passes = handle.kv.replay_passes(scored, rows, handle.tokenizer)
+    n_records = len(handle.stats.records)
+    handle.replaying = True
+    device = ids.device
+    try:
+        for rp in passes:
+            for layer in cache.layers:
+                layer.kv.probing = rp.spans
+            pmask = rp.mask.to(device)
+            positions = scored[0].valid_seen.to(device)[:, None] + pmask.long().cumsum(-1) - 1
+            padded = not bool(pmask.all())
+            full = torch.cat([torch.ones(ids.shape[0], cache.get_seq_length(), dtype=torch.long, device=device),
+                              pmask.long()], dim=1) if padded else None
+            handle.model(rp.ids.to(device), attention_mask=full, position_ids=positions.clamp_min(0), cache=cache,
+                         use_cache=True, logits_to_keep=1)
+    finally:
+        for layer in cache.layers:
+            layer.kv.probing = None
+        handle.replaying = False
+        del handle.stats.records[n_records:]  # the replay is the policy's cost, not the method's cells
+    handle.kv.finish_replay(scored)
+
+
 def _check_model(model) -> None:
     if not isinstance(model, PreTrainedModel):
         hint = f"; load one first: model, tok = attnsieve.load({model!r})" if isinstance(model, str) else ""
@@ -526,6 +600,8 @@ def unpatch(model) -> None:
     handle.active = False
     if handle.hook is not None:
         handle.hook.remove()
+    if handle.replay_hook is not None:
+        handle.replay_hook.remove()
     for mod in _attention_modules(model).values():
         if hasattr(mod, _RUNTIME):
             delattr(mod, _RUNTIME)
