@@ -91,6 +91,19 @@ def salient_count(n: int, ratio: float) -> int:
     return min(n, max(0, round(ratio * n)))
 
 
+def probe_queries(Tq: int, real: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
+    """Probe query indices of a call of Tq queries (real [Tq] bool): the last half of a `ratio` share of the
+    queries plus as many random earlier real ones (generator seeded with `seed`), real queries only."""
+    m = max(1, math.ceil(ratio * Tq))
+    recent = max(1, m // 2)
+    idx = torch.arange(Tq, device=real.device)
+    earlier = idx[: Tq - recent][real[: Tq - recent]]
+    g = torch.Generator().manual_seed(seed)
+    pick = earlier[torch.randperm(earlier.numel(), generator=g)[: m - recent].to(earlier.device)]
+    chosen = torch.cat([pick.sort().values, idx[Tq - recent :]])
+    return chosen[real[chosen]]
+
+
 def normalised_scores(probs: torch.Tensor, seen_by: torch.Tensor) -> torch.Tensor:
     """Accumulated attention [L] over the number of queries that could see each token [L] (0 if none)."""
     return torch.where(seen_by > 0, probs / seen_by.clamp_min(1), torch.zeros_like(probs))
@@ -171,15 +184,7 @@ class ZipCacheLayer(LayerKV):
         return p.sum(dim=(0, 1))[-n:] if n else p.new_zeros(0), sees.sum(0)[-n:].float() if n else p.new_zeros(0)
 
     def probe_queries(self, Tq: int, real: torch.Tensor) -> torch.Tensor:
-        """This call's probe query indices: the last half of the probe budget plus random earlier real queries."""
-        m = max(1, math.ceil(self.probe_ratio * Tq))
-        recent = max(1, m // 2)
-        idx = torch.arange(Tq, device=real.device)
-        earlier = idx[: Tq - recent][real[: Tq - recent]]
-        g = torch.Generator().manual_seed(1000003 * self.layer_idx + self.seen)
-        pick = earlier[torch.randperm(earlier.numel(), generator=g)[: m - recent].to(earlier.device)]
-        chosen = torch.cat([pick.sort().values, idx[Tq - recent :]])
-        return chosen[real[chosen]]
+        return probe_queries(Tq, real, self.probe_ratio, 1000003 * self.layer_idx + self.seen)
 
     def compress(self, q, k_new, new_valid, scale):
         try:
