@@ -81,28 +81,44 @@ def _dtype(name: str):
 @app.command("methods")
 def methods_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="print the README's methods table")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the methods table in Markdown (the docs' table)")]
+        = False,
+    family: Annotated[str | None, typer.Option(
+        help="only this family's methods: exact, sparse, hashing, clustering, lowrank or hybrid")] = None,
+    params: Annotated[bool, typer.Option(
+        "--params", help="with --markdown: also one parameter table per method (default and meaning)")] = False,
 ):
     """List the registered attention methods with their families, phases and parameters."""
     from attnsieve.methods import describe, names
 
-    rows = [describe(n) for n in names()]
+    rows = _method_rows(family, describe, names)
     if as_json:
         _print_json({"methods": rows}, None)
         return
     if markdown:
-        print(methods_markdown(rows))
+        print(methods_markdown(rows) + ("\n\n" + params_markdown(rows) if params else ""))
         return
     table = Table("method", "family", "phases", "parameters (defaults)")
     for r in rows:
-        params = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
+        params_text = ", ".join(f"{k}={v}" for k, v in r["params"].items()) or "-"
         alias = f" (alias of {r['alias_of']})" if r["alias_of"] else ""
-        table.add_row(r["name"] + alias, r["family"], ",".join(r["phases"]), params)
+        table.add_row(r["name"] + alias, r["family"], ",".join(r["phases"]), params_text)
     out.print(table)
 
 
+def _method_rows(family: str | None, describe=None, names=None) -> list[dict]:
+    """The registry's method descriptions, all or one family's (a family that does not exist is an error)."""
+    if describe is None or names is None:
+        from attnsieve.methods import describe, names
+    from attnsieve.methods.registry import FAMILIES
+
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
+    return [d for d in (describe(n) for n in names()) if family is None or d["family"] == family]
+
+
 def methods_markdown(rows: list[dict]) -> str:
-    """The methods table of the README, generated from the registry."""
+    """The methods table (docs and `methods --markdown`), generated from the registry."""
     lines = [
         "| method | family | phases | lookahead | parameters (defaults) | what it does |",
         "|---|---|---|---|---|---|",
@@ -117,10 +133,34 @@ def methods_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(text: object) -> str:
+    """Text for a Markdown table cell: a `|` would end the cell and a `*` start emphasis."""
+    return str(text).replace("|", "\\|").replace("*", "\\*")
+
+
+def params_markdown(rows: list[dict], help_key: str = "param_help") -> str:
+    """One Markdown section per method (or policy): its summary and a table of its parameters with their
+    defaults and meanings, from the parameter dataclass's field help."""
+    parts = []
+    for r in rows:
+        alias = f" (alias of `{r['alias_of']}`)" if r.get("alias_of") else ""
+        lines = [f"### `{r['name']}`", "", f"{_cell(r['summary'])}{alias}", ""]
+        if r["params"]:
+            lines += ["| parameter | default | meaning |", "|---|---|---|"]
+            lines += [f"| `{k}` | `{v}` | {_cell(r[help_key].get(k, '') or '-')} |" for k, v in r["params"].items()]
+        else:
+            lines.append("No parameters.")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 @app.command("policies")
 def policies_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="print the README's KV-policy table")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="print the KV-policy table in Markdown (the docs)")]
+        = False,
+    params: Annotated[bool, typer.Option(
+        "--params", help="with --markdown: also one parameter table per policy (default and meaning)")] = False,
 ):
     """List the registered KV-cache policies (patch(kv=...), eval --kv, bench decode --kv)."""
     from attnsieve.cache import describe_policy, policy_names
@@ -130,7 +170,7 @@ def policies_cmd(
         _print_json({"policies": rows}, None)
         return
     if markdown:
-        print(policies_markdown(rows))
+        print(policies_markdown(rows) + ("\n\n" + params_markdown(rows, "help") if params else ""))
         return
     table = Table("policy", "kind (what kv_budget counts)", "parameters (defaults)")
     for r in rows:
@@ -139,7 +179,7 @@ def policies_cmd(
 
 
 def policies_markdown(rows: list[dict]) -> str:
-    """The KV-policy table of the README, generated from the registry."""
+    """The KV-policy table (docs and `policies --markdown`), generated from the registry."""
     lines = ["| policy | kind | parameters (defaults) | what it does |", "|---|---|---|---|"]
     for r in rows:
         params = ", ".join(f"`{k}={v}`" for k, v in r["params"].items()) or "-"
@@ -821,6 +861,28 @@ def bench_decode_cmd(
                       f"{r['compressed_layers_ratio']:.3f}x", f"{r['token_agreement']:.2f}")
         out.print(table)
     _print_json({"command": "bench decode", "model": model, **r}, seed, dt)
+
+
+def cli_markdown() -> str:
+    """The command-line reference in Markdown, read from the parser itself: every command's usage, its help
+    and its options with their defaults, as `attnsieve COMMAND --help` prints them."""
+    root = typer.main.get_command(app)
+    parts = []
+
+    def walk(cmd, ctx, path: str) -> None:
+        subcommands = getattr(cmd, "commands", None)
+        if subcommands:  # a group (attnsieve, attnsieve bench): its commands, in their declared order
+            for name, sub in subcommands.items():
+                walk(sub, sub.context_class(sub, info_name=name, parent=ctx), f"{path} {name}")
+            return
+        lines = [f"## `{path}`", "", _cell((cmd.help or "").strip()), "", "```", cmd.get_usage(ctx), "```", ""]
+        records = [p.get_help_record(ctx) for p in cmd.get_params(ctx)]
+        lines += ["| option | meaning |", "|---|---|"]
+        lines += [f"| `{opts}` | {_cell(text)} |" for opts, text in filter(None, records)]
+        parts.append("\n".join(lines))
+
+    walk(root, root.context_class(root, info_name="attnsieve"), "attnsieve")
+    return "\n\n".join(parts)
 
 
 def _parse_policy_params(kv: str, raw: dict[str, str]) -> dict:

@@ -86,6 +86,7 @@ def test_methods_json_lists_the_registry(cli):
         (["demo", "--depths", "2"], "depth"),
         (["demo", "--threads", "0"], "threads"),
         (["nosuchcommand"], "nosuchcommand"),
+        (["methods", "--markdown", "--family", "nope"], "--family"),
         (["bench", "kernel", "--density", "0"], "density"),
         (["bench", "kernel", "--heads", "3", "--kv-heads", "2"], "kv-heads"),
         (["bench", "kernel", "--method", "dense"], "does not estimate a support"),
@@ -126,20 +127,6 @@ def test_cache_pointing_at_a_file_is_one_line(cli, tmp_path, monkeypatch):
         "must be a folder"
 
 
-def test_readme_methods_table_matches_the_registry():
-    from pathlib import Path
-
-    from attnsieve.cli import methods_markdown
-    from attnsieve.methods import describe
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = readme.index("<!-- methods-table:start -->") + len("<!-- methods-table:start -->")
-    table = readme[start : readme.index("<!-- methods-table:end -->")].strip()
-    assert table == methods_markdown([describe(n) for n in names()]), (
-        "README methods table is stale: paste `python -m attnsieve methods --markdown`"
-    )
-
-
 def test_bench_kernel_json(cli):
     res = cli("bench", "kernel", "--length", "512", "--density", "0.25", "--heads", "2", "--kv-heads", "1",
               "--head-dim", "32", "--reps", "1", "--json")
@@ -148,20 +135,6 @@ def test_bench_kernel_json(cli):
     fields = {"dense_s", "sparse_s", "speedup", "measured_density", "estimate_s", "versions", "threads", "seed"}
     assert fields <= doc.keys()
     assert 0 < doc["measured_density"] <= 1 and doc["speedup"] > 0
-
-
-def test_readme_policies_table_matches_registry():
-    from pathlib import Path
-
-    from attnsieve.cache import describe_policy, policy_names
-    from attnsieve.cli import policies_markdown
-
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    start = readme.index("<!-- policies-table:start -->") + len("<!-- policies-table:start -->")
-    table = readme[start : readme.index("<!-- policies-table:end -->")].strip()
-    assert table == policies_markdown([describe_policy(n) for n in policy_names()]), (
-        "README policies table is stale: paste `python -m attnsieve policies --markdown`"
-    )
 
 
 def test_an_unexpected_error_surfaces_as_itself(monkeypatch):

@@ -67,7 +67,12 @@ class _CpuOnlyBuild(logging.Filter):
 
 
 def _import_cpp_extension():
-    """torch.utils.cpp_extension, imported without its CUDA_HOME notice (see _CpuOnlyBuild)."""
+    """torch.utils.cpp_extension, imported without its CUDA_HOME notice on a CPU-only machine (see
+    _CpuOnlyBuild); where torch sees a GPU nothing is filtered."""
+    if torch.cuda.is_available():
+        from torch.utils import cpp_extension
+
+        return cpp_extension
     log = logging.getLogger("torch.utils.cpp_extension")
     quiet = _CpuOnlyBuild()
     log.addFilter(quiet)
