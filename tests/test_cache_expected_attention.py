@@ -239,3 +239,48 @@ def test_the_integration_gives_the_rotary_that_recovers_the_pre_rope_queries(arc
     layer = out.cache.layers[idx].kv
     kept = [math.ceil(0.3 * n) + 3 for n in (43, 50)]  # the prompt compressed once; 3 decoded tokens appended
     assert [r.numel() for r in layer.pos] == [kept[r // layer.Hkv] for r in range(len(layer.pos))]
+
+
+def test_scores_equal_kvpress_formula_from_the_models_own_hidden_states():
+    """On a Gemma-3 layout (global layers with their own RoPE frequencies beside sliding ones), the scores
+    equal kvpress's `ExpectedAttentionPress.score` recomputed from the layer's hidden states: pre-RoPE
+    queries from q_proj and q_norm, the rotary module's cos/sin for the layer type at the next 512
+    positions averaged into one matrix, then softmax(s mu.k + s^2 k.Sigma.k / 2) x ||v|| (s: the layer's scale)."""
+    model = tiny_gemma3(sliding_window=16)
+    li = 1  # a full-attention layer
+    attn = model.model.layers[li].self_attn
+    ids = torch.randint(3, 97, (1, 70), generator=torch.Generator().manual_seed(4))
+    got, scores = {}, {}
+    hook = attn.register_forward_pre_hook(lambda m, a, kw: got.update(h=kw["hidden_states"]), with_kwargs=True)
+    orig = ExpectedAttentionLayer.token_scores
+
+    def spy(self, q, k_new, new_valid, scale):
+        out = orig(self, q, k_new, new_valid, scale)
+        scores[self.layer_idx] = (out[0], self.keys[0].clone(), self.values[0].clone())
+        return out
+
+    try:
+        ExpectedAttentionLayer.token_scores = spy
+        with attnsieve.patched(model, "dense", kv="expected-attention", kv_budget=0.5):
+            model(ids, use_cache=True)
+    finally:
+        ExpectedAttentionLayer.token_scores = orig
+        hook.remove()
+    ours, keys, values = scores[li]
+    T, D, n_sink = ids.shape[1], attn.head_dim, 4
+    with torch.no_grad():
+        h = got["h"][:, n_sink:]
+        q = attn.q_norm(attn.q_proj(h).view(1, h.shape[1], -1, D)).transpose(1, 2).double()[0]  # [H, n, D]
+        cos, sin = model.model.rotary_emb(h, torch.arange(T, T + 512)[None], layer_type="full_attention")
+    mu = q.mean(1)
+    c = q - mu[:, None]
+    cov = c.transpose(1, 2) @ c / q.shape[1]
+    P = torch.zeros(D, D, dtype=torch.double)
+    P[D // 2 :, : D // 2], P[: D // 2, D // 2 :] = torch.eye(D // 2), -torch.eye(D // 2)
+    R = (cos[0].double()[:, None] * torch.eye(D, dtype=torch.double) + sin[0].double()[:, None] * P).mean(0)
+    mu, cov = mu @ R.T, R @ cov @ R.T
+    k = keys[n_sink:].double()
+    sc = attn.scaling  # the layer's own scale (documented: kvpress's 1/sqrt(d) equals it on the real Gemma-3)
+    z = mu @ k.T * sc + torch.einsum("ld,hde,le->hl", k, cov, k) * sc**2 / 2
+    want = torch.softmax(z, -1).mean(0) * values[n_sink:].double().norm(dim=-1)
+    assert_close(ours[n_sink:].double(), want, atol=1e-7, rtol=1e-4)
