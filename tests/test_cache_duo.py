@@ -10,7 +10,9 @@ import torch
 import attnsieve
 from attnsieve.cache import make_policy
 from attnsieve.cache._heads import find_calibration, model_key, top_heads
-from attnsieve.cache.duo import DuoParams, calibrate_duo, copy_hits
+from attnsieve.cache.duo import DuoParams
+from attnsieve.signals import calibrate_duo
+from attnsieve.signals.heads import copied_positions
 from attnsieve.kernels import dense_attention
 
 from helpers import assert_close
@@ -34,7 +36,7 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_copy_hits_count_heads_whose_top_position_holds_the_copied_needle_token():
+def test_copied_positions_are_the_needle_positions_a_head_copied_from():
     ids = [5, 6, 7, 8, 9, 5, 6, 7, 70, 71, 72]  # prompt: needle [70, 71, 72] at 8..10 ... then generated
     ids = ids + [71, 72, 40]
     generated = [71, 72, 40]
@@ -44,9 +46,7 @@ def test_copy_hits_count_heads_whose_top_position_holds_the_copied_needle_token(
         [10, 0, 9, 10],  # step 1 copies 72: heads 0 and 3 hit
         [9, 0, 9, 10],  # step 2 generates 40, not in the needle: not a copying step
     ])
-    hits, copies = copy_hits(top, generated, ids, span)
-    assert copies == 2
-    assert hits.tolist() == [2, 0, 1, 1]
+    assert copied_positions(top, generated, ids, span) == [{9, 10}, set(), {9}, {10}]
 
 
 def test_retrieval_heads_are_the_top_scores_across_layers():

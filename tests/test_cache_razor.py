@@ -9,7 +9,8 @@ import torch
 
 import attnsieve
 from attnsieve.cache import make_policy
-from attnsieve.cache.razor import RazorParams, calibrate_razor, echo_induction_mass, retrieval_heads
+from attnsieve.cache.razor import RazorParams, retrieval_heads
+from attnsieve.signals.calibration import calibrate_razor, echo_induction_mass
 from attnsieve.kernels import dense_attention
 
 from helpers import assert_close

@@ -1,4 +1,4 @@
-"""What DuoAttention and RazorAttention share: per-head calibration and a cache split by head.
+"""What DuoAttention and RazorAttention share: head scores on disk and a cache split by head.
 
 A head-split layer keeps every token in its retrieval heads and only the first `sink` plus the
 latest `recent(n)` tokens in the other (streaming) heads; rows are separate tensors, so the two
@@ -6,10 +6,11 @@ kinds really hold different lengths. Optionally (RazorAttention) each streaming 
 tokens it drops into one compensation token: the mean key and value of the dropped tokens, whose
 exponentiated score counts once per dropped token (log n added to its logit).
 
-Calibration runs the model once through a probe method (exact attention that also hands each
-global layer's q and k to a callback), stores per-head scores as JSON under the attnsieve cache
-directory keyed by model and length, and policies turn scores into retrieval-head sets.
-Imports of the integration and the tasks happen inside functions: this module sits below them.
+Head scores come from `attnsieve.signals` (which runs the model: DuoAttention's retrieval
+scores from the head profiles, RazorAttention's echo and induction scores); they are kept as JSON
+under the attnsieve cache directory keyed by model and length, and the policies here only read
+them and turn scores into retrieval-head sets. Nothing here runs a model, imports the integration
+or the evaluation tasks.
 """
 
 from __future__ import annotations
@@ -20,46 +21,12 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from attnsieve.cache.base import LayerKV, PastAttention
 from attnsieve.kernels import merge
-from attnsieve.methods import Method, exact_attention
-
-
-# ----- calibration ----------------------------------------------------------------------------
-@dataclass
-class _NoParams:
-    pass
-
-
-class HeadProbe(Method):
-    """Exact attention that hands every global layer's (phase, q, k, ctx) to a callback (never registered)."""
-
-    name = "head-probe"
-    family = "dense"
-    phases = ("prefill",)
-    supports_causal_mask = True
-    Params = _NoParams
-    summary = "exact attention observed by a calibration callback"
-
-    def __init__(self, callback: Callable[[str, torch.Tensor, torch.Tensor, Any], None]):
-        super().__init__()
-        self.callback = callback
-
-    def prefill(self, q, k, v, ctx):
-        if ctx.window is None:
-            self.callback("prefill", q, k, ctx)
-        return exact_attention(q, k, v, ctx)
-
-    def decode(self, q, k, v, ctx):
-        if ctx.window is None:
-            self.callback("decode", q, k, ctx)
-        return exact_attention(q, k, v, ctx)
 
 
 def model_key(name_or_path: str, cache_dir=None) -> str:

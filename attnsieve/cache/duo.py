@@ -28,25 +28,18 @@ ratio + (1 - ratio) * (kv_sink + kv_recent) / tokens of the dense cache.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
-import torch
-
 from attnsieve.cache._heads import (
-    HeadProbe,
     HeadSplitKV,
-    calibration_path,
     head_count,
     int_keys,
     load_calibration,
-    model_key,
-    save_calibration,
     top_heads,
 )
 from attnsieve.cache.base import KVPolicy, KVPolicyParams, register_policy
 
-HOW = ("calibrate once with attnsieve.cache.duo.calibrate_duo(model, tok) (cached per model), then pass "
+HOW = ("calibrate once with attnsieve.signals.calibrate_duo(model, tok) (cached per model), then pass "
        "kv_calibration=<model name or path, the JSON file, or the returned dict>")
 DEFAULT_RATIO = 0.5  # the paper's retrieval-head ratio for GQA models
 
@@ -66,101 +59,6 @@ class DuoParams(KVPolicyParams):
         super().__post_init__()
         if self.kv_retrieval_ratio is not None and not 0 <= self.kv_retrieval_ratio <= 1:
             raise ValueError(f"kv_retrieval_ratio must be in [0, 1], got {self.kv_retrieval_ratio}")
-
-
-def find_span(seq: list[int], sub: list[int]) -> tuple[int, int]:
-    """[lo, hi) of the first occurrence of `sub` in `seq`."""
-    for i in range(len(seq) - len(sub) + 1):
-        if seq[i : i + len(sub)] == sub:
-            return i, i + len(sub)
-    raise ValueError("the needle's tokens do not occur in the prompt")
-
-
-def copy_hits(
-    top: torch.Tensor, generated: list[int], ids: list[int], span: tuple[int, int]
-) -> tuple[torch.Tensor, int]:
-    """Retrieval-score counts of one generation (Wu et al.).
-
-    top [steps, H]: each query head's most attended position at each generation step; generated:
-    the token produced at each step; ids: prompt + generated tokens; span: the needle's [lo, hi).
-    Returns (hits [H], copying steps): a copying step produces a token that occurs in the needle,
-    a hit is a head whose top position lies in the needle and holds that same token.
-    """
-    lo, hi = span
-    needle = set(ids[lo:hi])
-    seq = torch.tensor(ids)
-    hits = torch.zeros(top.shape[1])
-    copies = 0
-    for s, w in enumerate(generated):
-        if w not in needle:
-            continue
-        copies += 1
-        j = top[s].long()
-        inside = (j >= lo) & (j < hi)
-        hits += (inside & (seq[j.clamp(0, len(ids) - 1)] == w)).float()
-    return hits, copies
-
-
-def calibrate_duo(model, tok, *, length: int = 2048, samples: int = 5, name: str | None = None, cache_dir=None,
-                  refresh: bool = False, progress: bool = True) -> dict[int, list[float]]:
-    """Retrieval score of every KV head of the model's global layers: {layer: [score per KV head]}.
-
-    Runs `samples` greedy generations on pass-key prompts of `length` tokens (needles at evenly
-    spread depths) with exact attention, scoring heads as described in the module docstring.
-    Cached as JSON under the attnsieve cache directory, keyed by model (`name`, else the model's
-    path) and length; `refresh` recomputes. Patches the model only for the duration of the call.
-    """
-    from attnsieve.eval.tasks import make_passkey
-    from attnsieve.eval.tasks.base import encode
-    from attnsieve.integrations.hf import patched
-
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    key = model_key(name or str(getattr(model, "name_or_path", "") or type(model).__name__), cache_dir)
-    path = calibration_path("duo", key, length, cache_dir)
-    if path.exists() and not refresh:
-        return int_keys(load_calibration("duo", str(path), HOW)["scores"])
-    tops: dict[int, list[torch.Tensor]] = {}
-    kv_heads: dict[int, int] = {}
-
-    def record(phase, q, k, ctx):  # the last query's most attended position, per query head
-        Hkv, G, D = k.shape[1], q.shape[1] // k.shape[1], q.shape[-1]
-        kv_heads[ctx.layer_idx] = Hkv
-        s = torch.einsum("hgd,htd->hgt", q[0, :, -1].float().view(Hkv, G, D), k[0].float())
-        tops.setdefault(ctx.layer_idx, []).append(s.argmax(-1).reshape(-1))
-
-    hits: dict[int, torch.Tensor] = {}
-    copies = 0
-    for i in range(samples):
-        sample = make_passkey(tok, length, (i + 0.5) / samples, seed=i)
-        ids = sample.input_ids
-        if progress:
-            print(f"attnsieve: DuoAttention calibration, pass-key prompt {i + 1}/{samples} ({length} tokens)",
-                  file=sys.stderr)
-        tops.clear()
-        with patched(model, HeadProbe(record)), torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=sample.max_new_tokens,
-                                 do_sample=False)
-        generated = out[0, ids.shape[1] :].tolist()
-        full = out[0].tolist()
-        span = find_span(full, encode(tok, sample.meta["needles"][0]))
-        for layer, steps in tops.items():
-            h, c = copy_hits(torch.stack(steps[: len(generated)]), generated, full, span)
-            hits[layer] = hits.get(layer, 0) + h
-        copies += c
-    if copies == 0:
-        raise ValueError(
-            f"the model copied no needle token in {samples} pass-key prompts of {length} tokens, so no head can "
-            "be scored; calibrate at a length the model handles (shorter) or with more samples"
-        )
-    per_query = {layer: (h / copies).tolist() for layer, h in sorted(hits.items())}
-    per_kv = {}
-    for layer, scores in per_query.items():  # a KV head serves its whole group: its best query head's score
-        G = len(scores) // kv_heads[layer]
-        per_kv[layer] = [max(scores[h * G : (h + 1) * G]) for h in range(kv_heads[layer])]
-    save_calibration(path, {"policy": "duo", "model": key, "length": length, "samples": samples,
-                            "copy_steps": copies, "query_head_scores": per_query, "scores": per_kv})
-    return per_kv
 
 
 @register_policy(

@@ -27,27 +27,19 @@ The compensation token's key, value and count are stored (counted in `nbytes()`)
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, field
 
-import torch
-
 from attnsieve.cache._heads import (
-    HeadProbe,
     HeadSplitKV,
-    calibration_path,
     head_count,
     int_keys,
     load_calibration,
-    model_key,
-    save_calibration,
     top_heads,
 )
 from attnsieve.cache.base import KVPolicy, KVPolicyParams, register_policy
 
-HOW = ("calibrate once with attnsieve.cache.razor.calibrate_razor(model, tok) (cached per model), then pass "
+HOW = ("calibrate once with attnsieve.signals.calibrate_razor(model, tok) (cached per model), then pass "
        "kv_calibration=<model name or path, the JSON file, or the returned dict>")
-QUERY_CHUNK = 256  # calibration queries scored at a time (bounds the [heads, chunk, T] buffer)
 
 
 @dataclass
@@ -71,85 +63,6 @@ class RazorParams(KVPolicyParams):
         for name in ("kv_echo_ratio", "kv_induction_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-
-
-def repeated_random_tokens(vocab: int, period: int, repeats: int, seed: int, avoid: set[int]) -> list[int]:
-    """`period` distinct random token ids (from the upper 90% of the vocabulary, specials avoided), repeated."""
-    lo = vocab // 10
-    pool = torch.tensor([t for t in range(lo, vocab) if t not in avoid])
-    if period > pool.numel():
-        raise ValueError(f"period {period} exceeds the {pool.numel()} usable token ids of this vocabulary")
-    g = torch.Generator().manual_seed(seed)
-    return pool[torch.randperm(pool.numel(), generator=g)[:period]].tolist() * repeats
-
-
-def echo_induction_mass(q, k, scale: float, start: int, period: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Attention mass of the repeated copies' queries on echo and induction positions, summed over queries.
-
-    q [1, H, T, D], k [1, Hkv, T, D]; the random tokens start at `start` (after a BOS, say) with
-    period `period`. Query i of a later copy has echo positions i - m*period and induction positions
-    i - m*period + 1 (m >= 1). Returns echo [H], induction [H], queries counted. Chunked over queries.
-    """
-    H, T, D = q.shape[1], q.shape[2], q.shape[3]
-    Hkv = k.shape[1]
-    G = H // Hkv
-    echo = torch.zeros(H)
-    induction = torch.zeros(H)
-    kf = k[0].float()
-    keys = torch.arange(T)
-    first = start + period  # the first query whose token occurred before
-    for s in range(first, T, QUERY_CHUNK):
-        e = min(s + QUERY_CHUNK, T)
-        qs = q[0, :, s:e].float().view(Hkv, G, e - s, D)
-        scores = torch.einsum("hgcd,htd->hgct", qs, kf) * scale  # [Hkv, G, c, T]
-        d = torch.arange(s, e)[:, None] - keys[None, :]  # [c, T] query - key distance
-        scores = scores.masked_fill(d < 0, float("-inf"))
-        p = torch.softmax(scores, dim=-1).reshape(H, e - s, T)
-        later = d > 0
-        echo += (p * (later & (d % period == 0) & (keys[None, :] >= start))).sum(dim=(1, 2))
-        after = later & (d % period == period - 1) & (keys[None, :] > start)  # follows an occurrence
-        induction += (p * after).sum(dim=(1, 2))
-    return echo, induction, max(0, T - first)
-
-
-def calibrate_razor(model, tok, *, period: int = 512, repeats: int = 4, seed: int = 0, name: str | None = None,
-                    cache_dir=None, refresh: bool = False, progress: bool = True) -> dict[str, dict[int, list[float]]]:
-    """Echo and induction scores of every KV head of the model's global layers.
-
-    Returns {"echo": {layer: [score per KV head]}, "induction": {...}}; cached as JSON under the
-    attnsieve cache directory keyed by model (`name`, else the model's path) and period * repeats.
-    Patches the model only for the duration of the call.
-    """
-    from attnsieve.integrations.hf import patched
-
-    if period < 2 or repeats < 2:
-        raise ValueError(f"period must be >= 2 and repeats >= 2, got period={period}, repeats={repeats}")
-    key = model_key(name or str(getattr(model, "name_or_path", "") or type(model).__name__), cache_dir)
-    path = calibration_path("razor", key, period * repeats, cache_dir)
-    if path.exists() and not refresh:
-        doc = load_calibration("razor", str(path), HOW)
-        return {"echo": int_keys(doc["echo"]), "induction": int_keys(doc["induction"])}
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    specials = {t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None}
-    ids = repeated_random_tokens(cfg.vocab_size, period, repeats, seed, specials)
-    start = 0
-    if tok.bos_token_id is not None:
-        ids, start = [tok.bos_token_id, *ids], 1
-    echo, induction = {}, {}
-
-    def record(phase, q, k, ctx):
-        e, i, n = echo_induction_mass(q, k, ctx.scale, start, period)
-        G = q.shape[1] // k.shape[1]
-        echo[ctx.layer_idx] = [float(e[h * G : (h + 1) * G].max()) / n for h in range(k.shape[1])]
-        induction[ctx.layer_idx] = [float(i[h * G : (h + 1) * G].max()) / n for h in range(k.shape[1])]
-
-    if progress:
-        print(f"attnsieve: RazorAttention calibration, {period} random tokens x {repeats}", file=sys.stderr)
-    with patched(model, HeadProbe(record)), torch.no_grad():
-        model(input_ids=torch.tensor([ids]), use_cache=False, logits_to_keep=1)
-    save_calibration(path, {"policy": "razor", "model": key, "length": period * repeats, "period": period,
-                            "repeats": repeats, "seed": seed, "echo": echo, "induction": induction})
-    return {"echo": echo, "induction": induction}
 
 
 def retrieval_heads(echo: dict, induction: dict, echo_ratio: float, induction_ratio: float,
