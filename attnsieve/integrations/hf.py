@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 from attnsieve.cache import KVPolicy, Rotary, make_policy
 from attnsieve.integrations.hf_cache import KV_KWARG, PolicyCache
 from attnsieve.kernels import dense_attention, exact_cells
+from attnsieve.kernels.block_sparse import check_backend_name, preferred_backend, resolve_backend
 from attnsieve.methods import AttnOutput, LayerContext, Method, exact_attention, make
 
 IMPL = "attnsieve"
@@ -110,6 +111,7 @@ class LayerRuntime:
     stats: Stats
     capture: dict[int, CapturedLayer] | None = None  # shared by all layers while capturing
     rope: tuple[torch.nn.Module, str] | None = None  # (rotary module, its inv_freq buffer's name) for this layer
+    backend: str | None = None  # block-sparse kernel backend its calls run (None: the fastest available)
 
 
 @dataclass
@@ -126,6 +128,7 @@ class Patch:
     hook: Any = None  # forward pre-hook that gives every new forward an attnsieve cache
     active: bool = True  # False once unpatched: caches made by this patch then refuse to continue
     plan: Any = None  # the tuned plan applied (attnsieve.tune.Plan), if patch() was given one
+    backend: str = "auto"  # the block-sparse kernel backend the patched layers run
 
     def unpatch(self) -> None:
         unpatch(self.model)
@@ -206,6 +209,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     rt: LayerRuntime | None = getattr(module, _RUNTIME, None)
     if rt is None:
         raise RuntimeError("attnsieve attention called on a module that patch() did not prepare")
+    with preferred_backend(rt.backend):  # the patch's backend for every kernel call the method makes
+        return _layer_attention(rt, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _layer_attention(rt: LayerRuntime, module, query, key, value, attention_mask, dropout, scaling, **kwargs):
     if dropout and module.training:
         raise ValueError(f"attention dropout ({dropout}) is not supported; call model.eval() first")
     Tq, Tk = query.shape[2], key.shape[2]
@@ -388,6 +396,7 @@ def patch(
     kv_budget: float | None = None,
     layers: dict[int, str | Method] | None = None,
     plan=None,
+    backend: str | None = None,
     **params,
 ) -> Patch:
     """Run `method` in the model's global attention layers; returns a handle with measurements.
@@ -403,7 +412,11 @@ def patch(
     `plan` (a tuned plan, `attnsieve.tune.Plan` or the path of its JSON file) sets every layer instead
     of `method`/`layers`: the layers it names run its choices, every other global layer stays dense;
     a plan tuned for another architecture (config fingerprint) is refused.
+    `backend` chooses the block-sparse kernel every patched layer runs its supports on ("compiled", "mkl",
+    "flash", "matmul", "flex", "flex-eager"; None or "auto": the fastest available on the model's device,
+    flex on CUDA). It is a patch option, not a method parameter: every method runs on it unchanged.
     """
+    check_backend_name(backend)
     kv_params = {k: params.pop(k) for k in list(params) if k.startswith("kv_")}
     plan_obj = None
     if plan is not None:
@@ -450,6 +463,11 @@ def patch(
     if encoder and kv is not None:
         raise ValueError("KV-cache policies are for decoders; this model is a bidirectional encoder")
 
+    if backend not in (None, "auto"):  # refuse a backend this model's device / dtype cannot run, before patching
+        param = next(model.parameters(), None)
+        dev = param.device if param is not None else torch.device("cpu")
+        dt = param.dtype if param is not None else torch.float32
+        resolve_backend(backend, dev, torch.float32 if dt in (torch.float16, torch.bfloat16) else dt)
     n_global = sum(1 for i in range(n_layers) if layer_types[i] != "sliding_attention")
     policy = None if kv is None else make_policy(kv, kv_budget, n_layers=max(1, n_global), **kv_params)
 
@@ -469,7 +487,7 @@ def patch(
         else:
             role = "kept" if chosen.name == "dense" and main.name != "dense" else "method"
         rope = _rope_source(rotaries, mod) if policy is not None else None
-        setattr(mod, _RUNTIME, LayerRuntime(chosen, role, stats, rope=rope))
+        setattr(mod, _RUNTIME, LayerRuntime(chosen, role, stats, rope=rope, backend=backend))
         described[idx] = ("exact-local" if sliding[idx] else "exact") if chosen is None else chosen.name
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPL)
@@ -478,7 +496,8 @@ def patch(
         if sliding.get(i) else None
         for i in range(n_layers)
     }
-    handle = Patch(model, main, described, stats, previous, policy, windows, plan=plan_obj)
+    handle = Patch(model, main, described, stats, previous, policy, windows, plan=plan_obj,
+                   backend=backend or "auto")
     if policy is not None:
         handle.hook = model.register_forward_pre_hook(_give_policy_cache(handle), with_kwargs=True)
     setattr(model, _STATE, handle)

@@ -28,6 +28,8 @@ Tq < Tk (chunked prefill, decoding) the first query block is (Tk - Tq) // bs and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -49,13 +51,38 @@ MKL_CHUNK_ELEMS = 1 << 21
 BACKENDS = ("compiled", "mkl", "flash", "matmul", "flex", "flex-eager")
 
 
+# The backend that calls naming none run: set per attention call by `patch(model, ..., backend=)`, so
+# every method's kernel calls (and the exact local layers) take it without a parameter of their own.
+_PREFERRED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnsieve_backend", default=None)
+
+
+def check_backend_name(backend: str | None) -> None:
+    """Raise ValueError naming the allowed values unless `backend` is None, "auto" or a known backend."""
+    if backend is not None and (not isinstance(backend, str) or backend not in ("auto", *BACKENDS)):
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+
+
+@contextlib.contextmanager
+def preferred_backend(backend: str | None):
+    """Inside the block, block-sparse calls given no backend run `backend` (None / "auto": the fastest)."""
+    check_backend_name(backend)
+    token = _PREFERRED.set(None if backend == "auto" else backend)
+    try:
+        yield
+    finally:
+        _PREFERRED.reset(token)
+
+
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
     """The backend `block_sparse_attention` runs: the one asked for, or the fastest available.
 
     dtype is the accumulation dtype (float32 for half-precision inputs).
     Raises ValueError for an unknown name or one that cannot run on this device / dtype.
     """
+    device = torch.device(device)
     cpu = device.type == "cpu"
+    if backend is None:
+        backend = _PREFERRED.get()
     if backend is None or backend == "auto":
         # on CPU the compiled C++ kernel measured faster than compiled flex (docs/results, issue #16)
         if device.type == "cuda" and dtype == torch.float32 and flex.compiled_available(device, dtype):
@@ -67,8 +94,7 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         if cpu and _HAS_CPU_FLASH and dtype in (torch.float32, torch.float64):
             return "flash"
         return "matmul"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    check_backend_name(backend)
     if backend == "compiled" and not (cpu and dtype == torch.float32 and compiled.available()):
         raise ValueError(
             f"backend 'compiled' needs float32 on CPU and attnsieve's compiled kernel (x86-64 Linux, a C++ "

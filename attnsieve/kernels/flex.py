@@ -111,7 +111,8 @@ def _partial_offsets(bs: int, causal: bool, window: int | None) -> list[int]:
     else:
         lo = -1 if causal else (window - bs + 1) // bs - 1
         hi = (window + bs) // bs + 1
-    return [d for d in range(lo, hi + 1) if not _geo_full(d, bs, causal, window) and not _geo_dead(d, bs, causal, window)]
+    return [d for d in range(lo, hi + 1)
+            if not _geo_full(d, bs, causal, window) and not _geo_dead(d, bs, causal, window)]
 
 
 def _plan(support, B, H, Tq, Tk, causal, window, key_valid, dev, *, phantom: bool, membership: bool):
