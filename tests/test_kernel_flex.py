@@ -138,10 +138,10 @@ def test_flex_phantom_lse_when_own_key_not_attended():
     support = BlockSupport(blocks.contiguous(), 32)
     res = block_sparse_attention(q, k, v, support, backend="flex")
     ref_out, ref_lse = reference(q, k, v, support, True, None, None)
-    # scores of a few hundred: float32 rounding of the scores alone reaches ~1e-5 relative
-    assert_close(res.out, ref_out, atol=1e-4, rtol=1e-4, what="out")
-    assert_close(res.lse, ref_lse, atol=1e-4, rtol=1e-5, what="lse")
-    assert (ref_lse - res.lse).abs().max() < 1e-3
+    # scores of several hundred: float32 rounding of the scores alone reaches ~1e-5 relative (the
+    # check is that no row's lse is off by the phantom's range, tens to hundreds)
+    assert_close(res.out, ref_out, atol=1e-3, rtol=1e-3, what="out")
+    assert_close(res.lse, ref_lse, atol=1e-3, rtol=1e-5, what="lse")
 
 
 @needs_compiled_flex

@@ -19,9 +19,11 @@ yet"), so there the call adds one *phantom* key per query row: an extra key bloc
 has score c (the row's score against its own key, set by `score_mod`) and a value that is 1 in one
 extra value channel. The row's weight w on it gives Z = e^c (1 - w) / w, so lse = c + log(1 - w) - log w
 and the output is rescaled by 1 / (1 - w). With c at or below the row's largest score w <= 1/2 and
-both are exact to the output dtype's precision; rows where w underflows or exceeds 1/2 (their own
-key not attended) are run again with a better c. The phantom block costs one key block per query
-block.
+both are exact to the output dtype's precision; rows where w is tiny (< 1e-20: the kernel's exp is
+approximate near underflow) or exceeds 1/2 (their own key not attended) are run again with a better
+c, and rows still out of range after two such passes (scores hundreds apart) take the pure-torch
+matmul path. The phantom block costs one key block per
+query block.
 
 Shapes are bucketed before compiling: the query and key grids are padded to a power-of-two number of
 blocks (the padding blocks are never listed, so they cost memory, not compute), so a generate loop
@@ -44,6 +46,11 @@ import torch
 RECOMPILE_LIMIT = 64
 
 _COMPILES = 0
+# Phantom weights below this are too far out for the CPU kernel's exp (approximate near underflow):
+# such rows are run again with a corrected score.
+TINY = 1e-20
+# Extra passes with a corrected phantom score before the rows still out of range take the matmul path.
+REFINE_PASSES = 2
 
 
 def available() -> bool:
@@ -332,22 +339,35 @@ def flex_support_attention(q, k, v, support, *, causal: bool = True, window: int
             return _compiled_call()(qp, kp, vp, *args, c_grid, qoff, win, **static)
 
     out, lse = run(c)
+    fallback = None
     if phantom:
         real = p["qvalid"][:, None, :] & p["row_live"]  # [B, H, Lq] rows known to have keys
-        for _ in range(2):
+        for step in range(REFINE_PASSES + 1):
             w = out[..., Dv].float()
-            bad = real & ((w <= 0) | (w > 0.5))
+            bad = real & ((w < TINY) | (w > 0.5))
             if not bool(bad.any()):
                 break
+            if step == REFINE_PASSES:  # still bad (scores hundreds apart): those rows from the matmul path
+                fallback = bad
+                break
             # w underflowed: c far below the row's scores; w > 1/2: c above them (its own key not attended)
+            jump = 80.0 * 2**step
             est = c + torch.log1p(-w.clamp_max(1 - 1e-7)) - torch.log(w.clamp_min(1e-38))
-            c = torch.where(bad, torch.where(w <= 0, c + 80.0, torch.where(w < 1, est - 4.0, c - 80.0)), c)
+            c = torch.where(bad, torch.where(w <= 0, c + jump, torch.where(w < 1, est - 8.0, c - jump)), c)
             again, _ = run(c)
             out = torch.where(bad[..., None], again, out)
         out, lse = _unphantom(out, c, Dv)
     cells = int(p["cells"]) if compiled else B * H * Tq * Tk  # eager: the whole score matrix
     out = out[:, :, lead : lead + Tq, :Dv].to(q.dtype)
     lse = lse[:, :, lead : lead + Tq].float()
+    if fallback is not None:
+        from attnsieve.kernels.block_sparse import block_sparse_attention
+
+        ref = block_sparse_attention(q, k, v, support, causal=causal, window=window, scale=scale,
+                                     key_valid=key_valid, backend="matmul")
+        rows = fallback[:, :, lead : lead + Tq]
+        out = torch.where(rows[..., None], ref.out.to(out.dtype), out)
+        lse = torch.where(rows, ref.lse.float(), lse)
     return SparseResult(out, lse, cells)
 
 
