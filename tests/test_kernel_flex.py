@@ -13,12 +13,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from test_kernels import SETTINGS, qkv, support_to_token_mask
 
 from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, flex, token_mask
 from attnsieve.kernels.block_sparse import resolve_backend
 
 from helpers import assert_close, masked_dense_reference
-from test_kernels import SETTINGS, qkv, support_to_token_mask
 
 needs_flex = pytest.mark.skipif(not flex.available(), reason="torch without FlexAttention")
 needs_compiled_flex = pytest.mark.skipif(
@@ -181,6 +181,7 @@ def test_flex_on_cuda_is_a_clear_error_without_a_gpu():
 @needs_compiled_flex
 def test_patched_tiny_model_with_flex_backend_gives_the_same_logits():
     import attnsieve
+
     from tiny_models import tiny_gemma3
 
     model = tiny_gemma3()
@@ -203,6 +204,7 @@ def test_patched_tiny_model_with_flex_backend_gives_the_same_logits():
 
 def test_patch_rejects_an_unknown_backend():
     import attnsieve
+
     from tiny_models import tiny_llama
 
     model = tiny_llama()
