@@ -211,3 +211,48 @@ def test_patch_rejects_an_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of auto, .*flex"):
         attnsieve.patch(model, "block-topk", backend="triton")
     assert getattr(model, "_attnsieve_patch", None) is None  # nothing was patched
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "kernel", "--backend", "nope", "--length", "128"],
+    ["bench", "prefill", "--backend", "flexx"],
+    ["bench", "decode", "--backend", "triton"],
+    ["generate", "--prompt", "hi", "--backend", "cuda"],
+    ["eval", "--out", "{tmp}/ev", "--backend", "xla"],
+], ids=["bench-kernel", "bench-prefill", "bench-decode", "generate", "eval"])
+def test_cli_rejects_an_unknown_backend_in_one_line(argv, tmp_path, capsys):
+    from attnsieve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2
+    assert err.startswith("attnsieve: error: backend must be one of auto,") and "flex" in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "ev").exists()  # refused before the output folder is claimed
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "kernel", "--device", "cuda", "--length", "128"],
+    ["generate", "--prompt", "hi", "--device", "cuda"],
+    ["bench", "prefill", "--device", "tpu"],
+], ids=["bench-kernel-cuda", "generate-cuda", "bench-prefill-tpu"])
+def test_cli_device_without_a_gpu_is_one_line(argv, capsys):
+    if torch.cuda.is_available() and "cuda" in argv:
+        pytest.skip("this machine has a GPU")
+    from attnsieve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "device" in err
+
+
+def test_load_on_cuda_without_a_gpu_is_a_value_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from attnsieve.models import resolve_device
+
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device(None) == torch.device("cpu")
