@@ -64,8 +64,8 @@ def _parse_sets(pairs: list[str]) -> dict[str, str]:
     return parsed
 
 
-def _print_json(obj: dict, seed: int | None, dtype=None) -> None:
-    print(json.dumps({**obj, **run_info(seed, dtype)}, default=str))
+def _print_json(obj: dict, seed: int | None, dtype=None, device: str = "cpu") -> None:
+    print(json.dumps({**obj, **run_info(seed, dtype, device)}, default=str))
 
 
 _DTYPE_HELP = "float32, bfloat16, or auto: bf16 where the CPU has AMX bf16 tiles, float32 elsewhere"
@@ -76,6 +76,37 @@ def _dtype(name: str):
     from attnsieve.precision import resolve_dtype
 
     return resolve_dtype(name)
+
+
+_BACKEND_HELP = ("block-sparse kernel backend: auto (the fastest available: the compiled C++ kernel on CPU, flex on "
+                 "CUDA), compiled, mkl, flash, matmul, flex (torch.compile'd FlexAttention) or flex-eager (tests only: "
+                 "computes the whole score matrix)")
+_DEVICE_HELP = "cpu or cuda (cuda:N): where the model and the kernels run"
+
+
+def _backend(name: str) -> str | None:
+    """The patch's backend for --backend (None for auto); an unknown name is a ValueError naming the allowed ones."""
+    from attnsieve.kernels.block_sparse import check_backend_name
+
+    check_backend_name(name)
+    return None if name == "auto" else name
+
+
+def _device(name: str):
+    """torch.device for --device: a clear one-line error (exit 2) where it cannot run, e.g. cuda without a GPU."""
+    from attnsieve.models import resolve_device
+
+    return resolve_device(name)
+
+
+def _check_backend_runs(backend: str | None, device, dtype) -> None:
+    """Refuse, before any model loads, a backend the device / dtype cannot run (e.g. flex without a compiler)."""
+    import torch
+
+    from attnsieve.kernels.block_sparse import resolve_backend
+
+    if backend is not None:
+        resolve_backend(backend, device, torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
 
 
 @app.command("methods")
@@ -202,6 +233,8 @@ def generate_cmd(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
+    backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
 ):
     """Generate a greedy continuation with a method (or a tuned plan) patched into the model's attention."""
@@ -232,6 +265,8 @@ def generate_cmd(
         plan_obj = _plan_for(plan, model)
         method = plan_obj.label()
     dt = _dtype(dtype)
+    be, dev = _backend(backend), _device(device)
+    _check_backend_runs(be, dev, dt)
     _threads(threads)
     _seed(seed)
     kv_kwargs = {} if kv is None else {"kv": kv, "kv_budget": kv_budget, **kv_params}
@@ -242,12 +277,12 @@ def generate_cmd(
     from attnsieve.models import load
 
     with err.status(f"loading {model}"):
-        mdl, tok = load(model, dtype=dt)
+        mdl, tok = load(model, dtype=dt, device=dev)
     ids = tok(prompt, return_tensors="pt")
     limit = mdl.config.get_text_config().max_position_embeddings
     if ids.input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({ids.input_ids.shape[1]} tokens) + {max_new_tokens} exceeds the context ({limit})")
-    with patched(mdl, **patch_spec, **kv_kwargs) as p, err.status(f"generating with {method}"):
+    with patched(mdl, **patch_spec, **kv_kwargs, backend=be) as p, err.status(f"generating with {method}"):
         gen = greedy(mdl, tok, ids.input_ids, max_new_tokens)
     summary = p.stats.summary()
     if as_json:
@@ -255,8 +290,9 @@ def generate_cmd(
             {"method": method, "params": params, "plan": None if plan is None else str(plan),
              "prompt_tokens": ids.input_ids.shape[1], "text": gen.text,
              "prefill_s": gen.prefill_s, "decode_s": gen.decode_s, "density": summary["density"],
-             "kv": kv, "kv_budget": kv_budget, "kv_params": kv_params, "kv_cache_bytes": gen.kv_cache_bytes},
-            seed, dt,
+             "kv": kv, "kv_budget": kv_budget, "kv_params": kv_params, "kv_cache_bytes": gen.kv_cache_bytes,
+             "backend": backend},
+            seed, dt, str(dev),
         )
     else:
         print(gen.text)
@@ -401,6 +437,8 @@ def eval_cmd(
                                             "in the same dtype")] = "auto",
     plan: Annotated[list[Path] | None, typer.Option(
         help="a plan from `attnsieve tune`, run as one more configuration (repeatable); rows record it")] = None,
+    backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
 ):
     """Evaluate methods (and tuned plans) on long-context tasks: accuracy, fidelity to dense, time and memory."""
     from attnsieve.eval.runner import EvalSpec
@@ -427,8 +465,12 @@ def eval_cmd(
         kv_budgets=_float_list(kv_budget, "--kv-budget") if kv_budget else None, kv_sets=kv_sets,
         kv_modes=[x.strip() for x in kv_mode.split(",") if x.strip()],
         dtype=str(_dtype(dtype)).removeprefix("torch."),
-        plans=[_plan_for(p, model) for p in plan or []],
+        plans=[_plan_for(p, model) for p in plan or []], backend=_backend(backend),
     )
+    dev = _device(device)
+    if ray is not None and dev.type != "cpu":
+        raise ValueError("--device cuda runs in-process; leave out --ray")
+    _check_backend_runs(spec.backend, dev, _dtype(spec.dtype))
     from attnsieve.eval.results import claim
 
     with claim(out_dir):  # checked and held before the model loads: a second run on it is refused
@@ -448,7 +490,7 @@ def eval_cmd(
         mdl, tok = (None, None)
         if ray is None and work:
             with err.status(f"loading {model} ({spec.dtype})"):
-                mdl, tok = load(model, dtype=spec.dtype)
+                mdl, tok = load(model, dtype=spec.dtype, device=dev)
         # in-process the runner reports each step as it starts; on Ray each input as it finishes
         with _progress("eval", steps, calls_start_steps=ray is None) as progress:
             if tok is None:
@@ -460,7 +502,7 @@ def eval_cmd(
             rows = run_grid(mdl, tok, spec, progress, ray_address=ray)
     err.print(f"{len(work)} input(s) evaluated, {len(done)} row(s) reused; report: {out_dir / 'report.md'}")
     _print_json({"command": "eval", "out": str(out_dir), "rows": len(rows), "computed_inputs": len(work)}, seed,
-                spec.dtype)
+                spec.dtype, str(dev))
 
 
 @app.command("tune")
@@ -684,9 +726,10 @@ def bench_kernel_cmd(
     reps: Annotated[int, typer.Option(help="timed repetitions (median) after one warm-up")] = 3,
     seed: Annotated[int, typer.Option(help="random seed of the inputs")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
-    backend: Annotated[str, typer.Option(
-        help="block-sparse kernel backend: auto (fastest available), compiled, mkl, flash or matmul")] = "auto",
+    backend: Annotated[str, typer.Option(help=_BACKEND_HELP + "; with flex on CPU the compiled C++ kernel runs "
+                                          "the same support in the same run")] = "auto",
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP + " (SDPA runs in the same dtype)")] = "float32",
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP + " (on cuda SDPA runs FlashAttention)")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
     """Causal SDPA against support estimation + the block-sparse kernel, random inputs, one dtype."""
@@ -695,10 +738,12 @@ def bench_kernel_cmd(
     if not 0 < density <= 1:
         raise ValueError(f"--density must be in (0, 1], got {density}")
     dt = _dtype(dtype)
+    be, dev = _backend(backend), _device(device)
+    _check_backend_runs(be, dev, dt)
     _threads(threads)
     with err.status(f"timing {method} at {length} tokens"):
         r = bench_kernel(length, density, heads=heads, kv_heads=kv_heads, head_dim=head_dim, method=method,
-                         reps=reps, seed=seed, backend=backend, dtype=dt)
+                         reps=reps, seed=seed, backend=be, dtype=dt, device=dev)
     if not as_json:
         table = Table("shape", "dtype", "path", "SDPA s", "estimate s", "sparse s", "speed-up", "kernel speed-up",
                       "estimate / sparse", "density")
@@ -707,7 +752,10 @@ def bench_kernel_cmd(
                       f"{r['kernel_speedup']:.2f}x", f"{r['estimate_share']:.0%}", f"{r['measured_density']:.3f}")
         out.print(table)
         err.print(f"[dim]path: {r['kernel_path']} ({r['why']})[/dim]")
-    _print_json({"command": "bench kernel", **r}, seed, dt)
+        if "compiled_s" in r:
+            err.print(f"[dim]same support on the compiled C++ kernel: {r['compiled_s']:.3f} s; flex is "
+                      f"{r['flex_vs_compiled']:.2f}x its speed[/dim]")
+    _print_json({"command": "bench kernel", **r}, seed, dt, str(dev))
 
 
 @bench_app.command("prefill")
@@ -730,6 +778,8 @@ def bench_prefill_cmd(
              "dtype")] = "float32",
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="folder for prefill.jsonl (the rows) and prefill.png (time against length, per dtype)")] = None,
+    backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
     """End-to-end prefill of a real model: the method (or a tuned plan) against stock SDPA and the exact path."""
@@ -762,6 +812,9 @@ def bench_prefill_cmd(
     dts = list(dict.fromkeys(_dtype(d.strip()) for d in dtype.split(",") if d.strip()))
     if not dts:
         raise ValueError("--dtype is empty")
+    be, dev = _backend(backend), _device(device)
+    for dt in dts:
+        _check_backend_runs(be, dev, dt)
     if out_dir is not None:
         if out_dir.exists() and not out_dir.is_dir():
             raise ValueError(f"--out {str(out_dir)!r} is a file, not a folder")
@@ -776,16 +829,17 @@ def bench_prefill_cmd(
     for dt in dts:
         name = str(dt).removeprefix("torch.")
         with err.status(f"loading {model} ({name})"):
-            mdl, tok = load(model, dtype=dt)
+            mdl, tok = load(model, dtype=dt, device=dev)
         for n in lens:
             with err.status(f"timing prefill at {n} tokens in {name}: SDPA, exact path, {label}"):
-                r = bench_prefill(mdl, tok, method, n, params=params, reps=reps, seed=seed, plan=plan_obj)
-            rows.append({"command": "bench prefill", "model": model, **r})
+                r = bench_prefill(mdl, tok, method, n, params=params, reps=reps, seed=seed, plan=plan_obj,
+                                  backend=be)
+            rows.append({"command": "bench prefill", "model": model, "backend": backend, **r})
             if out_dir is not None:
                 from attnsieve.runinfo import run_info
 
                 with (out_dir / "prefill.jsonl").open("a") as f:
-                    f.write(json.dumps({**rows[-1], **run_info(seed, dt)}, default=str) + "\n")
+                    f.write(json.dumps({**rows[-1], **run_info(seed, dt, str(dev))}, default=str) + "\n")
         del mdl
     if not as_json:
         table = Table("length", "dtype", "SDPA s", "exact s", f"{label} s", "speed-up", "exact speed-up", "density")
@@ -800,10 +854,10 @@ def bench_prefill_cmd(
         plot_prefill(rows, out_dir / "prefill.png")
         err.print(f"rows: {out_dir / 'prefill.jsonl'}, plot: {out_dir / 'prefill.png'}")
     if len(rows) == 1:  # one length, one dtype: the single-row JSON of earlier releases
-        _print_json(rows[0], seed, dts[0])
+        _print_json(rows[0], seed, dts[0], str(dev))
     else:
         _print_json({"command": "bench prefill", "model": model, "rows": rows}, seed,
-                    ",".join(str(d).removeprefix("torch.") for d in dts))
+                    ",".join(str(d).removeprefix("torch.") for d in dts), str(dev))
 
 
 @bench_app.command("decode")
@@ -820,6 +874,8 @@ def bench_decode_cmd(
     seed: Annotated[int, typer.Option(help="random seed of the prompt")] = 0,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
     dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "float32",
+    backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "auto",
+    device: Annotated[str, typer.Option(help=_DEVICE_HELP)] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print only the JSON line")] = False,
 ):
     """Decoding with a KV-cache policy against transformers' DynamicCache: ms per step and cache bytes."""
@@ -841,16 +897,18 @@ def bench_decode_cmd(
     if rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {rounds}")
     dt = _dtype(dtype)
+    be, dev = _backend(backend), _device(device)
+    _check_backend_runs(be, dev, dt)
     _threads(threads)
 
     from attnsieve.models import load
 
     with err.status(f"loading {model}"):
-        mdl, tok = load(model, dtype=dt)
+        mdl, tok = load(model, dtype=dt, device=dev)
     with err.status(f"prefill {length} tokens, then {steps} steps in {rounds} alternating blocks: "
                     f"DynamicCache and {kv}"):
         r = bench_decode(mdl, tok, kv, kv_budget, length, steps=steps, method=method,
-                         params={**params, **kv_params}, seed=seed, rounds=rounds)
+                         params={**params, **kv_params}, seed=seed, rounds=rounds, backend=be)
     if not as_json:
         table = Table("policy", "budget", "dense ms/step", "ms/step", "dense attn ms", "attn ms",
                       "dense global-layer attn ms", "global-layer attn ms", "dense MB", "MB", "compressed layers",
@@ -860,7 +918,7 @@ def bench_decode_cmd(
                       f"{r['dense_bytes'] / 2**20:.1f}", f"{r['bytes'] / 2**20:.1f}",
                       f"{r['compressed_layers_ratio']:.3f}x", f"{r['token_agreement']:.2f}")
         out.print(table)
-    _print_json({"command": "bench decode", "model": model, **r}, seed, dt)
+    _print_json({"command": "bench decode", "model": model, **r}, seed, dt, str(dev))
 
 
 def cli_markdown() -> str:

@@ -224,9 +224,39 @@ def resolve(name_or_path: str, cache_dir=None) -> Path:
     )
 
 
-def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str | None = None, cache_dir=None):
-    """Load (model, tokenizer) offline; the model is in eval mode, float32 unless `dtype` says."""
+DEVICES = ("cpu", "cuda")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """torch.device for `device=` / `--device` (cpu, cuda, cuda:N); a clear ValueError where it cannot run."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}") from None
+    elif isinstance(device, torch.device):
+        dev = device
+    else:
+        raise TypeError(f"device must be a str or torch.device, got {type(device).__name__} {device!r}")
+    if dev.type not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {str(dev)!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(dev)!r} requested, but torch sees no CUDA GPU on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r} requested, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str | None = None, cache_dir=None,
+         device: str | torch.device | None = None):
+    """Load (model, tokenizer) offline; the model is in eval mode, float32 unless `dtype` says, on `device`
+    (cpu by default; cuda raises a clear ValueError where torch sees no GPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
 
     if isinstance(dtype, str):
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -249,4 +279,6 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype | str | None =
         raise ValueError(f"the model in {folder} cannot be loaded ({' '.join(str(e).split())[:300]}); {fix}") from e
     finally:
         hf_logging.enable_progress_bar()
+    if dev.type != "cpu":
+        model = model.to(dev)
     return model.eval(), tok

@@ -20,25 +20,72 @@ from attnsieve.methods import LayerContext, SparseMethod, has_param, make
 from attnsieve.precision import dtype_name, kernel_path
 
 
-def median_time(fn: Callable[[], object], reps: int, warmup: Callable[[], object] | None = None) -> float:
-    (warmup or fn)()  # first calls pay one-off allocation and dispatch costs
+def median_time(fn: Callable[[], object], reps: int, warmup: Callable[[], object] | None = None,
+                device: torch.device | str | None = None) -> float:
+    """Median seconds of `reps` calls after one warm-up; on CUDA each call is synchronised (kernels are async)."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    (warmup or fn)()  # first calls pay one-off allocation, dispatch and compilation costs
+    sync()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
+def _dense_baseline(q, k, v, device: torch.device):
+    """(causal SDPA call, its name): on CUDA the FlashAttention backend (keys repeated per query head
+    beforehand, outside the timing, so every torch version's flash kernel takes it); on CPU torch's choice."""
+    gqa = q.shape[1] != k.shape[1]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        rep = q.shape[1] // k.shape[1]
+        kr, vr = (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)) if gqa else (k, v)
+
+        def flash():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return F.scaled_dot_product_attention(q, kr, vr, is_causal=True)
+
+        return flash, "sdpa-flash"
+    return (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)), "sdpa"
+
+
+def _path(backend: str, dtype: torch.dtype, device: torch.device) -> dict:
+    """kernel_path / why of a backend for the JSON row: eager flex is never reported as sparse."""
+    if backend == "compiled":
+        return kernel_path(dtype)
+    if backend == "flex":
+        where = "Triton on CUDA" if device.type == "cuda" else "C++ on this CPU (lse through a phantom key)"
+        return {"kernel_path": "flex", "why": f"torch.compile'd FlexAttention, {where}: listed blocks only"}
+    if backend == "flex-eager":
+        return {"kernel_path": "flex-eager", "why": "eager FlexAttention computes the whole score matrix: not "
+                                                    "sparse, for tests only (its cells count every score)"}
+    return {"kernel_path": backend, "why": "backend requested"}
+
+
 def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int = 1, head_dim: int = 256,
                  method: str = "block-topk", reps: int = 3, seed: int = 0, backend: str | None = None,
-                 dtype: torch.dtype = torch.float32) -> dict:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> dict:
     """Causal SDPA vs the method's support estimation + block-sparse attention, random inputs.
 
-    Both sides run in `dtype` (float32 or bfloat16), in the same process. `backend` picks the
+    Both sides run in `dtype` (float32 or bfloat16) on `device`, in the same process (on CUDA every
+    timing is synchronised and SDPA runs its FlashAttention backend). `backend` picks the
     block-sparse kernel's backend (None: the fastest available; the JSON reports which ran, and
-    `kernel_path` / `why` say whether bf16 ran on the CPU's bf16 units or was converted).
+    `kernel_path` / `why` say whether bf16 ran on the CPU's bf16 units or was converted). With
+    backend "flex" on CPU the compiled C++ kernel runs the same support in the same run
+    (`compiled_s`, `flex_vs_compiled` = compiled time / flex time).
     """
+    from attnsieve.models import resolve_device
+
+    dev = resolve_device(device)
     if length < 64:
         raise ValueError(f"--length must be >= 64, got {length}")
     if heads < 1 or kv_heads < 1 or heads % kv_heads:
@@ -52,37 +99,51 @@ def bench_kernel(length: int, density: float, *, heads: int = 4, kv_heads: int =
     if not isinstance(m, SparseMethod):
         raise ValueError(f"method {method!r} does not estimate a support; choose a sparse method")
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, length, head_dim, generator=g).to(dtype)
-    k = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dtype)
-    v = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dtype)
+    q = torch.randn(1, heads, length, head_dim, generator=g).to(dev, dtype)
+    k = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dev, dtype)
+    v = torch.randn(1, kv_heads, length, head_dim, generator=g).to(dev, dtype)
     ctx = LayerContext(0, head_dim**-0.5)
     acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     backend = resolve_backend(backend, q.device, acc)
-    gqa = heads != kv_heads
-    dense_s = median_time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa), reps)
-    estimate_s = median_time(lambda: m.support(q, k, ctx), reps)
+    dense, dense_name = _dense_baseline(q, k, v, dev)
+    dense_s = median_time(dense, reps, device=dev)
+    estimate_s = median_time(lambda: m.support(q, k, ctx), reps, device=dev)
     support = m.support(q, k, ctx)
-    sparse_s = median_time(lambda: support_attention(q, k, v, support, scale=ctx.scale, backend=backend), reps)
+    sparse_s = median_time(lambda: support_attention(q, k, v, support, scale=ctx.scale, backend=backend), reps,
+                           device=dev)
     res = support_attention(q, k, v, support, scale=ctx.scale, backend=backend)
-    return {
+    row = {
         "length": length, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim, "method": method,
-        "params": params, "backend": backend, "dtype": dtype_name(dtype),
-        **(kernel_path(dtype) if backend == "compiled" else {"kernel_path": backend, "why": "backend requested"}),
+        "params": params, "backend": backend, "dtype": dtype_name(dtype), "device": str(dev),
+        "dense": dense_name, **_path(backend, dtype, dev),
         "dense_s": dense_s, "sparse_s": sparse_s, "estimate_s": estimate_s,
         "speedup": dense_s / (sparse_s + estimate_s), "kernel_speedup": dense_s / sparse_s,
         "estimate_share": estimate_s / sparse_s,
         "measured_density": res.cells / (heads * exact_cells(length, length)),
     }
+    if backend == "flex" and dev.type == "cpu":
+        try:
+            other = resolve_backend("compiled", dev, acc)
+        except ValueError:
+            other = None
+        if other is not None:
+            compiled_s = median_time(lambda: support_attention(q, k, v, support, scale=ctx.scale, backend=other),
+                                     reps)
+            ref = support_attention(q, k, v, support, scale=ctx.scale, backend=other)
+            row.update(compiled_s=compiled_s, flex_vs_compiled=compiled_s / sparse_s,
+                       compiled_max_abs_diff=float((ref.out.float() - res.out.float()).abs().max()))
+    return row
 
 
 @torch.no_grad()
 def bench_prefill(model, tok, method: str, length: int, *, params: dict | None = None, reps: int = 1,
-                  seed: int = 0, plan=None) -> dict:
+                  seed: int = 0, plan=None, backend: str | None = None) -> dict:
     """End-to-end prefill: stock SDPA, attnsieve's exact path and the method, same prompt.
 
     All three run in the model's own dtype, in this process; the row records it. With `plan` (a
     tuned attnsieve.tune.Plan) the plan runs instead of `method` (the row's method is "plan", and
-    its `plan` field records which plan and its choices).
+    its `plan` field records which plan and its choices). `backend` is the patch's block-sparse backend.
+    On CUDA every timing is synchronised.
     """
     from attnsieve.eval.tasks import make_passkey
     from attnsieve.integrations.hf import patched
@@ -92,18 +153,22 @@ def bench_prefill(model, tok, method: str, length: int, *, params: dict | None =
     ids = make_passkey(tok, length, 0.5, seed).input_ids
     short = ids[:, : min(length, 512)]  # warm-up on a short prompt: a long one would double the cost
 
+    ids = ids.to(model.device)
+    short = short.to(model.device)
+
     def prefill(x=ids):
         model(x, use_cache=False, logits_to_keep=1)
 
     def warm():
         prefill(short)
 
-    dense_s = median_time(prefill, reps, warm)
-    with patched(model, "dense"):
-        exact_s = median_time(prefill, reps, warm)
+    dev = model.device
+    dense_s = median_time(prefill, reps, warm, device=dev)
+    with patched(model, "dense", backend=backend):
+        exact_s = median_time(prefill, reps, warm, device=dev)
     spec = {"plan": plan} if plan is not None else {"method": method, **(params or {})}
-    with patched(model, **spec) as p:
-        method_s = median_time(prefill, reps, warm)
+    with patched(model, **spec, backend=backend) as p:
+        method_s = median_time(prefill, reps, warm, device=dev)
         p.stats.reset()
         prefill()
         density = p.stats.density()
@@ -119,7 +184,8 @@ def bench_prefill(model, tok, method: str, length: int, *, params: dict | None =
 
 @torch.no_grad()
 def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, steps: int = 32,
-                 method: str = "dense", params: dict | None = None, seed: int = 0, rounds: int = 4) -> dict:
+                 method: str = "dense", params: dict | None = None, seed: int = 0, rounds: int = 4,
+                 backend: str | None = None) -> dict:
     """One prefill of `length` tokens on each cache, then `steps` greedy decoding steps on each:
     transformers' DynamicCache (the model unpatched) against the policy's cache, interleaved.
 
@@ -143,8 +209,8 @@ def bench_decode(model, tok, kv: str, kv_budget: float | None, length: int, *, s
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     rounds = min(rounds, steps)
-    ids = make_passkey(tok, length, 0.5, seed).input_ids
-    kw = dict(kv=kv, kv_budget=kv_budget, **(params or {}))
+    ids = make_passkey(tok, length, 0.5, seed).input_ids.to(model.device)
+    kw = dict(kv=kv, kv_budget=kv_budget, backend=backend, **(params or {}))
 
     def decode(timer, state, n):
         """n greedy steps continuing state = [cache, next token, tokens]: (seconds per step, attention s by layer)."""

@@ -62,6 +62,9 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if context_len is not None and attention_mask is not None:
         raise ValueError("context_len runs unpadded batch-1 prompts only")
+    input_ids = input_ids.to(model.device)  # a model loaded on a GPU takes its prompt there
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(model.device)
     t0 = time.perf_counter()
     if context_len is None:
         out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)

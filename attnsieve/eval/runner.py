@@ -149,8 +149,12 @@ class EvalSpec:
     kv_modes: list[str] = field(default_factory=lambda: ["aware"])  # KV_MODES: each policy run in each
     dtype: str = "float32"  # the model's dtype: rows record it, and dense references run in it
     plans: list = field(default_factory=list)  # tuned plans (attnsieve.tune.Plan), each run as one configuration
+    backend: str | None = None  # block-sparse kernel backend of every patched configuration (None: auto)
 
     def __post_init__(self):
+        from attnsieve.kernels.block_sparse import check_backend_name
+
+        check_backend_name(self.backend)
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         known = [*TASKS, PPL]
@@ -217,12 +221,13 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
                    configs: Iterable[MethodConfig], tick: Callable[[str], None] | None = None) -> list[dict]:
     """Run every configuration on one input; returns finished rows (timings from this process)."""
     sample, ids = make_input(tok, spec, task, length, i)
+    ids = ids.to(model.device)
     # stock SDPA timed the way the configurations are: a prefill, or the perplexity forward pass
     stock_s = greedy(model, tok, ids, 0).prefill_s if sample is not None else _timed_ppl(model, ids)[1]
     dtype = next(model.parameters()).dtype
     if str(dtype).removeprefix("torch.") != spec.dtype:
         raise ValueError(f"the model is {dtype} but the evaluation asks for {spec.dtype}")
-    info = run_info(spec.seed, dtype)
+    info = run_info(spec.seed, dtype, str(model.device))
     if sample is None:
         with patched(model, "dense"):
             dense_ppl = perplexity(model, ids)
@@ -246,7 +251,7 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
             forced_causal = sample is None and has_param(cfg.method, "causal")
             method = make(cfg.method, **{**dict(cfg.params), "causal": True}) if forced_causal else cfg.make()
             spec_kw = {"method": method}
-        with PeakRSS() as mem, patched(model, **spec_kw, **cfg.patch_kwargs()) as p:
+        with PeakRSS() as mem, patched(model, **spec_kw, **cfg.patch_kwargs(), backend=spec.backend) as p:
             if sample is None:
                 ppl, prefill_s = _timed_ppl(model, ids)
                 gen = None

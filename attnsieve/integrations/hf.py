@@ -20,6 +20,7 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 from attnsieve.cache import KVPolicy, Rotary, WindowKV, make_policy
 from attnsieve.integrations.hf_cache import KV_KWARG, PolicyCache
 from attnsieve.kernels import dense_attention, exact_cells
+from attnsieve.kernels.block_sparse import check_backend_name, preferred_backend, resolve_backend
 from attnsieve.methods import AttnOutput, LayerContext, Method, exact_attention, make
 
 IMPL = "attnsieve"
@@ -110,6 +111,7 @@ class LayerRuntime:
     stats: Stats
     capture: dict[int, CapturedLayer] | None = None  # shared by all layers while capturing
     rope: tuple[torch.nn.Module, str] | None = None  # (rotary module, its inv_freq buffer's name) for this layer
+    backend: str | None = None  # block-sparse kernel backend its calls run (None: the fastest available)
 
 
 @dataclass
@@ -129,6 +131,7 @@ class Patch:
     tokenizer: Any = None  # for policies that replay text over the cache (KVzip)
     replay_hook: Any = None  # forward hook that runs such a policy's replay after a prefill
     replaying: bool = False  # True while the replay's own forwards run
+    backend: str = "auto"  # the block-sparse kernel backend the patched layers run
 
     def unpatch(self) -> None:
         unpatch(self.model)
@@ -209,6 +212,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     rt: LayerRuntime | None = getattr(module, _RUNTIME, None)
     if rt is None:
         raise RuntimeError("attnsieve attention called on a module that patch() did not prepare")
+    with preferred_backend(rt.backend):  # the patch's backend for every kernel call the method makes
+        return _layer_attention(rt, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+
+def _layer_attention(rt: LayerRuntime, module, query, key, value, attention_mask, dropout, scaling, **kwargs):
     if dropout and module.training:
         raise ValueError(f"attention dropout ({dropout}) is not supported; call model.eval() first")
     Tq, Tk = query.shape[2], key.shape[2]
@@ -392,6 +400,7 @@ def patch(
     layers: dict[int, str | Method] | None = None,
     plan=None,
     tokenizer=None,
+    backend: str | None = None,
     **params,
 ) -> Patch:
     """Run `method` in the model's global attention layers; returns a handle with measurements.
@@ -409,7 +418,11 @@ def patch(
     a plan tuned for another architecture (config fingerprint) is refused.
     `tokenizer` is used by policies that replay text over the cache (KVzip's "repeat the previous
     context"); without it, such a policy loads the tokenizer saved beside the model.
+    `backend` chooses the block-sparse kernel every patched layer runs its supports on ("compiled", "mkl",
+    "flash", "matmul", "flex", "flex-eager"; None or "auto": the fastest available on the model's device,
+    flex on CUDA). It is a patch option, not a method parameter: every method runs on it unchanged.
     """
+    check_backend_name(backend)
     kv_params = {k: params.pop(k) for k in list(params) if k.startswith("kv_")}
     plan_obj = None
     if plan is not None:
@@ -456,6 +469,11 @@ def patch(
     if encoder and kv is not None:
         raise ValueError("KV-cache policies are for decoders; this model is a bidirectional encoder")
 
+    if backend not in (None, "auto"):  # refuse a backend this model's device / dtype cannot run, before patching
+        param = next(model.parameters(), None)
+        dev = param.device if param is not None else torch.device("cpu")
+        dt = param.dtype if param is not None else torch.float32
+        resolve_backend(backend, dev, torch.float32 if dt in (torch.float16, torch.bfloat16) else dt)
     n_global = sum(1 for i in range(n_layers) if layer_types[i] != "sliding_attention")
     policy = None if kv is None else make_policy(kv, kv_budget, n_layers=max(1, n_global), **kv_params)
 
@@ -475,7 +493,7 @@ def patch(
         else:
             role = "kept" if chosen.name == "dense" and main.name != "dense" else "method"
         rope = _rope_source(rotaries, mod) if policy is not None else None
-        setattr(mod, _RUNTIME, LayerRuntime(chosen, role, stats, rope=rope))
+        setattr(mod, _RUNTIME, LayerRuntime(chosen, role, stats, rope=rope, backend=backend))
         described[idx] = ("exact-local" if sliding[idx] else "exact") if chosen is None else chosen.name
     previous = model.config._attn_implementation
     model.set_attn_implementation(IMPL)
@@ -486,7 +504,8 @@ def patch(
     }
     if policy is not None and policy.replays and policy.budget < 1:
         tokenizer = _policy_tokenizer(model, tokenizer)  # refused here, before anything runs, if there is none
-    handle = Patch(model, main, described, stats, previous, policy, windows, plan=plan_obj, tokenizer=tokenizer)
+    handle = Patch(model, main, described, stats, previous, policy, windows, plan=plan_obj,
+                   backend=backend or "auto", tokenizer=tokenizer)
     if policy is not None:
         handle.hook = model.register_forward_pre_hook(_give_policy_cache(handle), with_kwargs=True)
     if policy is not None and policy.replays and policy.budget < 1:

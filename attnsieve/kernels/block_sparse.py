@@ -4,7 +4,7 @@ A support says, for every batch row, support head and query block, which key blo
 The kernel works through the query blocks in chunks, masks at token level only the partial blocks
 (causal diagonal, window edge, padding), and returns the normalised output with its log-sum-exp
 (so partial results merge) and the number of query-key cells it computed (the numerator of
-measured density). Four backends, all exact:
+measured density). Five backends, all exact:
 
 - "compiled": attnsieve's C++ kernel (`csrc/block_sparse_cpu.cpp`, built on first use): per query
   block, flash-style over its key blocks in place, token masks only on partial tiles, online
@@ -17,6 +17,9 @@ measured density). Four backends, all exact:
 - "flash": gathers the chunk's key/value blocks and runs torch's fused CPU flash-attention op
   with the chunk's mask.
 - "matmul": gathers, then batched matmuls and a softmax; runs on any device and dtype.
+- "flex": PyTorch FlexAttention compiled with torch.compile (`flex.py`): Triton on CUDA, where `auto`
+  chooses it, C++ on x86 CPUs. "flex-eager" runs FlexAttention uncompiled, which computes the whole
+  score matrix: for tests only, never chosen by `auto`, and its cells count every score it computed.
 
 Query blocks and key blocks share one grid of absolute positions: block j covers positions
 [j * bs, (j + 1) * bs). Query i of a chunk sits at absolute position Tk - Tq + i, so with
@@ -25,12 +28,14 @@ Tq < Tk (chunked prefill, decoding) the first query block is (Tk - Tq) // bs and
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 
 import torch
 
-from attnsieve.kernels import compiled, mkl_batch
+from attnsieve.kernels import compiled, flex, mkl_batch
 from attnsieve.kernels.dense import exact_cells, softmax_with_lse
 
 # torch's fused CPU flash-attention op (an internal aten op, present since torch 2.2) returns the
@@ -43,7 +48,29 @@ DEFAULT_CHUNK_ELEMS = 1 << 24
 # The MKL backend holds scores and probabilities only; chunks this small stay in the L2/L3 caches.
 MKL_CHUNK_ELEMS = 1 << 21
 
-BACKENDS = ("compiled", "mkl", "flash", "matmul")
+BACKENDS = ("compiled", "mkl", "flash", "matmul", "flex", "flex-eager")
+
+
+# The backend that calls naming none run: set per attention call by `patch(model, ..., backend=)`, so
+# every method's kernel calls (and the exact local layers) take it without a parameter of their own.
+_PREFERRED: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnsieve_backend", default=None)
+
+
+def check_backend_name(backend: str | None) -> None:
+    """Raise ValueError naming the allowed values unless `backend` is None, "auto" or a known backend."""
+    if backend is not None and (not isinstance(backend, str) or backend not in ("auto", *BACKENDS)):
+        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+
+
+@contextlib.contextmanager
+def preferred_backend(backend: str | None):
+    """Inside the block, block-sparse calls given no backend run `backend` (None / "auto": the fastest)."""
+    check_backend_name(backend)
+    token = _PREFERRED.set(None if backend == "auto" else backend)
+    try:
+        yield
+    finally:
+        _PREFERRED.reset(token)
 
 
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
@@ -52,8 +79,14 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     dtype is the accumulation dtype (float32 for half-precision inputs).
     Raises ValueError for an unknown name or one that cannot run on this device / dtype.
     """
+    device = torch.device(device)
     cpu = device.type == "cpu"
+    if backend is None:
+        backend = _PREFERRED.get()
     if backend is None or backend == "auto":
+        # on CPU the compiled C++ kernel measured faster than compiled flex (docs/results, issue #16)
+        if device.type == "cuda" and dtype == torch.float32 and flex.compiled_available(device, dtype):
+            return "flex"
         if cpu and dtype == torch.float32 and compiled.available():
             return "compiled"
         if cpu and mkl_batch.available(dtype):
@@ -61,8 +94,7 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         if cpu and _HAS_CPU_FLASH and dtype in (torch.float32, torch.float64):
             return "flash"
         return "matmul"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of auto, {', '.join(BACKENDS)}; got {backend!r}")
+    check_backend_name(backend)
     if backend == "compiled" and not (cpu and dtype == torch.float32 and compiled.available()):
         raise ValueError(
             f"backend 'compiled' needs float32 on CPU and attnsieve's compiled kernel (x86-64 Linux, a C++ "
@@ -72,6 +104,13 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         raise ValueError(f"backend 'mkl' needs a CPU tensor and torch with MKL; unavailable for {dtype} on {device}")
     if backend == "flash" and not (cpu and _HAS_CPU_FLASH and dtype in (torch.float32, torch.float64)):
         raise ValueError(f"backend 'flash' needs torch's CPU flash-attention op; unavailable for {dtype} on {device}")
+    if backend == "flex" and not (dtype == torch.float32 and flex.compiled_available(device, dtype)):
+        raise ValueError(
+            f"backend 'flex' needs torch.compile'd FlexAttention (CUDA, or an x86 CPU with a C++ compiler) and "
+            f"float32 or half-precision inputs; unavailable for {dtype} on {device}"
+        )
+    if backend == "flex-eager" and not flex.available():
+        raise ValueError("backend 'flex-eager' needs torch's FlexAttention (torch >= 2.5)")
     return backend
 
 
@@ -193,8 +232,9 @@ def block_sparse_attention(
     Extra memory is O(T * D) for the block-aligned copies plus one chunk of at most
     `chunk_elems` elements; no Tq x Tk tensor is ever allocated.
 
-    `backend` is "compiled", "mkl", "flash" or "matmul" (see the module docstring); None or "auto"
-    picks the fastest available (`resolve_backend`). All are exact; the tests run every one available.
+    `backend` is "compiled", "mkl", "flash", "matmul", "flex" or "flex-eager" (see the module docstring);
+    None or "auto" picks the fastest available (`resolve_backend`). All are exact; the tests run every one
+    available.
     """
     B, H, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -217,6 +257,9 @@ def block_sparse_attention(
     acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     dev = q.device
     backend = resolve_backend(backend, dev, acc)
+    if backend in ("flex", "flex-eager"):
+        return flex.flex_support_attention(q, k, v, support, causal=causal, window=window, scale=scale,
+                                           key_valid=key_valid, compiled=backend == "flex")
     fused = backend == "flash"
     use_mkl = backend == "mkl"
 
