@@ -11,9 +11,9 @@ import attnsieve
 from attnsieve.cache import make_policy
 from attnsieve.cache._heads import find_calibration, model_key, top_heads
 from attnsieve.cache.duo import DuoParams
+from attnsieve.kernels import dense_attention
 from attnsieve.signals import calibrate_duo
 from attnsieve.signals.heads import copied_positions
-from attnsieve.kernels import dense_attention
 
 from helpers import assert_close
 from tiny_models import tiny_gemma3, tiny_llama

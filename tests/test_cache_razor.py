@@ -10,8 +10,8 @@ import torch
 import attnsieve
 from attnsieve.cache import make_policy
 from attnsieve.cache.razor import RazorParams, retrieval_heads
-from attnsieve.signals.calibration import calibrate_razor, echo_induction_mass
 from attnsieve.kernels import dense_attention
+from attnsieve.signals.calibration import calibrate_razor, echo_induction_mass
 
 from helpers import assert_close
 from tiny_models import tiny_llama
