@@ -978,6 +978,70 @@ def _parse_policy_params(kv: str, raw: dict[str, str]) -> dict:
     return typed
 
 
+@app.command("heads")
+def heads_cmd(
+    model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
+    lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "4096",
+    samples: Annotated[int, typer.Option(help="needle prompts per length (depths evenly spread)")] = 5,
+    task: Annotated[str, typer.Option(help="needle task of the prompts: passkey or a niah task")] = "passkey",
+    haystack: Annotated[str, typer.Option(help="filler around the needle: prose or repeat")] = "prose",
+    sink_tokens: Annotated[int, typer.Option(help="first tokens whose attention is the sink mass")] = 4,
+    local_window: Annotated[int, typer.Option(help="keys less than this far back count as local mass")] = 128,
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for heads.json and the heat maps")] = Path("heads"),
+    refresh: Annotated[bool, typer.Option(help="recompute even if a cached profile exists")] = False,
+    seed: Annotated[int, typer.Option(help="first prompt seed")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
+):
+    """Profile every attention head: retrieval score, sink and local mass, entropy (heads.json + heat maps)."""
+    from attnsieve.eval.tasks import TASKS
+    from attnsieve.eval.tasks.haystack import check_haystack
+
+    lens = _int_list(lengths, "--lengths")
+    if task not in TASKS:
+        raise ValueError(f"unknown --task {task!r}; choose from {', '.join(TASKS)}")
+    check_haystack(haystack)
+    from attnsieve.signals.heads import check_settings
+
+    check_settings(lens, samples, sink_tokens, local_window, 256)
+    limit = _model_context(model)
+    if max(lens) > limit:
+        raise ValueError(f"--lengths {max(lens)} exceeds the model's context ({limit})")
+    dt = _dtype(dtype)
+    _threads(threads)
+    _seed(seed)
+    from attnsieve.models import load
+    from attnsieve.signals.heads import head_profiles, retrieval_query_heads, save_heatmaps
+
+    with err.status(f"loading {model}"):
+        mdl, tok = load(model, dtype=dt)
+    prof = head_profiles(mdl, tok, lengths=lens, samples=samples, task=task, haystack=haystack,
+                         sink_tokens=sink_tokens, local_window=local_window, seed=seed, name=model,
+                         refresh=refresh)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "heads.json").write_text(json.dumps({**prof, **run_info(seed, dt)}, indent=1, default=str))
+    pngs = save_heatmaps(prof, out_dir)
+    top = sorted(retrieval_query_heads(prof, 0.1), key=lambda lh: -prof["layers"][lh[0]]["retrieval"][lh[1]])
+    if as_json:
+        _print_json({"out": str(out_dir), "layers": prof["layers"], "retrieval_top": [list(t) for t in top],
+                     "copy_steps": prof["copy_steps"], "prompts": len(prof["prompts"])}, seed, dt)
+        return
+    table = Table(title=f"{model}: attention heads ({len(prof['prompts'])} prompts, {haystack})")
+    for col in ("layer", "kind", "retrieval max (head)", "sink mass", "local mass", "entropy"):
+        table.add_column(col)
+    for row in prof["layers"]:
+        r = row["retrieval"]
+        best = max(range(len(r)), key=r.__getitem__)
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        table.add_row(str(row["layer"]), f"sliding {row['window']}" if row["sliding"] else "global",
+                      f"{r[best]:.2f} ({best})", f"{mean(row['sink_mass']):.3f}", f"{mean(row['local_mass']):.3f}",
+                      f"{mean(row['entropy']):.2f}")
+    out.print(table)
+    err.print(f"[dim]top retrieval heads (layer, head): {top}; wrote {out_dir / 'heads.json'} and "
+              f"{len(pngs)} heat maps[/dim]")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors with exit code 2 for bad input."""
     try:

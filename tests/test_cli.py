@@ -95,6 +95,11 @@ def test_methods_json_lists_the_registry(cli):
         (["bench", "prefill", "--density", "2"], "density"),
         (["bench", "decode", "--kv", "razor", "--set", "kv_compensation=maybe"], "kv_compensation"),
         (["generate", "--method", "block-topk", "--set", "per_head=maybe", "--prompt", "hi"], "per_head"),
+        (["heads", "--lengths", "10"], "lengths"),
+        (["heads", "--task", "nope"], "unknown --task"),
+        (["heads", "--samples", "0"], "samples"),
+        (["heads", "--haystack", "nope"], "haystack"),
+        (["heads", "--local-window", "5000", "--lengths", "1024"], "local_window"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(cli, args, needle):

@@ -134,7 +134,7 @@ def _model_layout(model) -> tuple[int, list[int | None], int]:
     return n, windows, cfg.num_attention_heads
 
 
-def _check(lengths, samples, sink_tokens, local_window, query_chunk) -> list[int]:
+def check_settings(lengths, samples, sink_tokens, local_window, query_chunk) -> list[int]:
     if isinstance(lengths, int):
         lengths = [lengths]
     lengths = list(lengths)
@@ -171,7 +171,7 @@ def head_profiles(model, tok, *, lengths=(4096,), samples: int = 5, task: str = 
     from attnsieve.runinfo import run_info
     from attnsieve.tune.plan import fingerprint
 
-    lengths = _check(lengths, samples, sink_tokens, local_window, query_chunk)
+    lengths = check_settings(lengths, samples, sink_tokens, local_window, query_chunk)
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     key = model_key(name or str(getattr(model, "name_or_path", "") or type(model).__name__), cache_dir)
@@ -267,13 +267,16 @@ def metric_grid(profiles: dict, metric: str) -> torch.Tensor:
 
 
 def retrieval_query_heads(profiles: dict, fraction: float = 0.1, *, global_only: bool = False) -> set[tuple[int, int]]:
-    """The top `fraction` of (layer, query head) pairs by retrieval score (at least one; ties: lower layer,
-    lower head); `global_only` ranks the non-sliding layers only."""
+    """The top `fraction` of all (layer, query head) pairs by retrieval score, among the heads that copied
+    at least once (a head scoring 0 is no retrieval head; ties: lower layer, lower head); `global_only` ranks
+    the non-sliding layers only. Raises ValueError when no head copied anything."""
     if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
         raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
-    pairs = [(-s, row["layer"], h) for row in profiles["layers"] if not (global_only and row["sliding"])
-             for h, s in enumerate(row["retrieval"])]
-    count = max(1, math.ceil(fraction * len(pairs)))
+    rows = [row for row in profiles["layers"] if not (global_only and row["sliding"])]
+    pairs = [(-s, row["layer"], h) for row in rows for h, s in enumerate(row["retrieval"]) if s > 0]
+    if not pairs:
+        raise ValueError("no head copied a needle token in these profiles; profile more or shorter prompts")
+    count = max(1, math.ceil(fraction * sum(len(row["retrieval"]) for row in rows)))
     return {(layer, h) for _, layer, h in sorted(pairs)[:count]}
 
 
