@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cache_duo import CharTok, copying_generate
 
 from attnsieve.signals.heads import head_profiles, kv_head_scores, mass_stats, metric_grid, retrieval_query_heads
 
 from helpers import assert_close
-from test_cache_duo import CharTok, copying_generate
 from tiny_models import tiny_gemma3
 
 
