@@ -18,7 +18,7 @@ from attnsieve.params import enforce_types
 _REGISTRY: dict[str, type[Method]] = {}
 _ALIASES: dict[str, tuple[str, dict[str, Any]]] = {}
 
-FAMILIES = ("exact", "sparse", "hashing", "clustering", "lowrank", "hybrid")
+FAMILIES = ("exact", "sparse", "hashing", "clustering", "lowrank", "hybrid", "calibration")
 PHASES = ("prefill", "decode")
 
 
