@@ -419,7 +419,8 @@ def eval_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="output folder: results.jsonl, summary.csv, report.md, plots")],
     model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
     methods: Annotated[str, typer.Option(help="comma-separated method names")] = "dense,window,block-topk",
-    tasks: Annotated[str, typer.Option(help="comma-separated tasks (see docs; ppl = perplexity)")] = "passkey",
+    tasks: Annotated[str, typer.Option(help="comma-separated tasks (see docs; ppl = perplexity, rerank = attention "
+                                          "re-ranking)")] = "passkey",
     lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "2048",
     samples: Annotated[int, typer.Option(help="samples per task and length (needle depths spread evenly)")] = 2,
     density: Annotated[str | None, typer.Option(help="comma-separated densities (methods with a density knob)")] = None,
