@@ -1,10 +1,10 @@
 """Attention re-ranking (ICR): scores against a naive loop, a planted document, sparse readings restricted to
-the method's support, bad input, the CLI, the rerank task's builder and nDCG, and the eval grid's rows."""
+the method's support, bad input, the rerank task's builder and nDCG, and the eval grid's rows (the command
+line: tests/test_cli.py -k rerank)."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 
 import pytest
@@ -17,7 +17,7 @@ from attnsieve.methods import LayerContext, SparseMethod, make, names
 from attnsieve.signals.rerank import icr_prompt, ndcg_at_k, rerank, row_probabilities, support_row_mask
 
 from helpers import assert_close
-from tiny_models import save_tiny_eval_model, tiny_tokenizer
+from tiny_models import tiny_tokenizer
 
 DOCS = ["the cat sat on the mat all day long", "python is a programming language", "dogs bark loudly at night",
         "rain falls on the green hills in spring"]
@@ -315,73 +315,3 @@ def test_eval_refuses_a_method_without_support_for_rerank(tmp_path):
     with pytest.raises(ValueError, match="reads sparse or exact attention"):
         EvalSpec(model="tiny", methods=["dense", "window"], tasks=["rerank"], lengths=[1024], samples=1,
                  out=tmp_path)
-
-
-# ---- the command line ----
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return str(save_tiny_eval_model(tmp_path_factory.mktemp("tiny") / "model"))
-
-
-def _docs_file(tmp_path, lines):
-    path = tmp_path / "docs.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def run_cli(capsys, *args):
-    from attnsieve.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    cap = capsys.readouterr()
-    return e.value.code, cap.out, cap.err
-
-
-def test_cli_json_shape(tmp_path, tiny_folder, capsys):
-    docs = _docs_file(tmp_path, [json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(DOCS)])
-    code, out, err = run_cli(capsys, "rerank", "--model", tiny_folder, "--query", QUERY, "--docs", docs, "--json",
-                             "--top", "3", "--dtype", "float32")
-    assert code == 0, err
-    doc = json.loads(out.strip().splitlines()[-1])
-    assert [set(x) for x in doc["ranking"]] == [{"id", "score"}] * 3
-    assert {x["id"] for x in doc["ranking"]} <= {f"d{i}" for i in range(4)}
-    scores = [x["score"] for x in doc["ranking"]]
-    assert scores == sorted(scores, reverse=True)
-    for key in ("versions", "threads", "seed", "dtype", "device"):
-        assert key in doc
-    code, out, err = run_cli(capsys, "rerank", "--model", tiny_folder, "--query", QUERY, "--docs", docs,
-                             "--method", "block-topk", "--density", "0.5", "--set", "block_size=16", "--dtype",
-                             "float32")
-    assert code == 0, err
-    assert "d1" in out  # the table lists every document
-
-
-@pytest.mark.parametrize("lines,args,needle", [
-    (None, ["--query", " "], "--query is empty"),
-    (None, ["--heads", "best"], "--heads"),
-    (None, ["--layers", "middle"], "--layers"),
-    (None, ["--method", "linear"], "reads sparse or exact attention"),
-    (None, ["--method", "dense", "--density", "0.1"], "without a method"),
-    (None, ["--top", "0"], "--top"),
-    (['{"id": 1}'], [], "line 1"),
-    (["not json"], [], "not JSON"),
-    (['{"id": 1, "text": "a"}', '{"id": 1, "text": "b"}'], [], "repeats id 1"),
-    ([""], [], "no documents"),
-    ([json.dumps({"id": 1, "text": "word " * 2000})], [], "beyond the model's context"),
-])
-def test_cli_bad_input_one_line_exit_2(tmp_path, tiny_folder, capsys, lines, args, needle):
-    docs = _docs_file(tmp_path, lines if lines is not None else [json.dumps({"id": 0, "text": "a b c"})])
-    base = {"--query": QUERY, "--docs": docs, "--model": tiny_folder}
-    for i in range(0, len(args), 2):
-        base[args[i]] = args[i + 1]
-    argv = ["rerank", *itertools.chain.from_iterable(base.items()), "--dtype", "float32"]
-    code, _, err = run_cli(capsys, *argv)
-    lines_err = [ln for ln in err.splitlines() if ln.strip()]
-    assert code == 2 and len(lines_err) == 1 and needle in lines_err[0], err
-
-
-def test_cli_missing_docs_file(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "rerank", "--query", QUERY, "--docs", str(tmp_path / "none.jsonl"))
-    assert code == 2 and "is not a file" in err
