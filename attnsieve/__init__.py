@@ -17,6 +17,7 @@ _LAZY = {
     "stats": "attnsieve.integrations.hf",
     "load": "attnsieve.models",
     "methods": "attnsieve.methods",
+    "rerank": "attnsieve.signals.rerank",
 }
 
 
@@ -30,4 +31,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'attnsieve' has no attribute {name!r}")
 
 
-__all__ = ["load", "methods", "patch", "patched", "stats", "unpatch", "__version__"]
+__all__ = ["load", "methods", "patch", "patched", "rerank", "stats", "unpatch", "__version__"]

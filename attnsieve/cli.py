@@ -419,7 +419,8 @@ def eval_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="output folder: results.jsonl, summary.csv, report.md, plots")],
     model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
     methods: Annotated[str, typer.Option(help="comma-separated method names")] = "dense,window,block-topk",
-    tasks: Annotated[str, typer.Option(help="comma-separated tasks (see docs; ppl = perplexity)")] = "passkey",
+    tasks: Annotated[str, typer.Option(help="comma-separated tasks (see docs; ppl = perplexity, rerank = attention "
+                                          "re-ranking)")] = "passkey",
     lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "2048",
     samples: Annotated[int, typer.Option(help="samples per task and length (needle depths spread evenly)")] = 2,
     density: Annotated[str | None, typer.Option(help="comma-separated densities (methods with a density knob)")] = None,
@@ -503,6 +504,101 @@ def eval_cmd(
     err.print(f"{len(work)} input(s) evaluated, {len(done)} row(s) reused; report: {out_dir / 'report.md'}")
     _print_json({"command": "eval", "out": str(out_dir), "rows": len(rows), "computed_inputs": len(work)}, seed,
                 spec.dtype, str(dev))
+
+
+def _read_docs(path: Path) -> tuple[list, list[str]]:
+    """(ids, texts) of a JSONL file whose every line is an object with `id` and `text` (blank lines skipped)."""
+    if not path.is_file():
+        raise ValueError(f"--docs {path} is not a file")
+    ids, texts = [], []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--docs {path} line {n} is not JSON ({e.msg})") from None
+            if not isinstance(doc, dict) or "id" not in doc or not isinstance(doc.get("text"), str):
+                raise ValueError(f"--docs {path} line {n} must be an object with 'id' and a string 'text'")
+            if not doc["text"].strip():
+                raise ValueError(f"--docs {path} line {n} (id {doc['id']!r}) has an empty text")
+            if doc["id"] in ids:
+                raise ValueError(f"--docs {path} line {n} repeats id {doc['id']!r}")
+            ids.append(doc["id"])
+            texts.append(doc["text"])
+    if not texts:
+        raise ValueError(f"--docs {path} holds no documents")
+    return ids, texts
+
+
+@app.command("rerank")
+def rerank_cmd(
+    query: Annotated[str, typer.Option(help="the query the documents are ranked for")],
+    docs: Annotated[Path, typer.Option(help="JSONL file, one object per line with 'id' and 'text'")],
+    model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
+    top: Annotated[int | None, typer.Option(help="print only the K best documents")] = None,
+    heads: Annotated[str, typer.Option(
+        help="all, or retrieval: the top 10% of the read layers' heads by retrieval score (head profiles at 1024 "
+             "tokens, computed once per model and cached)")] = "all",
+    layers: Annotated[str, typer.Option(
+        help="auto (global layers on models that also have sliding-window ones, else all), all, global, sliding, "
+             "or comma-separated layer indices")] = "auto",
+    method: Annotated[str, typer.Option(help="dense or a sparse method with a support, run in the global layers; "
+                                             "its attention is the one read")] = "dense",
+    density: Annotated[float | None, typer.Option(help="the method's density, in (0, 1]")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="method parameter key=value (repeatable)")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    dtype: Annotated[str, typer.Option(help=_DTYPE_HELP)] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
+):
+    """Rank documents for a query by the attention the query puts on them (ICR, Chen et al. 2025)."""
+    from attnsieve.methods import parse_params
+    from attnsieve.signals.rerank import HEAD_CHOICES, LAYER_CHOICES, reading_method
+
+    if not query.strip():
+        raise ValueError("--query is empty")
+    if top is not None and top < 1:
+        raise ValueError(f"--top must be >= 1, got {top}")
+    if heads not in HEAD_CHOICES:
+        raise ValueError(f"--heads must be one of {', '.join(HEAD_CHOICES)}, got {heads!r}")
+    if layers in LAYER_CHOICES:
+        layer_spec = layers
+    else:
+        layer_spec = _int_list(layers, "--layers")
+    params = parse_params(method, _parse_sets(set_ or []))
+    if density is not None:
+        params["density"] = density
+    reading_method(method, **params)  # an unknown method, a bad parameter or one without a support: before loading
+    ids, texts = _read_docs(docs)
+    dt = _dtype(dtype)
+    _threads(threads)
+    _seed(seed)
+
+    from attnsieve.models import load
+    from attnsieve.signals.rerank import rerank
+
+    with err.status(f"loading {model}"):
+        mdl, tok = load(model, dtype=dt)
+    with err.status(f"reranking {len(texts)} documents"):
+        ranking = rerank(mdl, tok, query, dict(zip(ids, texts, strict=True)), heads=heads, layers=layer_spec,
+                         method=method, **params)
+    shown = list(ranking)[: top or len(ranking)]
+    if as_json:
+        d = ranking.details
+        _print_json({"command": "rerank", "query": query, "ranking": [{"id": i, "score": s} for i, s in shown],
+                     "method": d.method, "params": d.params, "density": d.density, "layers": sorted({li for li, _ in
+                     d.selected}), "heads": heads, "prompt_tokens": d.prompt_tokens}, seed, dt)
+        return
+    text_of = dict(zip(ids, texts, strict=True))
+    table = Table(title=f"ICR ranking ({ranking.details.method}, {len(texts)} documents)")
+    for col in ("rank", "id", "score", "text"):
+        table.add_column(col)
+    for rank, (i, s) in enumerate(shown, 1):
+        t = " ".join(text_of[i].split())
+        table.add_row(str(rank), str(i), f"{s:.4g}", t[:60] + ("..." if len(t) > 60 else ""))
+    out.print(table)
 
 
 @app.command("tune")

@@ -6,6 +6,7 @@ but never fails them; one test runs `python -m attnsieve` as a user would, witho
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -17,6 +18,8 @@ import pytest
 
 from attnsieve.cli import main
 from attnsieve.methods import names
+
+from tiny_models import save_tiny_eval_model
 
 
 @dataclass
@@ -153,3 +156,75 @@ def test_an_unexpected_error_surfaces_as_itself(monkeypatch):
     monkeypatch.setattr(cli, "methods_markdown", boom)
     with pytest.raises(RuntimeError, match="boom"):
         main(["methods", "--markdown"])
+
+RERANK_DOCS = ["the cat sat on the mat all day long", "python is a programming language", "dogs bark loudly at night",
+               "rain falls on the green hills in spring"]
+RERANK_QUERY = "which one is about programming?"
+
+
+@pytest.fixture(scope="module")
+def rerank_model(tmp_path_factory):
+    return str(save_tiny_eval_model(tmp_path_factory.mktemp("tiny") / "model"))
+
+
+def _docs_file(tmp_path, lines):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _run_rerank(capsys, *args):
+    from attnsieve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(list(args))
+    cap = capsys.readouterr()
+    return e.value.code, cap.out, cap.err
+
+
+def test_rerank_json_shape(tmp_path, rerank_model, capsys):
+    docs = _docs_file(tmp_path, [json.dumps({"id": f"d{i}", "text": t}) for i, t in enumerate(RERANK_DOCS)])
+    code, out, err = _run_rerank(capsys, "rerank", "--model", rerank_model, "--query", RERANK_QUERY, "--docs", docs,
+                                 "--json", "--top", "3", "--dtype", "float32")
+    assert code == 0, err
+    doc = json.loads(out.strip().splitlines()[-1])
+    assert [set(x) for x in doc["ranking"]] == [{"id", "score"}] * 3
+    assert {x["id"] for x in doc["ranking"]} <= {f"d{i}" for i in range(4)}
+    scores = [x["score"] for x in doc["ranking"]]
+    assert scores == sorted(scores, reverse=True)
+    for key in ("versions", "threads", "seed", "dtype", "device"):
+        assert key in doc
+    code, out, err = _run_rerank(capsys, "rerank", "--model", rerank_model, "--query", RERANK_QUERY, "--docs", docs,
+                             "--method", "block-topk", "--density", "0.5", "--set", "block_size=16", "--dtype",
+                             "float32")
+    assert code == 0, err
+    assert "d1" in out  # the table lists every document
+
+
+@pytest.mark.parametrize("lines,args,needle", [
+    (None, ["--query", " "], "--query is empty"),
+    (None, ["--heads", "best"], "--heads"),
+    (None, ["--layers", "middle"], "--layers"),
+    (None, ["--method", "linear"], "reads sparse or exact attention"),
+    (None, ["--method", "dense", "--density", "0.1"], "without a method"),
+    (None, ["--top", "0"], "--top"),
+    (['{"id": 1}'], [], "line 1"),
+    (["not json"], [], "not JSON"),
+    (['{"id": 1, "text": "a"}', '{"id": 1, "text": "b"}'], [], "repeats id 1"),
+    ([""], [], "no documents"),
+    ([json.dumps({"id": 1, "text": "word " * 2000})], [], "beyond the model's context"),
+])
+def test_rerank_bad_input_one_line_exit_2(tmp_path, rerank_model, capsys, lines, args, needle):
+    docs = _docs_file(tmp_path, lines if lines is not None else [json.dumps({"id": 0, "text": "a b c"})])
+    base = {"--query": RERANK_QUERY, "--docs": docs, "--model": rerank_model}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    argv = ["rerank", *itertools.chain.from_iterable(base.items()), "--dtype", "float32"]
+    code, _, err = _run_rerank(capsys, *argv)
+    lines_err = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines_err) == 1 and needle in lines_err[0], err
+
+
+def test_rerank_missing_docs_file(tmp_path, capsys):
+    code, _, err = _run_rerank(capsys, "rerank", "--query", RERANK_QUERY, "--docs", str(tmp_path / "none.jsonl"))
+    assert code == 2 and "is not a file" in err

@@ -36,7 +36,15 @@ _AGGREGATES: dict[str, tuple[str, Callable]] = {
     "kv_cache_bytes": ("kv_cache_bytes", max),
     "ppl": ("ppl", statistics.fmean),
     "dense_ppl": ("dense_ppl", statistics.fmean),
+    # the rerank task: nDCG@10 of ICR, its seconds per ranking, and the BM25 / random-order baselines
+    "ndcg10": ("ndcg10", statistics.fmean),
+    "rerank_s": ("rerank_s", statistics.median),
+    "bm25_correct": ("bm25_correct", statistics.fmean),
+    "bm25_ndcg10": ("bm25_ndcg10", statistics.fmean),
+    "random_correct": ("random_correct", statistics.fmean),
+    "random_ndcg10": ("random_ndcg10", statistics.fmean),
 }
+RERANK_TASK = "rerank"
 KEY_FIELDS = ["config", "method", "task", "haystack", "length", "dtype"]
 SUMMARY_FIELDS = KEY_FIELDS + ["n", "accuracy", "accuracy_std_err"] + list(_AGGREGATES)[1:] + ["params"]
 
@@ -337,6 +345,10 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
+def _is_rerank_task(task_rows: Sequence[dict]) -> bool:
+    return all(s["task"] == RERANK_TASK for s in task_rows)
+
+
 def _is_ppl_task(task_rows: Sequence[dict]) -> bool:
     return all(s["accuracy"] is None for s in task_rows) and any(s["ppl"] is not None for s in task_rows)
 
@@ -350,7 +362,10 @@ DEFINITIONS = (
     "token over that cache), and **top-1 agreement** the fraction of its positions where the method's "
     "argmax token equals dense's. A recommendation is the configuration with the lowest median "
     "prefill_ratio whose accuracy is at least dense accuracy - 1/n (within one sample of dense), or for "
-    f"perplexity whose ppl is within {PPL_TOLERANCE:.0%} of dense."
+    f"perplexity whose ppl is within {PPL_TOLERANCE:.0%} of dense. In the rerank task, **top-1** is the share "
+    "of samples whose relevant passage ICR ranked first, **nDCG@10** its mean nDCG@10 (one relevant passage: "
+    "1 / log2(rank + 1)), **seconds** the median time of one ranking (prefix, query and calibration passes), "
+    "and BM25 and random order rank the same passages."
 )
 
 
@@ -362,7 +377,7 @@ def write_report(rows: Sequence[dict], out_dir, command: str) -> Path:
     summary = summarize(rows)
     write_summary_csv(summary, out_dir / "summary.csv")
     plots = plot_all(rows, summary, out_dir)
-    recs = recommend(summary)
+    recs = recommend([s for s in summary if s["task"] != RERANK_TASK])  # rerank rows have no prefill timing
 
     md = ["# attnsieve evaluation report", "", "## Command", "", "```", command, "```", "", "## Run info", ""]
     first = rows[0] if rows else {}
@@ -385,6 +400,13 @@ def write_report(rows: Sequence[dict], out_dir, command: str) -> Path:
         r.get("kv") for r in rows) else []
     for task, ss in tasks.items():
         if task in ppl_tasks:
+            continue
+        if _is_rerank_task(ss):
+            md += [f"### Re-ranking: {task}", "", markdown_table(ss, [
+                ("config", "config"), ("length", "length"), ("n", "n"), ("top-1", "accuracy"), ("nDCG@10", "ndcg10"),
+                ("measured density", "density"), ("seconds", "rerank_s"), ("BM25 top-1", "bm25_correct"),
+                ("BM25 nDCG@10", "bm25_ndcg10"), ("random top-1", "random_correct"),
+                ("random nDCG@10", "random_ndcg10")])]
             continue
         md += [f"### {task}", "", markdown_table(ss, [("config", "config"), *haystack, ("length", "length"),
                ("n", "n"), ("accuracy", "accuracy"), ("measured density", "density"),

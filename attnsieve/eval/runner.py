@@ -31,6 +31,7 @@ from attnsieve.methods import has_param, make, names
 from attnsieve.runinfo import run_info
 
 PPL = "ppl"  # perplexity of natural prose: not a retrieval task, scored by ppl against dense
+RERANK = "rerank"  # attention re-ranking (ICR) of documentation passages: scored by top-1 and nDCG@10
 
 
 @dataclass(frozen=True)
@@ -157,10 +158,12 @@ class EvalSpec:
         check_backend_name(self.backend)
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        known = [*TASKS, PPL]
+        known = [*TASKS, PPL, RERANK]
         bad = sorted(set(self.tasks) - set(known))
         if bad:
             raise ValueError(f"unknown task(s) {', '.join(bad)}; choose from: {', '.join(known)}")
+        if RERANK in self.tasks and (self.kv or self.plans):
+            raise ValueError("the rerank task reads one method's attention: it runs no KV policies or plans")
         if self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
         for n in self.lengths:
@@ -170,6 +173,11 @@ class EvalSpec:
             expand_configs(self.methods, self.densities, self.sets) + plan_configs(self.plans),
             self.kv, self.kv_budgets, self.kv_sets, self.kv_modes,
         )
+        if RERANK in self.tasks:
+            from attnsieve.signals.rerank import reading_method
+
+            for c in self.configs:  # refused now, before any model work: methods without a support
+                reading_method(c.method, **dict(c.params))
 
     def inputs(self) -> list[tuple[str, int, int]]:
         return [(t, n, i) for t in self.tasks for n in self.lengths for i in range(self.samples)]
@@ -220,6 +228,8 @@ def make_input(tok, spec: EvalSpec, task: str, length: int, i: int):
 def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
                    configs: Iterable[MethodConfig], tick: Callable[[str], None] | None = None) -> list[dict]:
     """Run every configuration on one input; returns finished rows (timings from this process)."""
+    if task == RERANK:
+        return evaluate_rerank(model, tok, spec, length, i, configs, tick)
     sample, ids = make_input(tok, spec, task, length, i)
     ids = ids.to(model.device)
     # stock SDPA timed the way the configurations are: a prefill, or the perplexity forward pass
@@ -299,6 +309,48 @@ def evaluate_input(model, tok, spec: EvalSpec, task: str, length: int, i: int,
     for row in rows:
         row["exact_prefill_s"] = exact_s
         row["exact_ratio"] = row["prefill_s"] / exact_s
+    return rows
+
+
+def evaluate_rerank(model, tok, spec: EvalSpec, length: int, i: int, configs: Iterable[MethodConfig],
+                    tick: Callable[[str], None] | None = None) -> list[dict]:
+    """The rerank task on one input: ICR under every configuration (its default reading: layers "auto", all
+    heads), scored by top-1 (`correct`) and nDCG@10; BM25 and random order on the same passages as fields."""
+    from attnsieve.eval.tasks.rerank import bm25_scores, make_rerank, random_order, ranked
+    from attnsieve.signals.rerank import ndcg_at_k, rerank
+
+    sample = make_rerank(tok, length, (i + 0.5) / spec.samples, spec.seed + i)
+    query, passages, rel = sample.meta["query"], sample.meta["passages"], sample.meta["relevant"]
+    dtype = next(model.parameters()).dtype
+    if str(dtype).removeprefix("torch.") != spec.dtype:
+        raise ValueError(f"the model is {dtype} but the evaluation asks for {spec.dtype}")
+    info = run_info(spec.seed, dtype, str(model.device))
+    bm25 = ranked(bm25_scores(query, passages))
+    rnd = random_order(len(passages), spec.seed + i)
+    baselines = {"bm25_correct": float(bm25[0] == rel), "bm25_ndcg10": ndcg_at_k(bm25, [rel]),
+                 "random_correct": float(rnd[0] == rel), "random_ndcg10": ndcg_at_k(rnd, [rel])}
+    rows = []
+    for cfg in configs:
+        if tick:
+            tick(f"{RERANK} {length} #{i}: {cfg.label}")
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            ranking = rerank(model, tok, query, passages, method=cfg.method, backend=spec.backend, **dict(cfg.params))
+            seconds = time.perf_counter() - t0
+        order = [j for j, _ in ranking]
+        row = {
+            "method": cfg.method, "params": dict(cfg.params), "config": cfg.label, "task": RERANK,
+            "causal": _is_causal(cfg.make()), "causal_forced": False, "plan": None, "haystack": spec.haystack,
+            "length": length, "sample": i, "depth": sample.depth, "prompt_tokens": sample.length,
+            "density": ranking.details.density, "local_density": None, "skipped_fraction": None,
+            "prefill_s": None, "dense_prefill_s": None, "prefill_ratio": None, "rerank_s": seconds,
+            "estimate_s": None, "peak_mem_mb": mem.peak_mb, "kv": None, "kv_budget": None, "kv_params": {},
+            "kv_mode": None, "correct": float(order[0] == rel), "ndcg10": ndcg_at_k(order, [rel]),
+            "ranking": order, "scores": [s for _, s in ranking], "relevant": rel, "query": query, **baselines,
+            "kl": None, "top1_agree": None, "layer_rel_err": {}, "mass_covered": None, "decode_ms_per_token": None,
+            "decode_attn_ms_per_token": None, "kv_cache_bytes": None, "exact_prefill_s": None, "exact_ratio": None,
+        }
+        rows.append({**row, **info})
     return rows
 
 

@@ -8,15 +8,20 @@ runs models (through the integration) and reads the evaluation tasks' prompts; `
 
 from attnsieve.signals.calibration import calibrate_duo, calibrate_razor
 from attnsieve.signals.heads import head_profiles, kv_head_scores, metric_grid, retrieval_query_heads, save_heatmaps
+from attnsieve.signals.rerank import Ranking, RerankDetails, ndcg_at_k, rerank
 from attnsieve.signals.sinks import calibrate_act
 
 __all__ = [
+    "Ranking",
+    "RerankDetails",
     "calibrate_act",
     "calibrate_duo",
     "calibrate_razor",
     "head_profiles",
     "kv_head_scores",
     "metric_grid",
+    "ndcg_at_k",
+    "rerank",
     "retrieval_query_heads",
     "save_heatmaps",
 ]
