@@ -108,8 +108,10 @@ def test_heads_load_from_a_dict_or_a_file_and_errors_are_clear(tmp_path):
 
 
 def test_head_search_on_a_tiny_model_keeps_the_heads_that_gain_and_is_cached(tmp_path, monkeypatch):
-    from attnsieve.signals import calibrate_act
     from test_cache_duo import CharTok
+
+    from attnsieve.signals import calibrate_act
+
     from tiny_models import tiny_llama_retrieval
 
     monkeypatch.setenv("ATTNSIEVE_CACHE", str(tmp_path))
