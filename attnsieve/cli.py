@@ -1079,7 +1079,8 @@ def heads_cmd(
     model: Annotated[str, typer.Option(help="gemma3-270m, a local HF folder or a .gguf file")] = "gemma3-270m",
     lengths: Annotated[str, typer.Option(help="comma-separated prompt lengths in tokens")] = "4096",
     samples: Annotated[int, typer.Option(help="needle prompts per length (depths evenly spread)")] = 5,
-    task: Annotated[str, typer.Option(help="needle task of the prompts: passkey or a niah task")] = "passkey",
+    task: Annotated[str, typer.Option(help="needle task of the prompts: niah_single, passkey or another niah task")] =
+        "niah_single",
     haystack: Annotated[str, typer.Option(help="filler around the needle: prose or repeat")] = "prose",
     sink_tokens: Annotated[int, typer.Option(help="first tokens whose attention is the sink mass")] = 4,
     local_window: Annotated[int, typer.Option(help="keys less than this far back count as local mass")] = 128,
@@ -1118,7 +1119,10 @@ def heads_cmd(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "heads.json").write_text(json.dumps({**prof, **run_info(seed, dt)}, indent=1, default=str))
     pngs = save_heatmaps(prof, out_dir)
-    top = sorted(retrieval_query_heads(prof, 0.1), key=lambda lh: -prof["layers"][lh[0]]["retrieval"][lh[1]])
+    try:
+        top = sorted(retrieval_query_heads(prof, 0.1), key=lambda lh: -prof["layers"][lh[0]]["retrieval"][lh[1]])
+    except ValueError:  # the model copied nothing: the profile is still worth writing
+        top = []
     if as_json:
         _print_json({"out": str(out_dir), "layers": prof["layers"], "retrieval_top": [list(t) for t in top],
                      "copy_steps": prof["copy_steps"], "prompts": len(prof["prompts"])}, seed, dt)
@@ -1134,6 +1138,9 @@ def heads_cmd(
                       f"{r[best]:.2f} ({best})", f"{mean(row['sink_mass']):.3f}", f"{mean(row['local_mass']):.3f}",
                       f"{mean(row['entropy']):.2f}")
     out.print(table)
+    if not top:
+        err.print(f"[yellow]no head copied a needle token ({prof['copy_steps']} copying steps): the model did not "
+                  "answer these prompts; retrieval scores are all 0 (try shorter --lengths or another --task)[/yellow]")
     err.print(f"[dim]top retrieval heads (layer, head): {top}; wrote {out_dir / 'heads.json'} and "
               f"{len(pngs)} heat maps[/dim]")
 

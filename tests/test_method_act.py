@@ -125,3 +125,29 @@ def test_head_search_on_a_tiny_model_keeps_the_heads_that_gain_and_is_cached(tmp
     method = make("act", heads="tiny-act")  # found again by model name
     assert method.heads_for(2, 6) == sorted(int(h) for h in doc["heads"].get("2", []))
     assert method.heads_for(0, 6) == []
+
+
+def test_a_planted_sink_head_keeps_exactly_beta_of_the_sinks_attention_and_rows_sum_to_one():
+    """Head 2 alone has a hidden sink at key 9 (keys 0 and 9 match its queries); values are one-hot per key, so
+    the output rows are the attention rows themselves. ACT (heads=None: it must find the sink by itself)
+    scales key 9's attention in head 2 by exactly beta, leaves the initial sink and the other heads alone,
+    and every row still sums to one."""
+    T, H, D, beta = 48, 4, 8, 0.4
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, H, T, D, generator=g) * 0.2
+    k = torch.randn(1, H, T, D, generator=g) * 0.2  # one KV head per query head
+    q[:, 2, :, 0] = 2.0
+    k[:, 2, [0, 9], 0] = 3.0
+    v = torch.eye(T).expand(1, H, T, T).contiguous()  # out[i] = the attention row of query i
+    ctx = LayerContext(0, 0.5)
+    dense = dense_attention(q, k, v, causal=True, scale=0.5)[0]
+    act = make("act", beta=beta).prefill(q, k, v, ctx).out
+    assert_close(act[0, [0, 1, 3]], dense[0, [0, 1, 3]], atol=1e-6, rtol=1e-5)  # no sink found there
+    rows = torch.arange(10, T)  # queries that see key 9
+    assert_close(act[0, 2, rows, 9], beta * dense[0, 2, rows, 9], atol=1e-6, rtol=1e-5)
+    assert (dense[0, 2, rows, 9] > 0.2).all()  # a real sink, not a rounding
+    assert_close(act[0, 2].sum(-1), torch.ones(T), atol=1e-5, rtol=1e-5)
+    for i in (10, 25, T - 1):  # the rest of each row scaled up in proportion
+        seen = [j for j in range(i + 1) if j != 9]
+        gain = act[0, 2, i, seen] / dense[0, 2, i, seen]
+        assert_close(gain, gain[:1].expand_as(gain), atol=1e-4, rtol=1e-4)

@@ -45,8 +45,8 @@ def test_profiles_of_a_tiny_gemma3_cover_every_layer_and_are_cached(tmp_path, mo
     monkeypatch.setenv("ATTNSIEVE_CACHE", str(tmp_path))
     model, tok = tiny_gemma3(sliding_window=16), CharTok()
     monkeypatch.setattr(model, "generate", copying_generate(model, tok, 300, 2))
-    prof = head_profiles(model, tok, lengths=[300], samples=2, haystack="repeat", local_window=32, name="tiny",
-                         progress=False)
+    prof = head_profiles(model, tok, lengths=[300], samples=2, task="passkey", haystack="repeat", local_window=32,
+                         name="tiny", progress=False)
     assert [(r["layer"], r["sliding"], r["window"], r["kv_heads"]) for r in prof["layers"]] == [
         (0, True, 16, 1), (1, False, None, 1), (2, True, 16, 1), (3, False, None, 1)]
     assert prof["copy_steps"] == 2 * 6 and len(prof["prompts"]) == 2
@@ -59,8 +59,8 @@ def test_profiles_of_a_tiny_gemma3_cover_every_layer_and_are_cached(tmp_path, mo
     assert kv_head_scores(prof, "sink_mass") == {1: [max(prof["layers"][1]["sink_mass"])],
                                                   3: [max(prof["layers"][3]["sink_mass"])]}
     monkeypatch.setattr(model, "generate", lambda *a, **k: pytest.fail("a cached profile must not run"))
-    assert head_profiles(model, tok, lengths=[300], samples=2, haystack="repeat", local_window=32, name="tiny",
-                         progress=False) == prof
+    assert head_profiles(model, tok, lengths=[300], samples=2, task="passkey", haystack="repeat", local_window=32,
+                         name="tiny", progress=False) == prof
 
 
 def test_retrieval_heads_are_the_top_copying_heads():
@@ -85,3 +85,41 @@ def test_settings_are_checked_before_anything_runs():
                     ({"lengths": [100], "local_window": 100}, "local_window"), ({"task": "nope"}, "unknown task")]:
         with pytest.raises(ValueError, match=msg):
             head_profiles(model, tok, progress=False, **kw)
+
+
+def test_a_planted_copying_head_has_the_top_retrieval_score(tmp_path, monkeypatch):
+    """tiny_llama_retrieval_head's head (2, 1) attends to the NEEDLE token wherever it sits; a stand-in
+    generation copies the needle (which holds NEEDLE once), so that head copies it and no other head does."""
+    from attnsieve.eval import tasks as task_module
+    from attnsieve.eval.tasks.base import Sample
+
+    from tiny_models import NEEDLE, tiny_llama_retrieval_head
+
+    monkeypatch.setenv("ATTNSIEVE_CACHE", str(tmp_path))
+    model, tok = tiny_llama_retrieval_head(layer=2, head=1), CharTok()
+    needle_text = "a`b"  # CharTok: "`" -> 3 + 96 % 94 = NEEDLE
+    needle = tok(needle_text)["input_ids"]
+    assert needle[1] == NEEDLE
+
+    def make(tok_, length, depth, seed, haystack="prose"):
+        g = torch.Generator().manual_seed(seed)
+        filler = [t for t in torch.randint(10, 90, (length,), generator=g).tolist() if t != NEEDLE]
+        at = int(depth * (length - 20))
+        ids = (filler[:at] + needle + filler[at:])[:length]
+        return Sample("planted", length, depth, seed, torch.tensor([ids]), [needle_text], len(needle),
+                      meta={"needles": [needle_text]})
+
+    def generate(ids, attention_mask=None, max_new_tokens=8, do_sample=False):  # copies the needle
+        out = model(ids, use_cache=True)
+        for t in needle[:-1]:
+            out = model(torch.tensor([[t]]), cache=out.cache, use_cache=True)
+        return torch.cat([ids, torch.tensor([needle])], dim=1)
+
+    monkeypatch.setitem(task_module.TASKS, "planted", make)
+    monkeypatch.setattr(model, "generate", generate)
+    prof = head_profiles(model, tok, lengths=[200], samples=3, task="planted", sink_tokens=2, local_window=16,
+                         name="planted", progress=False)
+    grid = metric_grid(prof, "retrieval")
+    assert grid[2, 1] == pytest.approx(1 / 3)  # one of the needle's three positions copied, in every prompt
+    assert grid.flatten().argmax().item() == 2 * grid.shape[1] + 1
+    assert retrieval_query_heads(prof, 1 / 16) == {(2, 1)}

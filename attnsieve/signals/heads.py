@@ -1,6 +1,8 @@
 """Head profiles: what each attention head of a model does, read from its own attention.
 
-For every (layer, query head) of a model, on needle prompts it answers with exact attention:
+For every (layer, query head) of a model, on needle prompts (`niah_single` on prose by default: a
+sentence holding a 7-digit number the model is asked for; Wu et al. use needle-in-a-haystack too) it
+answers with exact attention:
 
 - **retrieval score** (Wu et al., "Retrieval Head Mechanistically Explains Long-Context
   Factuality", arXiv:2404.15574): while the model generates, a head copies a token when the
@@ -151,7 +153,7 @@ def check_settings(lengths, samples, sink_tokens, local_window, query_chunk) -> 
 
 
 @torch.no_grad()
-def head_profiles(model, tok, *, lengths=(4096,), samples: int = 5, task: str = "passkey", haystack: str = "prose",
+def head_profiles(model, tok, *, lengths=(4096,), samples: int = 5, task: str = "niah_single", haystack: str = "prose",
                   sink_tokens: int = 4, local_window: int = 128, query_chunk: int = 256, seed: int = 0,
                   name: str | None = None, cache_dir=None, refresh: bool = False,
                   progress: bool = True) -> dict[str, Any]:

@@ -292,7 +292,7 @@ def _resolve_heads(heads, layers: list[int], n_heads: int, n_layers: int, model,
 
         if profiles is None:
             profiles = head_profiles(model, tok, lengths=list(PROFILE_LENGTHS), samples=PROFILE_SAMPLES,
-                                     progress=False)
+                                     task="passkey", progress=False)
         kept = {"layers": [row for row in profiles["layers"] if row["layer"] in set(layers)]}
         if not kept["layers"]:
             raise ValueError(f"the head profiles cover none of the read layers {layers}")
