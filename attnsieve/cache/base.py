@@ -28,8 +28,11 @@ from typing import Any, ClassVar
 
 import torch
 
-from attnsieve.kernels import merge, softmax_with_lse
+from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, merge, softmax_with_lse
 from attnsieve.params import enforce_types
+
+
+_PAST_BLOCK = 64  # key block of the block kernel when a continuation reads the whole stored past
 
 
 @dataclass
@@ -261,6 +264,15 @@ class LayerKV:
         G = H // Hkv
         if k.shape[1] == 0:
             return None
+        L = k.shape[1]
+        if self.window is None and new_valid is None and 1 < Tq <= L and bool(valid.all()):
+            # every new query sees every stored token (a continuation of a global layer: a question, a
+            # prefill chunk, a replay): the block kernel over all key blocks, non-causal, with its lse
+            first, n_q, n_k = block_grid(Tq, L, _PAST_BLOCK)
+            blocks = torch.arange(n_k, device=q.device).expand(B, Hkv, n_q, n_k).contiguous()
+            res = block_sparse_attention(q, k.view(B, Hkv, L, D), v.view(B, Hkv, L, -1),
+                                         BlockSupport(blocks, _PAST_BLOCK), causal=False, scale=scale)
+            return PastAttention(res.out, res.lse, res.cells)
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         qi = q.reshape(B * Hkv, G * Tq, D).to(acc)  # rows of one KV head: its G query heads x Tq
         scores = torch.bmm(qi, k.to(acc).transpose(1, 2)).mul_(scale)  # [N, G*Tq, L]

@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, bidirectional_mas
 
 from attnsieve.cache import KVPolicy, Rotary, WindowKV, make_policy
 from attnsieve.integrations.hf_cache import KV_KWARG, PolicyCache
-from attnsieve.kernels import dense_attention, exact_cells
+from attnsieve.kernels import dense_attention, exact_cells, local_attention
 from attnsieve.kernels.block_sparse import check_backend_name, preferred_backend, resolve_backend
 from attnsieve.methods import AttnOutput, LayerContext, Method, exact_attention, make
 
@@ -312,7 +312,13 @@ def _attention_with_policy_cache(rt: LayerRuntime, module, query, key, value, ct
             res = exact_attention(q, k, v, ctx)
         else:  # new tokens over themselves; the past is merged through lse
             res = None
-        if res is None or (kv.seen > 0 and res.lse is None):
+        if (res is None or (kv.seen > 0 and res.lse is None)) and q.shape[2] > 1:
+            # a continuation (question, prefill chunk, KVzip replay): exact causal attention with its
+            # log-sum-exp from the block kernel (a band as wide as the call, or the layer's window)
+            band = local_attention(q, k, v, window=ctx.window or q.shape[2], scale=ctx.scale,
+                                   key_valid=ctx.key_valid)
+            res = AttnOutput(band.out, band.cells, lse=band.lse)
+        elif res is None or (kv.seen > 0 and res.lse is None):
             out, lse = dense_attention(q, k, v, causal=True, window=ctx.window, scale=ctx.scale,
                                        key_valid=ctx.key_valid)
             cells = q.shape[1] * exact_cells(q.shape[2], k.shape[2], window=ctx.window, key_valid=ctx.key_valid,
