@@ -31,7 +31,6 @@ import torch
 from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, merge, softmax_with_lse
 from attnsieve.params import enforce_types
 
-
 _PAST_BLOCK = 64  # key block of the block kernel when a continuation reads the whole stored past
 
 
