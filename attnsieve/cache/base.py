@@ -195,6 +195,12 @@ class LayerKV:
             return self._probe_call(q, k_new, v_new, new_valid, scale, new_attention)
         if q.shape[2] == 1 and new_valid is None and self.seen > 0 and self._plain_decode():
             return self._decode_step(q, k_new, v_new, scale)
+        out, cells = self._new_and_past(q, k_new, v_new, new_valid, scale, new_attention)
+        self.absorb(q, k_new, v_new, new_valid, scale)
+        return out, cells
+
+    def _new_and_past(self, q, k_new, v_new, new_valid, scale, new_attention):
+        """The new tokens' attention over themselves merged through the lse with attention over the past."""
         new = new_attention(q, k_new, v_new)
         out, cells = new.out, new.cells
         if self.seen > 0:
@@ -202,18 +208,11 @@ class LayerKV:
             if past is not None:
                 out, _ = merge(past.out, past.lse, new.out, new.lse)
                 cells += past.cells
-        self.absorb(q, k_new, v_new, new_valid, scale)
         return out, cells
 
     def _probe_call(self, q, k_new, v_new, new_valid, scale, new_attention):
         """A replay call: the same attention as `attend`, then `probe` instead of storing the tokens."""
-        new = new_attention(q, k_new, v_new)
-        out, cells = new.out, new.cells
-        if self.seen > 0:
-            past = self.attend_past(q, scale, new_valid)
-            if past is not None:
-                out, _ = merge(past.out, past.lse, new.out, new.lse)
-                cells += past.cells
+        out, cells = self._new_and_past(q, k_new, v_new, new_valid, scale, new_attention)
         self.probe(q, k_new, new_valid, scale)
         return out, cells
 
