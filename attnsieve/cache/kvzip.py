@@ -123,14 +123,16 @@ class KVzipLayer(EvictingKV):
 
     def __init__(self, layer_idx, policy, window=None):
         super().__init__(layer_idx, policy, window)
-        self.zscore: list[torch.Tensor] = []  # per row, aligned with the stored tokens (+inf: not scored)
+        self.zscore: list[torch.Tensor] = []  # per row, the stored tokens' scores (+inf: not scored); aligned
+        # with the rows at each replay (align_scores) and after each selection (after_keep)
         self.call_offset: list[int] = []  # per row, stored index of the replayed call's first token
 
     def compress(self, q, k_new, new_valid, scale):
         """Nothing at the layer: the policy selects across layers once the replay has scored them."""
 
-    def absorb(self, q, k_new, v_new, new_valid, scale):
-        super().absorb(q, k_new, v_new, new_valid, scale)
+    def align_scores(self) -> None:
+        """Extend the scores to the stored rows: tokens stored since the last replay (a new call's, decoded
+        ones) score +inf until a replay scores them. Done once per replay, not per decoding step."""
         if len(self.zscore) != len(self.pos):
             self.zscore = [torch.zeros(0, device=p.device) for p in self.pos]
         for r, p in enumerate(self.pos):
@@ -175,6 +177,7 @@ class KVzip(KVPolicy):
         cs, ov = self.params.kv_chunk_size, self.params.kv_overlap
         Hkv = layers[0].Hkv
         for layer in layers:
+            layer.align_scores()
             layer.call_offset = [p.numel() - len(rows[r // Hkv]) for r, p in enumerate(layer.pos)]
         per_row = []  # per batch row: list of (ids, span)
         for b, toks in enumerate(rows):
