@@ -234,8 +234,12 @@ class BlockTopK(SparseMethod):
         union_size: [B, Hs, NQ, k_cap + 1] (entry k - 1 = union size when each query keeps k);
         budget, n_forced, n_avail: [B, NQ]; has_rows: [B, Hs, NQ]. The controller tracks the
         union's growth over k (EMA) and the blocks overspent or saved so far (debt), both measured
-        on query blocks before the current one, so no query's k depends on a later token.
+        on query blocks before the current one, so no query's k depends on a later token. It is a
+        sequential loop over query blocks on small tensors, so on a GPU it runs on the CPU.
         """
+        if union_size.device.type != "cpu":  # a GPU: one copy each way instead of ~10 tiny kernels per block
+            cpu = [t.cpu() for t in (union_size, budget, n_forced, n_avail, has_rows)]
+            return BlockTopK._controller(*cpu).to(union_size.device)
         B, Hs, n_q, _ = union_size.shape
         growth = torch.ones(B, Hs, device=union_size.device)
         debt = torch.zeros(B, Hs, device=union_size.device)
