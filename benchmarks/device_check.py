@@ -3,7 +3,7 @@
     python benchmarks/device_check.py --out docs/results/device-check            # on a GPU, < 8 minutes
     python benchmarks/device_check.py --out /tmp/dc --dry-run                    # anywhere: tiny shapes, CPU
 
-Four parts, each recorded even when another fails:
+Five parts, each recorded even when another fails:
 1. supports: every registered sparse method estimates its support on the device and the support runs
    through FlexAttention there ("flex": torch.compile'd, Triton on CUDA); the same support, moved to
    the CPU, runs on the CPU reference path (matmul); out, lse and counted cells must agree.
@@ -13,7 +13,9 @@ Four parts, each recorded even when another fails:
    synchronised; each row carries block-topk's estimate share (estimate time / sparse time).
 3. generate: the embedded model (gemma3-270m) patched with block-topk (density 0.1, backend flex)
    generates from an 8k-token passkey prompt; the stock model generates from the same prompt.
-4. the JSON of all of it, written to OUT/device_check.json, and printed last.
+4. prefill: the embedded model's prefill at 32k tokens (`--prefill-length`): stock SDPA, attnsieve's
+   exact path and block-topk at density 0.1 on flex, synchronised (`bench prefill --device cuda`).
+5. the JSON of all of it, written to OUT/device_check.json, and printed last.
 
 --dry-run runs the same code on tiny shapes on the CPU (eager FlexAttention for the supports, a tiny
 random Llama for generate), to check the script itself without a GPU. A part that would pass the
@@ -49,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lengths", default="32768,65536", help="kernel benchmark lengths")
     ap.add_argument("--densities", default="0.1,0.05", help="kernel benchmark densities")
     ap.add_argument("--generate-length", type=int, default=8192, help="prompt tokens of the patched generate")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: supports, kernels, generate")
+    ap.add_argument("--prefill-length", type=int, default=32768, help="prompt tokens of the embedded-model prefill")
+    ap.add_argument("--skip", default="", help="comma-separated parts to skip: supports, kernels, generate, prefill")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.device = "cpu"
@@ -168,6 +171,19 @@ def patched_generate(dev: torch.device, dry: bool, length: int) -> dict:
     }
 
 
+def embedded_prefill(dev: torch.device, dry: bool, length: int) -> dict:
+    """The embedded model's prefill at `length` tokens: stock SDPA, attnsieve's exact path and block-topk at
+    density 0.1 on the flex backend, synchronised, same prompt (`attnsieve bench prefill --device cuda`)."""
+    from attnsieve.eval.bench import bench_prefill
+
+    if dry:
+        return {"skipped": "dry run (the embedded model at this length is a GPU check)"}
+    from attnsieve.models import load
+
+    model, tok = load("gemma3-270m", dtype=torch.bfloat16, device=dev)
+    return bench_prefill(model, tok, "block-topk", length, params={"density": 0.1}, backend="flex")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     dev = torch.device(args.device)
@@ -201,6 +217,15 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001
                 result["generate"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
         print(f"generate: {json.dumps({k: v for k, v in result['generate'].items() if k != 'trace'}, default=str)}")
+    if "prefill" not in skip:
+        if time.monotonic() > deadline:
+            result["prefill"] = {"skipped": "time budget"}
+        else:
+            try:
+                result["prefill"] = embedded_prefill(dev, args.dry_run, args.prefill_length)
+            except Exception as e:  # noqa: BLE001
+                result["prefill"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
+        print(f"prefill: {json.dumps({k: v for k, v in result['prefill'].items() if k != 'trace'}, default=str)}")
     result["elapsed_s"] = time.monotonic() - t0
     result["supports_ok"] = all(r["ok"] for r in result.get("supports", {}).values())
     args.out.mkdir(parents=True, exist_ok=True)
