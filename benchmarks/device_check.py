@@ -184,6 +184,16 @@ def embedded_prefill(dev: torch.device, dry: bool, length: int) -> dict:
     return bench_prefill(model, tok, "block-topk", length, params={"density": 0.1}, backend="flex")
 
 
+def _run_part(run, deadline: float) -> dict:
+    """One part's result: skipped past the time budget, its error (with the trace's end) if it raised."""
+    if time.monotonic() > deadline:
+        return {"skipped": "time budget"}
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     dev = torch.device(args.device)
@@ -208,24 +218,11 @@ def main(argv=None) -> int:
                       f"density {r['measured_density']:.3f}")
             else:
                 print(f"kernel {r['shape']} T{r['length']} d{r['density']}: {r.get('error') or r.get('skipped')}")
-    if "generate" not in skip:
-        if time.monotonic() > deadline:
-            result["generate"] = {"skipped": "time budget"}
-        else:
-            try:
-                result["generate"] = patched_generate(dev, args.dry_run, args.generate_length)
-            except Exception as e:  # noqa: BLE001
-                result["generate"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
-        print(f"generate: {json.dumps({k: v for k, v in result['generate'].items() if k != 'trace'}, default=str)}")
-    if "prefill" not in skip:
-        if time.monotonic() > deadline:
-            result["prefill"] = {"skipped": "time budget"}
-        else:
-            try:
-                result["prefill"] = embedded_prefill(dev, args.dry_run, args.prefill_length)
-            except Exception as e:  # noqa: BLE001
-                result["prefill"] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
-        print(f"prefill: {json.dumps({k: v for k, v in result['prefill'].items() if k != 'trace'}, default=str)}")
+    for part, run in (("generate", lambda: patched_generate(dev, args.dry_run, args.generate_length)),
+                      ("prefill", lambda: embedded_prefill(dev, args.dry_run, args.prefill_length))):
+        if part not in skip:
+            result[part] = _run_part(run, deadline)
+            print(f"{part}: {json.dumps({k: v for k, v in result[part].items() if k != 'trace'}, default=str)}")
     result["elapsed_s"] = time.monotonic() - t0
     result["supports_ok"] = all(r["ok"] for r in result.get("supports", {}).values())
     args.out.mkdir(parents=True, exist_ok=True)
