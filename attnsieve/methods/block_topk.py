@@ -235,10 +235,17 @@ class BlockTopK(SparseMethod):
         budget, n_forced, n_avail: [B, NQ]; has_rows: [B, Hs, NQ]. The controller tracks the
         union's growth over k (EMA) and the blocks overspent or saved so far (debt), both measured
         on query blocks before the current one, so no query's k depends on a later token. It is a
-        sequential loop over query blocks on small tensors, so on a GPU it runs on the CPU.
+        sequential loop over query blocks on small tensors, so on a GPU it runs on the CPU: one copy
+        each way instead of ~10 tiny kernels per query block, in the compiled extension's
+        `block_topk_controller` where it is built (the same float32 arithmetic; this loop is its
+        reference and its fallback).
         """
-        if union_size.device.type != "cpu":  # a GPU: one copy each way instead of ~10 tiny kernels per block
+        if union_size.device.type != "cpu":
             cpu = [t.cpu() for t in (union_size, budget, n_forced, n_avail, has_rows)]
+            ext = compiled.module()
+            if ext is not None and hasattr(ext, "block_topk_controller"):
+                args = [t.contiguous() for t in (cpu[0].int(), *(t.long() for t in cpu[1:4]), cpu[4].bool())]
+                return ext.block_topk_controller(*args).to(union_size.device)
             return BlockTopK._controller(*cpu).to(union_size.device)
         B, Hs, n_q, _ = union_size.shape
         growth = torch.ones(B, Hs, device=union_size.device)

@@ -1321,6 +1321,47 @@ at::Tensor block_minmax(const at::Tensor& k, int64_t bs) {
   return out;
 }
 
+// block-topk's causal budget controller alone (the Python loop in methods/block_topk.py is its
+// reference): per sequence (b, s) and query block j in order, k from the budget, the debt and the
+// union growth measured on earlier blocks; the same float32 arithmetic as the reference. Used when
+// the planner's tensors live on a GPU: the sequential loop runs here on small tensors copied once.
+at::Tensor block_topk_controller(const at::Tensor& union_size, const at::Tensor& budget,
+                                 const at::Tensor& n_forced, const at::Tensor& n_avail, const at::Tensor& has_rows) {
+  TORCH_CHECK(union_size.dim() == 4 && union_size.dtype() == at::kInt && union_size.is_contiguous(),
+              "union_size must be contiguous int32 [B, Hs, NQ, k_cap + 1]");
+  const int64_t B = union_size.size(0), Hs = union_size.size(1), NQ = union_size.size(2), W = union_size.size(3);
+  TORCH_CHECK(budget.dtype() == at::kLong && n_forced.dtype() == at::kLong && n_avail.dtype() == at::kLong &&
+                  budget.is_contiguous() && n_forced.is_contiguous() && n_avail.is_contiguous() &&
+                  budget.numel() == B * NQ && n_forced.numel() == B * NQ && n_avail.numel() == B * NQ,
+              "budget, n_forced and n_avail must be contiguous int64 [B, NQ]");
+  TORCH_CHECK(has_rows.dtype() == at::kBool && has_rows.is_contiguous() && has_rows.numel() == B * Hs * NQ,
+              "has_rows must be contiguous bool [B, Hs, NQ]");
+  auto k_out = at::empty({B, Hs, NQ}, at::TensorOptions().dtype(at::kLong));
+  const int32_t* up = union_size.data_ptr<int32_t>();
+  const int64_t *bp = budget.data_ptr<int64_t>(), *fp = n_forced.data_ptr<int64_t>(), *ap = n_avail.data_ptr<int64_t>();
+  const bool* hp = has_rows.data_ptr<bool>();
+  int64_t* ko = k_out.data_ptr<int64_t>();
+  at::parallel_for(0, B * Hs, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t seq = lo; seq < hi; ++seq) {
+      const int64_t b = seq / Hs;
+      float growth = 1.0f, debt = 0.0f;
+      for (int64_t j = 0; j < NQ; ++j) {
+        const float bgt = static_cast<float>(bp[b * NQ + j]);
+        const int64_t nf = fp[b * NQ + j], na = ap[b * NQ + j];
+        int64_t k = static_cast<int64_t>(std::floor(std::max(bgt + debt, 0.0f) / growth));
+        k = std::min(std::min(std::max(k, nf), na), W - 1);
+        ko[seq * NQ + j] = k;
+        const float size = static_cast<float>(up[(seq * NQ + j) * W + std::max<int64_t>(k - 1, 0)]);
+        const bool is_free = hp[seq * NQ + j] && bgt > nf && bgt < na;
+        const float observed = std::max(size / static_cast<float>(k), 1.0f);
+        if (is_free && k > nf) growth = 0.5f * growth + 0.5f * observed;
+        if (is_free) debt = std::max(debt + bgt - size, -bgt);
+      }
+    }
+  });
+  return k_out;
+}
+
 std::vector<at::Tensor> block_topk_plan(const at::Tensor& q, const at::Tensor& summ, const at::Tensor& rows,
                                         const at::Tensor& cand, const at::Tensor& forced, const at::Tensor& budget,
                                         int64_t Hs, int64_t first_qb, int64_t lead, int64_t k_cap, bool minmax) {
@@ -1337,6 +1378,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_sparse_forward", &block_sparse_forward, "fused block-sparse attention over per-item key-block slots");
   m.def("token_gather_forward", &token_gather_forward, "attention of each item over its own list of key tokens");
   m.def("block_topk_plan", &block_topk_plan, "block-topk's per-query selection with its causal budget controller");
+  m.def("block_topk_controller", &block_topk_controller, "block-topk's causal budget controller alone (GPU planners)");
   m.def("block_minmax", &block_minmax, "per key block: channel max then channel min (Quest's summaries)");
   m.def("amx_tiles", &amx_enabled, "whether the bf16 engine runs its own AMX tile kernels (else oneDNN's brgemm)");
   m.def("bf16_supported", &bf16_supported, "whether the bf16 engine (oneDNN packing for bf16 matrix units) runs here");
