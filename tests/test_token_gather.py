@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, compiled, merge, support_attention
+from attnsieve.kernels.host_syncs import count_host_syncs
 from attnsieve.kernels.token_gather import drop_covered, token_gather_attention
 
 from helpers import assert_close, masked_dense_reference
+
+# the module, not the function of the same name that attnsieve.kernels exports
+support_attention_module = importlib.import_module("attnsieve.kernels.support_attention")
 
 
 def lists_to_mask(tokens, H, Tq, Tk, bs, causal=True, window=None, key_valid=None, row_mask=None):
@@ -124,9 +130,14 @@ def test_token_gather_rejects_bad_lists():
 
 @pytest.mark.parametrize("Tq,Tk", [(64, 64), (100, 100), (30, 100)], ids=lambda x: str(x))
 @pytest.mark.parametrize("block_heads,token_heads", [(1, 4), (4, 1), (2, 2)], ids=["b-group", "t-group", "same"])
-def test_support_attention_runs_blocks_and_tokens_once_each(Tq, Tk, block_heads, token_heads):
+@pytest.mark.parametrize("route", ["runs", "one-call"])
+def test_support_attention_runs_blocks_and_tokens_once_each(Tq, Tk, block_heads, token_heads, route, monkeypatch):
     """A support with blocks and tokens (overlapping, repeated, other head counts) equals dense
-    attention over their union, with every cell counted once."""
+    attention over their union, with every cell counted once: on the compiled token kernel's per-head
+    runs (CPU) and on the torch kernel's single call (GPU, or no compiled kernel)."""
+    if route == "runs" and not compiled.available():
+        pytest.skip("compiled kernel unavailable")
+    monkeypatch.setattr(support_attention_module, "_token_kernel_compiled", lambda q: route == "runs")
     H, Hkv, bs = 4, 1 if 1 in (block_heads, token_heads) else 2, 16
     g = torch.Generator().manual_seed(Tq + Tk + block_heads)
     q = torch.randn(2, H, Tq, 8, generator=g)
@@ -160,3 +171,19 @@ def test_support_attention_refuses_tokens_in_bidirectional_layers():
     support = BlockSupport(zeros, 16, tokens=zeros)
     with pytest.raises(ValueError, match="causal layers only"):
         support_attention(q, q, q, support, causal=False)
+
+
+def test_support_attention_token_path_syncs_do_not_grow_with_heads_or_blocks(monkeypatch):
+    """On the torch route (a GPU's), a fixed number of host syncs whatever the heads and blocks."""
+    monkeypatch.setattr(support_attention_module, "_token_kernel_compiled", lambda q: False)
+    counts = []
+    for H, T in ((2, 128), (8, 1024)):
+        g = torch.Generator().manual_seed(H)
+        q, k, v = (torch.randn(1, H, T, 8, generator=g) for _ in range(3))
+        first, n_q, n_k = block_grid(T, T, 16)
+        support = BlockSupport.from_mask(torch.rand(1, H, n_q, n_k, generator=g) < 0.2, 16)
+        support = BlockSupport(support.blocks, 16, tokens=random_lists(1, H, n_q, 10, T, seed=T))
+        with count_host_syncs(q, k, v, support.blocks, support.tokens) as s:
+            support_attention(q, k, v, support, backend="matmul")
+        counts.append(s.count)
+    assert counts[0] == counts[1] <= 8, counts

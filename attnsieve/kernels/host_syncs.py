@@ -86,6 +86,8 @@ class _Tracker(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if torch.compiler.is_compiling():  # traced by dynamo (FlexAttention's operator): a compiled graph
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         flat = pytree.tree_leaves((args, kwargs))
         dev = any(_on_device(a) for a in flat)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from attnsieve.kernels import compiled
 from attnsieve.kernels.block_sparse import BlockSupport, SparseResult, block_sparse_attention
 from attnsieve.kernels.merge import merge
 from attnsieve.kernels.token_gather import drop_covered, token_gather_attention
@@ -36,6 +37,12 @@ def _same_heads(tokens: torch.Tensor, support: BlockSupport) -> tuple[torch.Tens
     if Hs % Ht == 0:
         return tokens.repeat_interleave(Hs // Ht, dim=1), support
     raise ValueError(f"token heads ({Ht}) and block heads ({Hs}) must divide one another")
+
+
+def _token_kernel_compiled(q: torch.Tensor) -> bool:
+    """Whether token_gather_attention's "auto" backend runs the compiled kernel for these queries."""
+    acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    return q.device.type == "cpu" and acc == torch.float32 and compiled.available()
 
 
 def _runs(lengths: list[int]) -> list[tuple[int, int]]:
@@ -75,11 +82,24 @@ def support_attention(
         raise ValueError("token lists run in causal layers only (the token path splits the sequence causally)")
     tokens, blocks = _same_heads(tokens, support)
     tok = drop_covered(tokens, blocks)
+    if not _token_kernel_compiled(q):
+        # The torch token kernel (every GPU, and CPUs without the compiled kernel) orders the lists
+        # by length itself and gathers per chunk only its longest list: one call for all heads and
+        # query blocks, a fixed number of host syncs, none per head or per run.
+        part = token_gather_attention(
+            q, k, v, tok, support.block_size, causal=True, window=window, scale=scale,
+            key_valid=key_valid, backend="torch",
+        )
+        if part.cells == 0:
+            return res
+        out, lse = merge(res.out, res.lse, part.out, part.lse)
+        return SparseResult(out, lse, res.cells + part.cells)
     if not bool((tok >= 0).any()):
         return res
-    # The token kernel pads every list to the longest one. Lists differ a lot between heads and
-    # usually grow along the sequence, so it runs per support head, on runs of query blocks whose
-    # lengths stay within a factor of two (each run: its queries against the keys up to its end).
+    # The compiled token kernel pads every list to the longest one. Lists differ a lot between
+    # heads and usually grow along the sequence, so it runs per support head, on runs of query
+    # blocks whose lengths stay within a factor of two (each run: its queries against the keys up
+    # to its end).
     B, H, Tq, _ = q.shape
     Hkv, Tk, bs = k.shape[1], k.shape[2], support.block_size
     Hs = tok.shape[1]
@@ -87,9 +107,10 @@ def support_attention(
     out = torch.zeros_like(res.out)
     lse = torch.full_like(res.lse, float("-inf"))
     cells = res.cells
+    longest = (tok >= 0).sum(-1).amax(0).tolist()  # [Hs][NQ] longest list of each head's query blocks
     for s in range(Hs):
         heads, kvh = slice(s * Gs, (s + 1) * Gs), s * Hkv // Hs
-        used = (tok[:, s] >= 0).sum(-1).amax(0).tolist()  # [NQ] longest list of each query block
+        used = longest[s]
         for ja, je in _runs(used):
             if max(used[ja:je]) == 0:
                 continue
