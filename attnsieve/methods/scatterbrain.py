@@ -33,7 +33,6 @@ layers the feature products computed one by one on the window edge are added.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +41,7 @@ import torch
 from attnsieve.kernels import BlockSupport, block_grid, block_sparse_attention, merge
 from attnsieve.kernels.linear_attention import causal_feature_attention
 from attnsieve.kernels.sparse_lowrank import subtract, support_feature_attention
-from attnsieve.methods.base import AttnOutput, Method, SparseMethod
+from attnsieve.methods.base import AttnOutput, Method, SparseMethod, estimate_clock
 from attnsieve.methods.performer import at_least_fp32, favor_qk
 from attnsieve.methods.registry import has_param, make, method_class, names, register
 from attnsieve.methods.selection import block_layout
@@ -145,12 +144,12 @@ class Scatterbrain(Method):
         p = self.params
         B, H, Tq, _ = q.shape
         Tk = k.shape[2]
-        t0 = time.perf_counter()
+        t0 = estimate_clock(q)
         inner = self.inner.support(q, k, ctx)
         if inner.tokens is not None:  # the sparse + low-rank kernel covers blocks only
             raise ValueError(f"scatterbrain's inner method {self.inner.name!r} selected single tokens")
         support = with_diagonal(inner, Tq, Tk)
-        estimate_s = time.perf_counter() - t0
+        estimate_s = estimate_clock(q) - t0
         bs = support.block_size
         exact = block_sparse_attention(
             q, k, v, support, causal=True, window=ctx.window, scale=ctx.scale, key_valid=ctx.key_valid

@@ -173,12 +173,17 @@ class Profile:
         return {unit_key(u): {lab: m.to_json() for lab, m in row.items()} for u, row in self.table.items()}
 
 
-def _timed(fn: Callable[[], Any], reps: int) -> tuple[Any, float]:
-    """(result of the first call, median seconds over `reps` calls)."""
+def _timed(fn: Callable[[], Any], reps: int, device: torch.device | None = None) -> tuple[Any, float]:
+    """(result of the first call, median seconds over `reps` calls); on CUDA each call synchronised."""
+    cuda = device is not None and device.type == "cuda"
     times, result = [], None
     for r in range(reps):
+        if cuda:
+            torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         res = fn()
+        if cuda:
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
         if r == 0:
             result = res
@@ -234,10 +239,11 @@ def profile(refs: list[DenseReference], candidates: list[Candidate], *, reps: in
                         progress(f"profile prompt {p + 1}/{len(refs)} {'layer' if isinstance(unit, int) else 'head'} "
                                  f"{unit_key(unit)}: {cand.label}")
                     m = methods[cand.label]
+                    dev = q.device
                     if cand.method == "dense":  # the exact path a plan's dense layer runs: fused SDPA
-                        res, seconds = _timed(lambda q=q, k=k, v=v, ctx=c.ctx: exact_attention(q, k, v, ctx), reps)
+                        res, seconds = _timed(lambda q=q, k=k, v=v, ctx=c.ctx: exact_attention(q, k, v, ctx), reps, dev)
                     else:
-                        res, seconds = _timed(lambda m=m, q=q, k=k, v=v, ctx=c.ctx: m.prefill(q, k, v, ctx), reps)
+                        res, seconds = _timed(lambda m=m, q=q, k=k, v=v, ctx=c.ctx: m.prefill(q, k, v, ctx), reps, dev)
                     _, mass = error_and_mass(res, ex_out, ex_lse, dense=cand.method == "dense")
                     # relative to the whole layer's exact output (see the module doc); the exact path's
                     # difference from the reference kernel is rounding
