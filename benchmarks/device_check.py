@@ -3,10 +3,12 @@
     python benchmarks/device_check.py --out docs/results/device-check            # on a GPU, < 8 minutes
     python benchmarks/device_check.py --out /tmp/dc --dry-run                    # anywhere: tiny shapes, CPU
 
-Five parts, each recorded even when another fails:
+Six parts, each recorded even when another fails:
 1. supports: every registered sparse method estimates its support on the device and the support runs
    through FlexAttention there ("flex": torch.compile'd, Triton on CUDA); the same support, moved to
-   the CPU, runs on the CPU reference path (matmul); out, lse and counted cells must agree.
+   the CPU, runs on the CPU reference path (matmul); out, lse and counted cells must agree. Each row
+   also counts the host syncs the estimate made (CUDA's sync debug mode; on the CPU, the simulation of
+   attnsieve.kernels.host_syncs), which tests/test_host_syncs.py bounds on the CPU.
 2. kernels: `bench kernel` on the device at 32k and 64k tokens, density 0.1 and 0.05, Gemma-3
    (4 query / 1 KV heads x 256) and Llama-3-8B (32 / 8 x 128) head shapes, bf16, block-topk's
    support, with SDPA's FlashAttention backend as the baseline in the same run and every timing
@@ -15,7 +17,9 @@ Five parts, each recorded even when another fails:
    generates from an 8k-token passkey prompt; the stock model generates from the same prompt.
 4. prefill: the embedded model's prefill at 32k tokens (`--prefill-length`): stock SDPA, attnsieve's
    exact path and block-topk at density 0.1 on flex, synchronised (`bench prefill --device cuda`).
-5. the JSON of all of it, written to OUT/device_check.json, and printed last.
+5. decode_syncs: host syncs per decoding step of the embedded model with the snapkv policy at budget
+   0.25 after a 2k-token prompt (sliding layers drop a token every step); the tests expect none.
+6. the JSON of all of it, written to OUT/device_check.json, and printed last.
 
 --dry-run runs the same code on tiny shapes on the CPU (eager FlexAttention for the supports, a tiny
 random Llama for generate), to check the script itself without a GPU. A part that would pass the
@@ -29,16 +33,19 @@ import json
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from attnsieve.kernels import support_attention  # noqa: E402
+from attnsieve.kernels.host_syncs import count_host_syncs  # noqa: E402
 from attnsieve.methods import LayerContext, SparseMethod, describe, make, method_class, names  # noqa: E402
 from attnsieve.runinfo import run_info  # noqa: E402
 
 KERNEL_SHAPES = {"gemma3": (4, 1, 256), "llama3-8b": (32, 8, 128)}  # query heads, KV heads, head dim
+PARTS = ("supports", "kernels", "generate", "decode_syncs", "prefill")
 TOL = {torch.float32: 2e-3, torch.bfloat16: 3e-2}  # flex on the device vs the float32 CPU reference
 
 
@@ -52,15 +59,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--densities", default="0.1,0.05", help="kernel benchmark densities")
     ap.add_argument("--generate-length", type=int, default=8192, help="prompt tokens of the patched generate")
     ap.add_argument("--prefill-length", type=int, default=32768, help="prompt tokens of the embedded-model prefill")
-    ap.add_argument("--skip", default="", help="comma-separated parts to skip: supports, kernels, generate, prefill")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated parts to skip: supports, kernels, generate, decode_syncs, prefill")
     args = ap.parse_args(argv)
     if args.dry_run:
         args.device = "cpu"
     if args.out.exists() and not args.out.is_dir():
         ap.error(f"--out {str(args.out)!r} is a file, not a folder")
-    bad = set(filter(None, args.skip.split(","))) - {"supports", "kernels", "generate"}
+    bad = set(filter(None, args.skip.split(","))) - set(PARTS)
     if bad:
-        ap.error(f"--skip takes supports, kernels, generate; got {', '.join(sorted(bad))}")
+        ap.error(f"--skip takes {', '.join(PARTS)}; got {', '.join(sorted(bad))}")
     try:
         args.lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
         args.densities = [float(x) for x in args.densities.split(",") if x.strip()]
@@ -69,6 +77,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA GPU here (use --dry-run to check the script on the CPU)")
     return args
+
+
+class _Syncs:
+    """Host syncs inside the block: CUDA's own count (its sync debug mode warns at each one) on a GPU,
+    attnsieve.kernels.host_syncs' simulation on the CPU (with `tensors` playing the device's)."""
+
+    def __init__(self, dev: torch.device, *tensors: torch.Tensor):
+        self.dev, self.tensors, self.count = dev, tensors, 0
+
+    def __enter__(self):
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+            self._caught = warnings.catch_warnings(record=True)
+            self._records = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        else:
+            self._sim = count_host_syncs(*self.tensors)
+            self._record = self._sim.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.dev.type == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+            self._caught.__exit__(*exc)
+            self.count = sum("synchroniz" in str(w.message) for w in self._records)
+        else:
+            self._sim.__exit__(*exc)
+            self.count = self._record.count
+        return False
 
 
 def check_supports(dev: torch.device, dry: bool) -> dict:
@@ -87,7 +125,9 @@ def check_supports(dev: torch.device, dry: bool) -> dict:
         try:
             m = make(name, **kw)
             qd, kd, vd = q.to(dev), k.to(dev), v.to(dev)
-            support = m.support(qd, kd, ctx)
+            m.support(qd, kd, ctx)  # warm-up: one-off compilation and allocation are not the method's
+            with _Syncs(dev, qd, kd) as syncs:
+                support = m.support(qd, kd, ctx)
             res = support_attention(qd, kd, vd, support, scale=ctx.scale, backend=backend)
             cpu_support = type(support)(support.blocks.cpu(), support.block_size,
                                         None if support.row_mask is None else support.row_mask.cpu(),
@@ -98,6 +138,7 @@ def check_supports(dev: torch.device, dry: bool) -> dict:
             err_lse = (res.lse.cpu().float() - ref.lse.float())[fin].abs().max().item() if bool(fin.any()) else 0.0
             same_cells = backend == "flex-eager" or res.cells == ref.cells
             rows[name] = {"out_err": err_out, "lse_err": err_lse, "cells": res.cells, "ref_cells": ref.cells,
+                          "host_syncs": syncs.count,
                           "ok": err_out < TOL[torch.float32] and err_lse < TOL[torch.float32] and same_cells}
         except Exception as e:  # noqa: BLE001 - one method's failure is recorded, the others still run
             rows[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
@@ -171,6 +212,38 @@ def patched_generate(dev: torch.device, dry: bool, length: int) -> dict:
     }
 
 
+def decode_syncs(dev: torch.device, dry: bool, length: int = 2048, steps: int = 3) -> dict:
+    """Host syncs in each decoding step with a KV policy (snapkv, budget 0.25) after a `length`-token prompt."""
+    from attnsieve.integrations.hf import patched
+
+    if dry:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        torch.manual_seed(0)
+        cfg = Gemma3TextConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=32, sliding_window=24,
+                               layer_types=["sliding_attention", "full_attention"] * 2,
+                               max_position_embeddings=1024, attn_implementation="sdpa", pad_token_id=0)
+        model, length = Gemma3ForCausalLM(cfg).eval(), 200
+        ids = torch.randint(3, 97, (1, length), generator=torch.Generator().manual_seed(0))
+    else:
+        from attnsieve.models import load
+
+        model, _ = load("gemma3-270m", dtype=torch.bfloat16, device=dev)
+        ids = torch.randint(1000, 20000, (1, length), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(dev)
+    counts = []
+    with torch.no_grad(), patched(model, "dense", kv="snapkv", kv_budget=0.25):
+        out = model(ids, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+        for _ in range(steps):
+            with _Syncs(dev, nxt) as syncs:
+                step = model(nxt, cache=cache, use_cache=True)
+            counts.append(syncs.count)
+            nxt = step.logits[:, -1:].argmax(-1)
+    return {"prompt_tokens": length, "policy": "snapkv", "kv_budget": 0.25, "syncs_per_step": counts}
+
+
 def embedded_prefill(dev: torch.device, dry: bool, length: int) -> dict:
     """The embedded model's prefill at `length` tokens: stock SDPA, attnsieve's exact path and block-topk at
     density 0.1 on the flex backend, synchronised, same prompt (`attnsieve bench prefill --device cuda`)."""
@@ -206,7 +279,8 @@ def main(argv=None) -> int:
         result["supports"] = check_supports(dev, args.dry_run)
         for name, r in result["supports"].items():
             print(f"support {name:22s} " + ("ok" if r["ok"] else "FAIL") + " " +
-                  " ".join(f"{k}={v:.2e}" for k, v in r.items() if isinstance(v, float)) + (
+                  " ".join(f"{k}={v:.2e}" for k, v in r.items() if isinstance(v, float)) +
+                  (f" host_syncs={r['host_syncs']}" if "host_syncs" in r else "") + (
                       f" {r['error']}" if "error" in r else ""))
     if "kernels" not in skip:
         result["kernels"] = bench_kernels(dev, args.dry_run, args.lengths, args.densities, deadline)
@@ -219,6 +293,7 @@ def main(argv=None) -> int:
             else:
                 print(f"kernel {r['shape']} T{r['length']} d{r['density']}: {r.get('error') or r.get('skipped')}")
     for part, run in (("generate", lambda: patched_generate(dev, args.dry_run, args.generate_length)),
+                      ("decode_syncs", lambda: decode_syncs(dev, args.dry_run)),
                       ("prefill", lambda: embedded_prefill(dev, args.dry_run, args.prefill_length))):
         if part not in skip:
             result[part] = _run_part(run, deadline)

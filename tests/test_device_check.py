@@ -15,5 +15,7 @@ def test_device_check_dry_run_on_cpu(tmp_path):
     rc = mod.main(["--out", str(tmp_path), "--device", "cpu", "--dry-run"])
     doc = json.loads((tmp_path / "device_check.json").read_text())
     assert rc == 0 and doc["supports_ok"], {k: v for k, v in doc["supports"].items() if not v["ok"]}
-    assert {"supports", "kernels", "generate", "prefill"} <= doc.keys()
+    assert {"supports", "kernels", "generate", "decode_syncs", "prefill"} <= doc.keys()
+    assert doc["decode_syncs"]["syncs_per_step"] == [0, 0, 0], doc["decode_syncs"]
+    assert all(isinstance(r["host_syncs"], int) for r in doc["supports"].values())
     assert "error" not in doc["generate"] and isinstance(doc["generate"]["text"], str)

@@ -1,8 +1,16 @@
-"""The host-sync counter (kernels/host_syncs.py) and the sparse methods' supports under it."""
+"""The host-sync counter (kernels/host_syncs.py) and what it holds the GPU path to: every sparse
+method's support() and every KV policy's decoding step."""
 
+import pytest
 import torch
 
+import attnsieve
+from attnsieve.cache import policy_names
 from attnsieve.kernels.host_syncs import count_host_syncs
+from attnsieve.methods import LayerContext, SparseMethod, describe, make, method_class, names
+from attnsieve.methods.block_topk import BlockTopK
+
+from tiny_models import tiny_gemma3
 
 
 def test_counter_sees_reads_of_device_tensors_only():
@@ -48,10 +56,7 @@ def test_counter_unmarks_its_inputs():
 
 # ---- every sparse method's support(): a bounded number of host syncs, whatever the length ----------
 
-import pytest  # noqa: E402
 
-from attnsieve.methods import LayerContext, SparseMethod, describe, make, method_class, names  # noqa: E402
-from attnsieve.methods.block_topk import BlockTopK  # noqa: E402
 
 SPARSE = [n for n in names() if issubclass(method_class(n), SparseMethod)]
 DENSITY = [n for n in SPARSE if "density" in describe(n)["params"]]
@@ -94,3 +99,27 @@ def test_support_syncs_bounded_at_defaults(name):
 def test_support_syncs_bounded_at_a_density(name):
     counts = [support_syncs(name, T, density=0.1) for T in LENGTHS]
     assert all(c.count <= MAX_SYNCS for c in counts), f"{name}: {[str(c) for c in counts]}"
+
+
+# ---- every KV policy's decoding step: no host sync at all ------------------------------------------
+
+
+CALIBRATED = {"duo", "razor"}  # need head scores from a calibration run (their own tests cover them)
+
+
+@pytest.mark.parametrize("name", [n for n in policy_names() if n not in CALIBRATED])
+def test_decoding_step_makes_no_host_sync(name):
+    """A step reads nothing of the device: budgets and window positions are kept on the host. The model
+    has sliding layers (their windows drop a token every step) and global layers (the policy's)."""
+    from test_cache import extra
+
+    model = tiny_gemma3(sliding_window=24)
+    ids = torch.randint(3, 97, (1, 120), generator=torch.Generator().manual_seed(0))
+    with attnsieve.patched(model, "dense", kv=name, kv_budget=0.25, **extra(name)):
+        out = model(ids, use_cache=True)
+        cache, nxt = out.cache, out.logits[:, -1:].argmax(-1)
+        for _ in range(2):
+            with count_host_syncs(nxt) as s:
+                step = model(nxt, cache=cache, use_cache=True)
+            assert s.count == 0, f"{name}: {s}"
+            nxt = step.logits[:, -1:].argmax(-1)

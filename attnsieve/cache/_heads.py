@@ -150,7 +150,7 @@ class HeadSplitKV(LayerKV):
             if self.is_retrieval(r):
                 continue
             L = self.pos[r].numel()
-            keep_recent = self.recent(int(self.valid_seen[r // self.Hkv]))
+            keep_recent = self.recent(self.valid_host[r // self.Hkv])
             if L <= self.sink + keep_recent:
                 continue
             lo, hi = self.sink, L - keep_recent  # dropped: stored indices [lo, hi)

@@ -113,12 +113,13 @@ class ReducedKeyKV(LayerKV):
             qi = q[b, h * G : (h + 1) * G].reshape(G * Tq, D).to(acc)  # the KV head's G query heads x Tq
             scores = torch.cat([*(s.scores(qi) for s in segs), qi @ self.keys[r].to(acc).T], dim=1) * scale
             values = torch.cat([*(s.values for s in segs), self.values[r]]).to(acc)  # [L, Dv]
-            real = torch.ones(G * Tq, dtype=torch.bool, device=q.device)
+            n_real = G * Tq  # query rows that attend (a host count where there is no padding)
             if new_valid is not None:  # padding queries see nothing of the past
                 real = new_valid[b].bool().repeat(G)
                 scores = scores.masked_fill(~real[:, None], float("-inf"))
+                n_real = int(real.sum())
             o, l = softmax_with_lse(scores, values)
             out[b, h * G : (h + 1) * G] = o.view(G, Tq, Dv).to(out.dtype)
             lse[b, h * G : (h + 1) * G] = l.view(G, Tq)
-            cells += int(real.sum()) * scores.shape[1]
+            cells += n_real * scores.shape[1]
         return PastAttention(out, lse, cells)

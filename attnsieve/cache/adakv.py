@@ -39,7 +39,7 @@ class AdaKVLayer(SnapKVLayer):
         keep = []
         for b in range(self.B):
             rows = range(b * self.Hkv, (b + 1) * self.Hkv)
-            uniform = keep_count(int(self.valid_seen[b]), self.policy.budget)
+            uniform = keep_count(self.valid_host[b], self.policy.budget)
             floor = min(uniform, int(self.p.kv_alpha * uniform))
             total = uniform * self.Hkv
             forced = []

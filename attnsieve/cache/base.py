@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -67,6 +68,7 @@ class LayerKV:
         self.pos: list[torch.Tensor] = []  # int32 true positions of the stored tokens
         self.B = self.Hkv = 0
         self.valid_seen: torch.Tensor | None = None  # [B] real tokens seen per batch row
+        self.valid_host: list[int] = []  # the same counts on the host: budgets read them without a GPU sync
         # per row: (key buffer, value buffer, position buffer, offset) when the row is a view of
         # buffers with headroom that appends write into; None when the row is a tensor of its own
         self._bufs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None] = []
@@ -86,6 +88,7 @@ class LayerKV:
         self.values = [v.new_zeros(0, v.shape[-1]) for _ in range(n)]
         self.pos = [torch.zeros(0, dtype=torch.int32, device=k.device) for _ in range(n)]
         self.valid_seen = torch.zeros(self.B, dtype=torch.long, device=k.device)
+        self.valid_host = [0] * self.B
         self._bufs = [None] * n
 
     def nbytes(self) -> int:
@@ -225,7 +228,15 @@ class LayerKV:
         inside the new query's window."""
         if type(self).attend_past is not LayerKV.attend_past or len({p.numel() for p in self.pos}) != 1:
             return False
-        return self.window is None or all(int(p[0]) > self.seen - self.window for p in self.pos if p.numel())
+        return self.window is None or all(first > self.seen - self.window for first in self._first_positions())
+
+    def _first_positions(self) -> list[int]:
+        """Each non-empty row's oldest stored position (one read of the device for all rows)."""
+        firsts = [p[:1] for p in self.pos if p.numel()]
+        return torch.cat(firsts).tolist() if firsts else []
+
+    def _note_positions(self, r: int, positions) -> None:
+        """Hook: the host-side positions just appended to row r (a window layer tracks them)."""
 
     def _decode_step(self, q, k_new, v_new, scale):
         """One decoding step without padding: store the token, then one attention call over every stored
@@ -237,7 +248,9 @@ class LayerKV:
         for b in range(B):
             for h in range(self.Hkv):
                 self._append(b * self.Hkv + h, k_new[b, h], v_new[b, h], pos)
+                self._note_positions(b * self.Hkv + h, (self.seen,))
         self.valid_seen += 1
+        self.valid_host = [n + 1 for n in self.valid_host]
         self.seen += 1
         k, v, _, _ = self.row_tensors()
         L = k.shape[1]
@@ -291,12 +304,25 @@ class LayerKV:
         """Append the new real tokens to every row, then let the policy compress."""
         B, Hkv, Tq, _ = k_new.shape
         pos = self.query_positions(Tq, k_new.device).to(torch.int32)
+        # the padding mask read once per prompt or chunk (never per decoding step): host-side counts
+        # and positions, so that budgets and windows need no GPU sync later
+        host_valid = None if new_valid is None else new_valid.bool().cpu()
         for b in range(B):
             keep = slice(None) if new_valid is None else new_valid[b].bool()
             p_b = pos[keep]
+            if host_valid is None:
+                host_pos = range(self.seen, self.seen + Tq)
+            else:
+                host_pos = (torch.nonzero(host_valid[b]).flatten() + self.seen).tolist()
             for h in range(Hkv):
                 self._append(b * Hkv + h, k_new[b, h][keep], v_new[b, h][keep], p_b)
-        self.valid_seen += Tq if new_valid is None else new_valid.sum(-1)
+                self._note_positions(b * Hkv + h, host_pos)
+        if new_valid is None:
+            self.valid_seen += Tq
+            self.valid_host = [n + Tq for n in self.valid_host]
+        else:
+            self.valid_seen += new_valid.sum(-1)
+            self.valid_host = [n + int(c) for n, c in zip(self.valid_host, host_valid.sum(-1).tolist(), strict=True)]
         self.seen += Tq
         if not self.frozen:
             self.compress(q, k_new, new_valid, scale)
@@ -305,33 +331,56 @@ class LayerKV:
         """Hook: reduce what is stored. The base class keeps everything (the dense cache)."""
 
     def keep_rows(self, keep: list[torch.Tensor]) -> None:
-        """Keep, in every row r, the stored tokens at indices keep[r] (kept in position order).
-
-        A kept range at the end of a buffered row (a window dropping its oldest tokens) moves the row's
-        view forward without copying while the buffer's unused part stays within the headroom; any
-        other selection copies the kept tokens into a tensor of their own, so the evicted ones are
-        freed."""
+        """Keep, in every row r, the stored tokens at indices keep[r] (kept in position order), copied
+        into tensors of their own, so the evicted ones are freed (no host read of the indices)."""
         for r, idx in enumerate(keep):
             idx = idx.sort().values
-            n, m = self.keys[r].shape[0], idx.numel()
-            if (m and self._tracked(r) and int(idx[-1]) == n - 1 and int(idx[0]) == n - m
-                    and self._bufs[r][0].shape[0] - m <= max(4, (m + 1) // 16) + 1):  # little left unused
-                kb, vb, pb, off = self._bufs[r]
-                a = off + n - m
-                self._bufs[r] = (kb, vb, pb, a)
-                self.keys[r], self.values[r], self.pos[r] = kb[a : a + m], vb[a : a + m], pb[a : a + m]
-                continue
             self.keys[r] = self.keys[r].index_select(0, idx).contiguous()
             self.values[r] = self.values[r].index_select(0, idx).contiguous()
             self.pos[r] = self.pos[r].index_select(0, idx).contiguous()
 
+    def keep_suffix(self, r: int, m: int) -> None:
+        """Keep row r's last m stored tokens (a window dropping its oldest ones). A buffered row's
+        view moves forward without copying while the buffer's unused part stays within the headroom;
+        otherwise the kept tokens are copied into tensors of their own, so the dropped ones are freed."""
+        n = self.keys[r].shape[0]
+        if m >= n:
+            return
+        if m and self._tracked(r) and self._bufs[r][0].shape[0] - m <= max(4, (m + 1) // 16) + 1:
+            kb, vb, pb, off = self._bufs[r]
+            a = off + n - m
+            self._bufs[r] = (kb, vb, pb, a)
+            self.keys[r], self.values[r], self.pos[r] = kb[a : a + m], vb[a : a + m], pb[a : a + m]
+            return
+        self.keys[r] = self.keys[r][n - m :].clone()
+        self.values[r] = self.values[r][n - m :].clone()
+        self.pos[r] = self.pos[r][n - m :].clone()
+
 
 class WindowKV(LayerKV):
-    """A sliding-window layer's cache: exactly the tokens its window can still see (window - 1)."""
+    """A sliding-window layer's cache: exactly the tokens its window can still see (window - 1).
+
+    The stored positions of every row are mirrored on the host (at most window - 1 of them), so a
+    decoding step drops the oldest token without reading the device."""
+
+    def __init__(self, layer_idx: int, window: int | None = None):
+        super().__init__(layer_idx, window)
+        self._host_pos: list[deque] = []
+
+    def _note_positions(self, r: int, positions) -> None:
+        while len(self._host_pos) <= r:
+            self._host_pos.append(deque(maxlen=self.window - 1))  # older ones are out of every window
+        self._host_pos[r].extend(positions)
+
+    def _first_positions(self) -> list[int]:
+        return [hp[0] for hp in self._host_pos if hp]
 
     def compress(self, q, k_new, new_valid, scale) -> None:
         horizon = self.seen - (self.window - 1)  # positions below this are out of every future window
-        self.keep_rows([torch.nonzero(p >= horizon).squeeze(-1) for p in self.pos])
+        for r, hp in enumerate(self._host_pos):
+            while hp and hp[0] < horizon:
+                hp.popleft()
+            self.keep_suffix(r, len(hp))  # stored positions ascend: the kept ones are the row's last
 
 
 @dataclass
@@ -403,7 +452,7 @@ class EvictingKV(LayerKV):
     def row_budgets(self) -> list[int]:
         """Tokens each row keeps: the policy's fraction of the row's real tokens seen."""
         return [
-            keep_count(int(self.valid_seen[r // self.Hkv]), self.policy.budget) for r in range(len(self.pos))
+            keep_count(self.valid_host[r // self.Hkv], self.policy.budget) for r in range(len(self.pos))
         ]
 
     def should_compress(self, Tq: int) -> bool:

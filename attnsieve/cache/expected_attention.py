@@ -115,7 +115,7 @@ class ExpectedAttentionLayer(EvictingKV):
         scores = []
         for b in range(B):
             real = torch.ones(Tq, dtype=torch.bool, device=q.device) if new_valid is None else new_valid[b].bool()
-            rank = int(self.valid_seen[b]) - int(real.sum()) + torch.cumsum(real.long(), 0) - 1  # real-token rank
+            rank = self.valid_host[b] - int(real.sum()) + torch.cumsum(real.long(), 0) - 1  # real-token rank
             used = real & (rank >= p.kv_sink)  # the reference drops the first n_sink queries
             stats = None
             if bool(used.any()):

@@ -231,7 +231,7 @@ class KVzip(KVPolicy):
                     s = torch.where(forced, torch.inf, torch.where(s == torch.inf, torch.finfo(s.dtype).max, s))
                     scores.append(s)
                     owners.append(p.numel())
-                    total += keep_count(int(layer.valid_seen[b]), self.budget)
+                    total += keep_count(layer.valid_host[b], self.budget)
                 flat = torch.cat(scores)
                 chosen = torch.topk(flat, min(total, flat.numel())).indices
                 start = 0

@@ -61,7 +61,7 @@ class PyramidLayer(SnapKVLayer):
     def row_budgets(self):
         p, out = self.p, []
         for r in range(len(self.pos)):
-            L = int(self.valid_seen[r // self.Hkv])
+            L = self.valid_host[r // self.Hkv]
             n = layer_budget(L, self.policy.budget, p.kv_window, p.kv_beta, self.policy.n_layers, self.rank)
             # the window and sinks are forced (kept first), so they come on top of the selected tokens
             out.append(keep_count(L, self.policy.budget) if n is None else min(L, n + p.kv_window + p.kv_sink))

@@ -205,7 +205,7 @@ class ZipCacheLayer(LayerKV):
                 acc, seen_by = self.tail_probs(q, probes, r, scale)
                 self.quantize_tail(r, normalised_scores(acc, seen_by))
                 continue
-            if bool(real[0]):  # decoding: accumulate this query's attention on the tail
+            if new_valid is None or bool(real[0]):  # decoding: accumulate this query's attention on the tail
                 acc, seen_by = self.tail_probs(q, torch.zeros(1, dtype=torch.long, device=q.device), r, scale)
                 pad = n - self.acc[r].numel()
                 self.acc[r] = torch.cat([self.acc[r], self.acc[r].new_zeros(pad)]) + acc

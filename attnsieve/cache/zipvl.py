@@ -99,7 +99,7 @@ class ZipVLLayer(EvictingKV):
             kept[torch.topk(score, tokens_for_mass(score, self.p.kv_tau)).indices] = True
             chosen = torch.nonzero(kept).squeeze(-1)
             if self.policy.budget_given:  # the cap: forced tokens first, then the best scores
-                cap = keep_count(int(self.valid_seen[b]), self.policy.budget)
+                cap = keep_count(self.valid_host[b], self.policy.budget)
                 if chosen.numel() > cap:
                     chosen = torch.topk(torch.where(forced, torch.inf, score), cap).indices
             for r in rows:

@@ -296,7 +296,8 @@ def _attention_with_policy_cache(rt: LayerRuntime, module, query, key, value, ct
     """Attention over an attnsieve cache layer's stored past plus the new tokens; stores them."""
     Tq = query.shape[2]
     phase = "decode" if Tq == 1 and kv.seen > 0 else "prefill"
-    past_real = kv.valid_seen.clone() if kv.valid_seen is not None else None
+    # real tokens stored so far per batch row, from the cache's host-side counts (no GPU sync per step)
+    past_real = torch.tensor(kv.valid_host) if kv.valid_host else None
     if past_real is not None and ctx.window is not None:  # a sliding layer sees at most window - 1 past keys
         past_real = past_real.clamp_max(ctx.window - 1)
     estimate_s = 0.0
