@@ -114,7 +114,9 @@ def causal_feature_attention(
     z = torch.zeros(B, Hkv, Gl, Fd, dtype=acc, device=dev)
     M = torch.full((B, Hkv, Gl), NEG_INF, dtype=acc, device=dev)
     ring: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # per-chunk states (window)
-    cells = 0
+    # counted on the device and read once at the end (a read per chunk would stall a GPU per chunk)
+    cells = torch.zeros((), dtype=torch.int64, device=dev)
+    folded = False  # whether the running state holds any chunk yet (known on the host)
     for c in range(n_chunks):
         k0, k1 = c * C, min((c + 1) * C, Tk)
         if k1 > off:  # the chunk holds queries
@@ -151,7 +153,7 @@ def causal_feature_attention(
             A = (qc @ keys(fk).transpose(-1, -2)).mul_(torch.exp(le - Zs[..., None]))  # [B, Hkv, Gl, R, Ne]
             num = A @ keys(vv)  # [B, Hkv, Gl, R, Dv]
             den = A.sum(-1)
-            if bool(torch.isfinite(Mf).any()):
+            if (folded if window is None else any(j in ring for j in range(f_lo, c))):
                 sf = torch.exp(Mf[..., None] - Zs)  # [B, Hkv, Gl, R]; 0 where the state is empty
                 num.add_((qc @ Sf).mul_(sf[..., None]))
                 den.add_((qc @ zf[..., None])[..., 0].mul_(sf))
@@ -159,10 +161,10 @@ def causal_feature_attention(
             out[:, :, :, r0:r1] = torch.where(ok[..., None], num / torch.where(ok, den, 1.0)[..., None], 0.0)
             lse[:, :, :, r0:r1] = torch.where(ok, torch.log(torch.where(ok, den, 1.0)) + lqc + Zs, NEG_INF)
             if kv is None:
-                cells += B * H * int(mask.sum())
+                cells += B * H * mask.sum()
             else:
                 real = mask[None] & kv[:, kpos][:, None, :] & kv[:, p0:p1, None]
-                cells += H * int(real.sum())
+                cells += H * real.sum()
 
         if c == n_chunks - 1 or (window is not None and k1 - 1 < off - w + 1):
             continue  # no later query sees these keys through a state
@@ -175,6 +177,7 @@ def causal_feature_attention(
             S.mul_(decay[..., None, None]).add_(fw.transpose(-1, -2) @ vv[:, :, :, k0:k1])
             z.mul_(decay[..., None]).add_(fw.sum(-2))
             M = Mn
+            folded = True
         else:
             Mc = lc.amax(-1)
             fw = fk[:, :, :, k0:k1] * torch.exp(lc - _finite_or_zero(Mc)[..., None])[..., None]
@@ -183,4 +186,4 @@ def causal_feature_attention(
     if Rf > 1:  # rows back to head-major
         out = out.view(B, Hkv, Tq, G, Dv).transpose(2, 3)
         lse = lse.view(B, Hkv, Tq, G).transpose(2, 3)
-    return FeatureResult(out.reshape(B, H, Tq, Dv).to(v.dtype), lse.reshape(B, H, Tq), cells)
+    return FeatureResult(out.reshape(B, H, Tq, Dv).to(v.dtype), lse.reshape(B, H, Tq), int(cells))

@@ -92,7 +92,6 @@ def support_feature_attention(
     out_items = torch.zeros(N, R, Dv, dtype=acc, device=dev)
     lse_items = torch.full((N, R), NEG_INF, dtype=acc, device=dev)
     covered = torch.zeros(N, R, dtype=torch.int64, device=dev)
-    cells = 0
     per_item = K * bs * (2 * R + Fd + Dv)
     step = max(1, chunk_elems // max(1, per_item))
     for start in range(0, N, step):
@@ -133,8 +132,8 @@ def support_feature_attention(
         lse_items[idx] = torch.where(ok, torch.log(torch.where(ok, den, 1.0)) + lq_items[idx] + Zs, NEG_INF)
         cnt = allowed.sum(-1)
         covered[idx] = cnt
-        cells += int(cnt.sum())
 
+    cells = int(covered.sum())  # one read for all chunks
     out = out_items.view(B, Hs, n_q, Gs, bs, Dv).transpose(2, 3).reshape(B, H, n_q * bs, Dv)
     lse = lse_items.view(B, Hs, n_q, Gs, bs).transpose(2, 3).reshape(B, H, n_q * bs)
     cov = covered.view(B, Hs, n_q, Gs, bs).transpose(2, 3).reshape(B, H, n_q * bs)
