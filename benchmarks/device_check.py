@@ -142,7 +142,37 @@ def check_supports(dev: torch.device, dry: bool) -> dict:
                           "ok": err_out < TOL[torch.float32] and err_lse < TOL[torch.float32] and same_cells}
         except Exception as e:  # noqa: BLE001 - one method's failure is recorded, the others still run
             rows[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
+    rows["block-topk bf16 planner"] = _bf16_planner_agreement(dev, q, k, ctx)
     return rows
+
+
+def _bf16_planner_agreement(dev: torch.device, q, k, ctx) -> dict:
+    """block-topk's torch planner with bf16 queries on `dev` (tensor-core bounds on CUDA, accumulated in
+    float32) against the same planner on the CPU (float32 bounds of the same bf16 values): the share of
+    (query block, key block) choices and of per-row choices they agree on (only the order of float32
+    accumulation differs, so near-ties may flip)."""
+    from attnsieve.methods.block_topk import BlockTopK
+
+    try:
+        qb, kb = q.bfloat16(), k.bfloat16()
+        m = make("block-topk", density=0.1)
+        saved, BlockTopK.use_compiled = BlockTopK.use_compiled, False  # the torch planner on both sides
+        try:
+            dev_sup = m.support(qb.to(dev), kb.to(dev), ctx)
+            cpu_sup = m.support(qb, kb, ctx)
+        finally:
+            BlockTopK.use_compiled = saved
+        n_k = -(-k.shape[2] // cpu_sup.block_size)
+
+        def union(sup):
+            blocks = sup.blocks.cpu()
+            mask = torch.zeros(*blocks.shape[:3], n_k + 1, dtype=torch.bool)
+            return mask.scatter_(-1, torch.where(blocks >= 0, blocks, n_k), True)[..., :n_k]
+
+        agree = (union(dev_sup) == union(cpu_sup)).float().mean().item()
+        return {"block_agreement": agree, "ok": agree >= 0.99}
+    except Exception as e:  # noqa: BLE001
+        return {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-800:]}
 
 
 def bench_kernels(dev: torch.device, dry: bool, lengths, densities, deadline: float) -> list[dict]:

@@ -46,8 +46,35 @@ from attnsieve.methods.selection import (
     token_budget_blocks,
 )
 
-# Query blocks scored per step: keeps the [rows, NK] score buffer bounded at long lengths.
+# Query rows scored per step: keeps the [rows, NK] score buffer bounded at long lengths. A GPU takes
+# larger steps (each step is ~10 kernel launches; 16k rows x 1024 key blocks is 64 MB per KV head).
 SCORE_CHUNK_ROWS = 4096
+SCORE_CHUNK_ROWS_CUDA = 16384
+
+
+def block_bounds(qc: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor | None) -> torch.Tensor:
+    """Float32 scores of query rows qc [B, Hkv, rows, D] against key-block summaries [B, Hkv, NK, D].
+
+    minmax (kmin given): Quest's bound sum_c max(q_c min_c, q_c max_c) = relu(q) . max + min(q, 0) . min;
+    mean (kmin None): q . mean. Half-precision queries on CUDA multiply in their own dtype on the
+    tensor cores as one matmul over 2D channels ([relu(q), min(q, 0)] . [max, min]), accumulating and
+    returning float32: the products of half-precision values are exact in float32, so only the order
+    of accumulation differs from the float32 path (as on the CPU's bf16 planner). Elsewhere float32.
+    """
+    if not (qc.is_cuda and qc.dtype in (torch.float16, torch.bfloat16)):
+        qc = qc.float()
+        if kmin is None:
+            return qc @ kmax.float().transpose(-1, -2)
+        return qc.clamp_min(0) @ kmax.float().transpose(-1, -2) + qc.clamp_max(0) @ kmin.float().transpose(-1, -2)
+    B, Hkv, rows, D = qc.shape
+    if kmin is not None:
+        a = torch.cat([qc.clamp_min(0), qc.clamp_max(0)], -1)  # [B, Hkv, rows, 2D]
+        b = torch.cat([kmax, kmin], -1).to(qc.dtype)  # [B, Hkv, NK, 2D]: min and max are exact in k's dtype
+    else:
+        a, b = qc, kmax.to(qc.dtype)  # the mean rounded to the queries' dtype
+    out = torch.bmm(a.reshape(B * Hkv, rows, -1), b.reshape(B * Hkv, -1, b.shape[-1]).transpose(1, 2),
+                    out_dtype=torch.float32)
+    return out.view(B, Hkv, rows, -1)
 
 
 @dataclass
@@ -177,20 +204,17 @@ class BlockTopK(SparseMethod):
         # block's queries gave it, so the union of the queries' top-k is {first_rank < k} for any k.
         k_cap = int(budget.max())
         kmin, kmax, kmean = key_block_summaries(k, ctx.key_valid, bs, n_k, mean=p.summary == "mean")
-        kmin, kmax = kmin.float(), kmax.float()
-        qg = grid_queries(q.float(), Tk, bs)[0].view(B, Hkv, G, n_q, bs, D)
+        # half-precision queries stay so on CUDA (block_bounds multiplies them on the tensor cores)
+        plan_dt = q.dtype if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        qg = grid_queries(q.to(plan_dt), Tk, bs)[0].view(B, Hkv, G, n_q, bs, D)
         ranked = torch.empty(B, Hs, n_q, R, k_cap, dtype=torch.int32, device=q.device)
         first_rank = torch.empty(B, Hs, n_q, n_k, dtype=torch.int32, device=q.device)
         slot_rank = torch.arange(k_cap, device=q.device, dtype=torch.int32)
-        step = max(1, SCORE_CHUNK_ROWS // (bs * G))
+        step = max(1, (SCORE_CHUNK_ROWS_CUDA if q.is_cuda else SCORE_CHUNK_ROWS) // (bs * G))
         for s in range(0, n_q, step):
             e = min(s + step, n_q)
             qc = qg[:, :, :, s:e].reshape(B, Hkv, -1, D)  # [B, Hkv, G * rows, D]
-            if p.summary == "minmax":
-                # sum_c max(q_c * min_c, q_c * max_c) = relu(q) . max + min(q, 0) . min
-                bound = qc.clamp_min(0) @ kmax.transpose(-1, -2) + qc.clamp_max(0) @ kmin.transpose(-1, -2)
-            else:
-                bound = qc @ kmean.transpose(-1, -2)
+            bound = block_bounds(qc, kmax, kmin) if p.summary == "minmax" else block_bounds(qc, kmean, None)
             # [B, Hkv, G, nqc, bs, NK] -> items [B, Hs, nqc, R, NK]
             bound = bound.view(B, Hs, Gs, e - s, bs, n_k).transpose(2, 3).reshape(B, Hs, e - s, R, n_k)
             bound = bound.masked_fill(~layout.allowed[:, None, s:e, None], float("-inf"))
