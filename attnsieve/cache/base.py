@@ -72,6 +72,10 @@ class LayerKV:
         # per row: (key buffer, value buffer, position buffer, offset) when the row is a view of
         # buffers with headroom that appends write into; None when the row is a tensor of its own
         self._bufs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None] = []
+        # (keys [N, cap, D], values [N, cap, Dv], positions [N, cap]) when decoding steps append to
+        # every row at once: row r's buffer is then row r of these, so that a step writes one column
+        # and attention reads every row as one view (no stacking); None otherwise
+        self._shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.rotary: Rotary | None = None  # this call's RoPE, set by the integration (None: unknown or no RoPE)
         # True once the context is compressed in query-agnostic mode (PolicyCache.freeze): later tokens
         # (questions, answers) are stored as they come and the policy compresses nothing more
@@ -101,6 +105,29 @@ class LayerKV:
                 total += sum(t.numel() * t.element_size() for t in (kb, vb, pb))
                 total -= sum(t.numel() * t.element_size() for t in (self.keys[r], self.values[r], self.pos[r]))
         return total
+
+    def _drop_stale_buffers(self) -> None:
+        """Release what no row uses: the buffers of rows that no longer view them (a policy replaced
+        the row), and the rest of a larger tensor a row is a slice of (a quantiser's full-precision
+        tail cut from the prompt), so replaced tokens are freed, not merely left uncounted."""
+        if self._shared is not None and self._shared_length() is None:  # a row left the batch buffer
+            self._shared = None
+            for r in range(len(self._bufs)):  # the others take buffers of their own: the batch one is freed
+                if self._tracked(r):
+                    kb, vb, pb, off = self._bufs[r]
+                    n = self.keys[r].shape[0]
+                    self._bufs[r] = (kb.clone(), vb.clone(), pb.clone(), off)
+                    kb, vb, pb, _ = self._bufs[r]
+                    self.keys[r], self.values[r], self.pos[r] = kb[off : off + n], vb[off : off + n], pb[off : off + n]
+        for r in range(len(self.keys)):
+            if r < len(self._bufs) and self._bufs[r] is not None:
+                if self._tracked(r):
+                    continue
+                self._bufs[r] = None
+            for rows in (self.keys, self.values, self.pos):
+                t = rows[r]
+                if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                    rows[r] = t.clone()
 
     def _tracked(self, r: int) -> bool:
         """Whether row r is still the view of its buffers that `_append` made (a policy may have
@@ -141,6 +168,50 @@ class LayerKV:
         self._bufs[r] = (kb, vb, pb, 0)
         self.keys[r], self.values[r], self.pos[r] = kb[: n + t], vb[: n + t], pb[: n + t]
 
+    def _shared_length(self) -> int | None:
+        """The common length of the rows when every row is the view `_append_all` made of its row of the
+        batch buffer, at one offset; None otherwise."""
+        if self._shared is None or not self._bufs or self._bufs[0] is None:
+            return None
+        K = self._shared[0]
+        n, off = self.keys[0].shape[0], self._bufs[0][3]
+        for r in range(len(self.keys)):
+            b = self._bufs[r]
+            if (b is None or b[3] != off or self.keys[r].shape[0] != n or b[0].data_ptr() != K[r].data_ptr()
+                    or not self._tracked(r)):
+                return None
+        return n
+
+    def _append_all(self, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> None:
+        """Append one token to every row (k [N, D], v [N, Dv], pos [1]) where the rows are equally long:
+        a column written into the batch buffer's headroom, else every row moved into a new batch buffer
+        with headroom (amortised as `_append`); rows of different lengths append one by one."""
+        N = len(self.keys)
+        n = self._shared_length()
+        if n is not None and self._bufs[0][3] + n < self._shared[0].shape[1]:
+            K, V, P = self._shared
+            off = self._bufs[0][3]
+            K[:, off + n], V[:, off + n], P[:, off + n] = k, v, pos
+            for r in range(N):
+                self.keys[r], self.values[r], self.pos[r] = K[r, off : off + n + 1], V[r, off : off + n + 1], \
+                    P[r, off : off + n + 1]
+            return
+        n = self.keys[0].shape[0]
+        if any(t.shape[0] != n for t in self.keys):
+            for r in range(N):
+                self._append(r, k[r : r + 1], v[r : r + 1], pos)
+            return
+        cap = n + 1 + max(4, (n + 1) // 16)
+        K, V = k.new_empty(N, cap, k.shape[-1]), v.new_empty(N, cap, v.shape[-1])
+        P = pos.new_empty(N, cap)
+        for r in range(N if n else 0):  # once per reallocation (every ~n/16 steps)
+            K[r, :n], V[r, :n], P[r, :n] = self.keys[r], self.values[r], self.pos[r]
+        K[:, n], V[:, n], P[:, n] = k, v, pos
+        self._shared = (K, V, P)
+        for r in range(N):
+            self._bufs[r] = (K[r], V[r], P[r], 0)
+            self.keys[r], self.values[r], self.pos[r] = K[r, : n + 1], V[r, : n + 1], P[r, : n + 1]
+
     def _held(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values, *self.pos]
 
@@ -166,6 +237,12 @@ class LayerKV:
             p = self.pos[0]
             return self.keys[0][None], self.values[0][None], p[None], torch.ones(1, p.numel(), dtype=torch.bool,
                                                                                    device=p.device)
+        n = self._shared_length()
+        if n is not None:  # every row a view of the batch buffer at one offset: one view, no copy
+            off = self._bufs[0][3]
+            K, V, P = self._shared
+            k, v, pos = K[:, off : off + n], V[:, off : off + n], P[:, off : off + n]
+            return k, v, pos, torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
         lengths = [p.numel() for p in self.pos]
         if len(set(lengths)) == 1:  # equal rows: stack, no padding
             k, v, pos = torch.stack(self.keys), torch.stack(self.values), torch.stack(self.pos)
@@ -245,10 +322,9 @@ class LayerKV:
         over the past and over the new token merged through the log-sum-exp."""
         B, H, _, D = q.shape
         pos = self.query_positions(1, q.device).to(torch.int32)
-        for b in range(B):
-            for h in range(self.Hkv):
-                self._append(b * self.Hkv + h, k_new[b, h], v_new[b, h], pos)
-                self._note_positions(b * self.Hkv + h, (self.seen,))
+        self._append_all(k_new.reshape(B * self.Hkv, D), v_new.reshape(B * self.Hkv, -1), pos)
+        for r in range(B * self.Hkv):
+            self._note_positions(r, (self.seen,))
         self.valid_seen += 1
         self.valid_host = [n + 1 for n in self.valid_host]
         self.seen += 1
@@ -259,6 +335,7 @@ class LayerKV:
         )
         if not self.frozen:
             self.compress(q, k_new, None, scale)
+        self._drop_stale_buffers()
         return out, B * H * L
 
     def query_positions(self, Tq: int, device) -> torch.Tensor:
@@ -326,6 +403,7 @@ class LayerKV:
         self.seen += Tq
         if not self.frozen:
             self.compress(q, k_new, new_valid, scale)
+        self._drop_stale_buffers()
 
     def compress(self, q, k_new, new_valid, scale) -> None:
         """Hook: reduce what is stored. The base class keeps everything (the dense cache)."""
@@ -338,6 +416,7 @@ class LayerKV:
             self.keys[r] = self.keys[r].index_select(0, idx).contiguous()
             self.values[r] = self.values[r].index_select(0, idx).contiguous()
             self.pos[r] = self.pos[r].index_select(0, idx).contiguous()
+            self._bufs[r] = None  # the old buffer (the evicted tokens) is freed with its last reference
 
     def keep_suffix(self, r: int, m: int) -> None:
         """Keep row r's last m stored tokens (a window dropping its oldest ones). A buffered row's
@@ -355,6 +434,8 @@ class LayerKV:
         self.keys[r] = self.keys[r][n - m :].clone()
         self.values[r] = self.values[r][n - m :].clone()
         self.pos[r] = self.pos[r][n - m :].clone()
+        if r < len(self._bufs):
+            self._bufs[r] = None
 
 
 class WindowKV(LayerKV):
