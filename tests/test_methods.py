@@ -9,7 +9,7 @@ import torch
 
 from attnsieve.kernels import dense_attention, exact_cells
 from attnsieve.methods import LayerContext, describe, leak_free_params, make, method_class, names, parse_params
-from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, topk_support
+from attnsieve.methods.selection import block_layout, density_budget, forced_blocks, kth_smallest, topk_support
 
 from helpers import assert_close, masked_dense_reference
 
@@ -155,6 +155,22 @@ def test_topk_support_keeps_forced_and_best_blocks():
     mask = sup.to_mask(4)[0, 0]
     assert mask[3].tolist() == [True, True, False, True]  # sink, best (block 1), diagonal
     assert mask[0].tolist() == [True, False, False, False]
+
+
+@pytest.mark.parametrize("values", ["normal", "ties", "signs_zeros_infs"])
+def test_kth_smallest_equals_kthvalue(values):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 1000, generator=g) * torch.tensor([[1e-3], [1.0], [1e4]])
+    if values == "ties":
+        x = x.round()
+    if values == "signs_zeros_infs":
+        x[:, ::7] = float("inf")
+        x[:, 1::9] = float("-inf")
+        x[:, 2::11] = 0.0
+        x[:, 3::13] = -0.0
+    for k in ([1, 1, 1], [1000, 1000, 1000], [17, 500, 999], [143, 144, 145]):
+        want = torch.stack([x[b].kthvalue(k[b]).values for b in range(3)])
+        assert torch.equal(kth_smallest(x, torch.tensor(k)), want), k
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -16,10 +16,14 @@ import torch
 PAPER_CONTEXT = 131072
 
 
-def mask_to_list(sel: torch.Tensor) -> torch.Tensor:
-    """Positions of the True entries of sel [..., N] in increasing order, padded with -1: [..., max count]."""
-    count = sel.sum(-1)
-    width = max(1, int(count.max()) if count.numel() else 1)
+def mask_to_list(sel: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """Positions of the True entries of sel [..., N] in increasing order, padded with -1: [..., width].
+
+    width: at least the largest count (None: that count, read on the host).
+    """
+    if width is None:
+        count = sel.sum(-1)
+        width = max(1, int(count.max()) if count.numel() else 1)
     slot = torch.where(sel, sel.cumsum(-1) - 1, width)  # unselected entries go to a spill column
     pos = torch.arange(sel.shape[-1], device=sel.device).expand_as(sel)
     out = torch.full((*sel.shape[:-1], width + 1), -1, dtype=torch.long, device=sel.device)

@@ -64,7 +64,7 @@ from attnsieve.kernels import BlockSupport
 from attnsieve.methods._block_token import GridCells, mask_to_list
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
-from attnsieve.methods.selection import block_layout, grid_queries
+from attnsieve.methods.selection import block_layout, grid_queries, kth_smallest
 
 # Largest number of score elements one step of the anchor pass may hold (~64 MB fp32).
 ANCHOR_CHUNK_ELEMS = 1 << 24
@@ -122,12 +122,10 @@ def exact_blocks(layout, S: int) -> torch.Tensor:
 
 def density_step(density: float, layout, grid: GridCells) -> int:
     """The largest step <= PAPER_STEP whose exact part takes at most half of `density` (at least 1)."""
-    total = float(grid.exact.sum().clamp_min(1))
-    for S in range(PAPER_STEP, 1, -1):
-        cells = float(grid.block_cells(exact_blocks(layout, S)[:, None], 0).sum())
-        if cells <= density / 2 * total:
-            return S
-    return 1
+    steps = range(PAPER_STEP, 1, -1)
+    cells = [grid.block_cells(exact_blocks(layout, S)[:, None], 0).sum() for S in steps]
+    total, *cells = torch.stack([grid.exact.sum().clamp_min(1), *cells]).tolist()  # one host read for all steps
+    return next((S for S, c in zip(steps, cells, strict=True) if c <= density / 2 * total), 1)
 
 
 @register(
@@ -172,10 +170,15 @@ class Anchor(SparseMethod):
         init_end = (layout.sink + S) * bs  # [B] first key after the initial region
         n_groups_first, n_groups_end = fq // S, -(-n_k // S)
         last_start = (n_groups_end - 1) * G_tok - (0 if p.causal else bs)  # end of the last group's candidates
-        if last_start <= int(init_end.min()):  # no group has a stripe candidate (reference defaults up to 4k)
+        valid = grid.real_key  # [B, NK * bs]
+        # One host read decides which groups have a stripe candidate: one whose candidates end after the first
+        # real key past some row's initial region.
+        pos = torch.arange(n_k * bs, device=dev)
+        first_cand = torch.where(valid & (pos >= init_end[:, None]), pos, n_k * bs).amin(-1)  # [B]
+        min_init_end, min_first_cand = torch.stack([init_end.min(), first_cand.min()]).tolist()
+        if last_start <= min_init_end:  # no group has a stripe candidate (reference defaults up to 4k)
             return AnchorPlan(support, None, None, S, [None] * (n_groups_end - n_groups_first))
 
-        valid = grid.real_key  # [B, NK * bs]
         anchors = self._anchors(q, k, valid, layout, S, ctx)  # [B, H, NQ, bs] on the grid
         qg, rows = grid_queries(q.float(), Tk, bs)  # [B, H, NQ, bs, D], [NQ, bs]
         qreal = rows[None] & valid.view(B, n_k, bs)[:, fq:]  # [B, NQ, bs]
@@ -188,7 +191,7 @@ class Anchor(SparseMethod):
         fixed = grid.block_cells(exact_part[:, None], 0)[:, 0] * H  # [B, NQ] cells of the exact part, all heads
         spent = torch.zeros(B, dtype=torch.float64, device=dev)
         exact_so_far = torch.zeros(B, dtype=torch.float64, device=dev)
-        lists: list[tuple[int, int, torch.Tensor]] = []
+        sels: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
         thetas = []
         for g in range(n_groups_first, n_groups_end):
             ja, je = max(g * S, fq) - fq, min((g + 1) * S, n_k) - fq  # this call's query blocks of group g
@@ -200,10 +203,10 @@ class Anchor(SparseMethod):
             else:  # the group's own blocks in this call; candidates end a block before the group (reference)
                 la, le = ja, je
                 start = max(g * G_tok - bs, 0)
-            cand = (torch.arange(start, device=dev)[None] >= init_end[:, None]) & valid[:, :start]  # [B, start]
-            if (p.causal and g < 2) or le <= 0 or la >= le or not bool(cand.any()):
+            if (p.causal and g < 2) or le <= 0 or la >= le or start <= min_first_cand:
                 thetas.append(None)
                 continue
+            cand = (pos[None, :start] >= init_end[:, None]) & valid[:, :start]  # [B, start]
             # margin_t = min over the pooled blocks of (pooled anchor - pooled score); key t is kept when <= theta.
             scores = (qbar[:, :, la:le].reshape(B, Hkv, G, -1, D) @ kf[:, :, None, :start].transpose(-1, -2))
             margin = abar[:, :, la:le, None] - scores.view(B, H, le - la, start) * ctx.scale
@@ -217,21 +220,21 @@ class Anchor(SparseMethod):
                 n_keep = torch.floor(budget / rows_g.clamp_min(1)).clamp_min(0).long()  # stripes over all heads
                 flat = margin.reshape(B, -1)  # [B, H * start]
                 n_keep = torch.minimum(n_keep, torch.isfinite(flat).sum(-1))
-                theta = torch.full((B,), float("-inf"), device=dev)
-                for b in range(B):  # theta = the n_keep-th smallest margin of the row
-                    if n_keep[b] > 0:
-                        theta[b] = flat[b].kthvalue(int(n_keep[b])).values
+                # theta = the n_keep-th smallest margin of the row (-inf: none kept), found on the device: the
+                # budget recurrence never waits for the host.
+                theta = torch.where(n_keep > 0, kth_smallest(flat, n_keep.clamp_min(1)), float("-inf"))
             sel = margin <= theta[:, None, None]  # [B, H, start]
             thetas.append(theta)
-            spent += rows_g * sel.sum((1, 2)).double()
-            lists.append((ja, je, mask_to_list(sel)))
+            count = sel.sum(-1)  # [B, H] stripes per head
+            spent += rows_g * count.sum(-1).double()
+            sels.append((ja, je, sel, count.max()))
 
         tokens = None
-        if lists:
-            width = max(t.shape[-1] for _, _, t in lists)
+        if sels:  # the stripes become token lists once, at the width of the longest (one host read)
+            width = max(1, int(torch.stack([most for *_, most in sels]).max()))
             tokens = torch.full((B, H, n_q, width), -1, dtype=torch.long, device=dev)
-            for ja, je, t in lists:
-                tokens[:, :, ja:je, : t.shape[-1]] = t[:, :, None]
+            for ja, je, sel, _ in sels:
+                tokens[:, :, ja:je] = mask_to_list(sel, width)[:, :, None]
         anchors_q = anchors.reshape(B, H, -1)[:, :, (Tk - Tq) - fq * bs :][:, :, :Tq]
         return AnchorPlan(support, tokens, anchors_q, S, thetas)
 

@@ -94,6 +94,27 @@ def topk_support(
     return BlockSupport(torch.where(ok, idx, torch.full_like(idx, -1)), block_size)
 
 
+def kth_smallest(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The k-th smallest of each row of x [B, N] (float32, no NaN), k: [B] in 1..N; equals `x[b].kthvalue(k[b])`.
+
+    kthvalue takes k as a Python int, a host read per row; this radix select keeps k on the device: the floats
+    map to 32-bit keys in the same (unsigned) order, and two counting passes find the k-th key 16 bits at a time.
+    """
+    B, dev = x.shape[0], x.device
+    bits = x.view(torch.int32)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF) ^ -(2**31)  # [B, N]: negatives reversed, then the sign bit flipped
+    ones = torch.ones((), dtype=torch.long, device=dev).expand(key.shape)
+    high = (key >> 16) & 0xFFFF
+    cum = torch.zeros(B, 1 << 16, dtype=torch.long, device=dev).scatter_add_(1, high.long(), ones).cumsum(-1)
+    d_high = (cum < k[:, None]).sum(-1)  # the high half at which the running count reaches k
+    rank = k - torch.where(d_high > 0, cum.gather(1, (d_high - 1).clamp_min(0)[:, None])[:, 0], 0)
+    low = torch.where(high == d_high[:, None], key & 0xFFFF, 1 << 16)  # other keys go to a spill bin
+    cum = torch.zeros(B, (1 << 16) + 1, dtype=torch.long, device=dev).scatter_add_(1, low.long(), ones).cumsum(-1)
+    d_low = (cum < rank[:, None]).sum(-1)
+    key = (((d_high << 16) | d_low) - 2**31).to(torch.int32)  # the sign bit flipped back
+    return (key ^ ((key >> 31) & 0x7FFFFFFF)).view(torch.float32)
+
+
 def grid_queries(q: torch.Tensor, Tk: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Queries placed on the block grid: ([B, H, NQ, bs, D], row_is_query [NQ, bs])."""
     B, H, Tq, D = q.shape

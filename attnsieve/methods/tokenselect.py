@@ -194,7 +194,7 @@ def select_tokens(q, k, ctx, bs: int, local_blocks: int, n_init: int, top_k: int
     step = max(1, min(SCORE_CHUNK_ELEMS // max(1, B * H * Tk), -(-n_q // 8)))
     for s in range(0, n_q, step):
         e = min(s + step, n_q)
-        span = int(end[e - 1].clamp(0, Tk))  # keys [0, span) hold every candidate of these rows
+        span = min(max((first + e - local_blocks) * bs, 0), Tk)  # end[e - 1]: keys [0, span) hold every candidate
         if span == 0:
             continue
         kpos = pos[:span]
@@ -247,11 +247,14 @@ def select_tokens_paper(q, k, ctx, bs: int, n_init: int, local_start: torch.Tens
     keyable = valid & (valid.long().cumsum(-1) - 1 >= n_init)  # [B, Tk]
     g = torch.arange(first, first + n_q, device=q.device)
     step = max(1, min(SCORE_CHUNK_ELEMS // max(1, B * H * Tk), -(-n_q // 8)))
-    for s in range(0, n_q, step):
+    # Keys [0, span) hold every candidate of a row chunk (0: every row skipped); all chunks' spans in one host read.
+    n_c = -(-n_q // step)
+    spans = torch.nn.functional.pad(local_start, (0, n_c * step - n_q)).view(B, n_c, step).amax((0, 2))  # [n_c]
+    if skip is not None:
+        skipped = torch.nn.functional.pad(skip, (0, n_c * step - n_q), value=True).view(B, n_c, step).all(-1).all(0)
+        spans = spans.masked_fill(skipped, 0)
+    for s, span in zip(range(0, n_q, step), spans.tolist(), strict=True):
         e = min(s + step, n_q)
-        if skip is not None and bool(skip[:, s:e].all()):
-            continue
-        span = int(local_start[:, s:e].max())  # keys [0, span) hold every candidate of these rows
         if span == 0:
             continue
         kpos = pos[:span]

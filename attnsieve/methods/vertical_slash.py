@@ -309,7 +309,7 @@ class VerticalSlash(SparseMethod):
         mask = torch.zeros(B, H, n_q, n_k, dtype=torch.bool, device=dev)
         col_parts = []
         if p.causal:  # chunk c: query blocks [j0, j1), estimated from the queries before `start`
-            chunk_of = (grid.abs_qb * bs) // C  # [NQ]
+            chunk_of = torch.arange(grid.layout.first_qb, grid.layout.first_qb + n_q) * bs // C  # [NQ] on the host
             chunks = [(int((chunk_of < c).sum()), int((chunk_of <= c).sum()), c * C)
                       for c in torch.unique(chunk_of).tolist()]
         else:  # the paper: one pattern for the whole call, from its own last queries over all keys
@@ -331,12 +331,13 @@ class VerticalSlash(SparseMethod):
             choice = _Choice(vscore, sscore, grid, j0, j1, bs)
             nv, ns = self._budget(choice, grid, j0, j1, L, nv0, ns0, B, dev)
             mask[:, :, j0:j1] = choice.blocks(ns)
-            cols = choice.columns(nv)
-            cols = cols.sort(dim=-1, descending=True).values[..., : max(1, int(nv.max()))]  # used slots first
-            col_parts.append((j0, j1, cols))
-        M = max(cols.shape[-1] for _, _, cols in col_parts)
+            cols = choice.columns(nv).sort(dim=-1, descending=True).values  # used slots first
+            col_parts.append((j0, j1, cols, nv.max()))
+        # Every chunk lists at most nv columns: one host read of the widest for all chunks.
+        M = max(1, int(torch.stack([nv_max for *_, nv_max in col_parts]).max()))
         tokens = torch.full((B, H, n_q, M), -1, dtype=torch.long, device=dev)
-        for j0, j1, cols in col_parts:
+        for j0, j1, cols, _ in col_parts:
+            cols = cols[..., :M]
             tokens[:, :, j0:j1, : cols.shape[-1]] = cols[:, :, None]
         # A query block never attends keys after its last position (only look-ahead columns can be).
         block_end = ((grid.abs_qb + 1) * bs)[None, None, :, None]
@@ -359,7 +360,9 @@ class VerticalSlash(SparseMethod):
         target = p.density * choice.cellw.sum((1, 2, 3)) * choice.first.shape[1]  # [B], all heads
         lo = torch.ones(B, dtype=torch.long, device=dev)
         hi = torch.full((B,), L, dtype=torch.long, device=dev)
-        while bool((lo < hi).any()):  # largest ns whose cells stay within the target
+        # Largest ns whose cells stay within the target: as many halvings as the interval [1, L] needs, not
+        # a host read of `lo < hi` per step (a row that has converged keeps its lo through the extra steps).
+        for _ in range((L - 1).bit_length()):
             mid = (lo + hi + 1) // 2
             fits = choice.cells(nv_of(mid), mid) <= target
             lo = torch.where(fits, mid, lo)
