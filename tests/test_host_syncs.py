@@ -59,8 +59,8 @@ DENSITY = [n for n in SPARSE if "density" in describe(n)["params"]]
 # list, a token list's width) and a few data-dependent shortcuts; never one per block or group.
 MAX_SYNCS = 4
 # Not yet within the bound (strict: a fix that passes must leave this list).
-SYNC_HEAVY = {"anchor", "dhsa", "hip", "sale", "tokenselect"}
-SYNC_HEAVY_AT_DENSITY = {"anchor", "dhsa", "hip", "sale", "tokenselect", "vertical-slash"}
+SYNC_HEAVY = {"anchor", "tokenselect"}
+SYNC_HEAVY_AT_DENSITY = {"anchor", "tokenselect", "vertical-slash"}
 LENGTHS = (1024, 8192)  # 8x: a sync per block or per group of blocks exceeds the bound
 
 
