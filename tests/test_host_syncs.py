@@ -65,9 +65,6 @@ DENSITY = [n for n in SPARSE if "density" in describe(n)["params"]]
 # Most syncs one support() call may make on a GPU: sizes of the ragged outputs (the longest block
 # list, a token list's width) and a few data-dependent shortcuts; never one per block or group.
 MAX_SYNCS = 4
-# Not yet within the bound (strict: a fix that passes must leave this list).
-SYNC_HEAVY = {"dhsa", "hip", "sale"}
-SYNC_HEAVY_AT_DENSITY = {"dhsa", "hip", "sale"}
 LENGTHS = (1024, 8192)  # 8x: a sync per block or per group of blocks exceeds the bound
 
 
@@ -91,13 +88,13 @@ def marked(names, heavy):
             if n in heavy else n for n in names]
 
 
-@pytest.mark.parametrize("name", marked(SPARSE, SYNC_HEAVY))
+@pytest.mark.parametrize("name", SPARSE)
 def test_support_syncs_bounded_at_defaults(name):
     counts = [support_syncs(name, T) for T in LENGTHS]
     assert all(c.count <= MAX_SYNCS for c in counts), f"{name}: {[str(c) for c in counts]}"
 
 
-@pytest.mark.parametrize("name", marked(DENSITY, SYNC_HEAVY_AT_DENSITY))
+@pytest.mark.parametrize("name", DENSITY)
 def test_support_syncs_bounded_at_a_density(name):
     counts = [support_syncs(name, T, density=0.1) for T in LENGTHS]
     assert all(c.count <= MAX_SYNCS for c in counts), f"{name}: {[str(c) for c in counts]}"

@@ -70,6 +70,16 @@ def test_vectorised_tree_search_equals_naive_recursion(K, b_k, representative):
     assert scored == total
 
 
+def test_an_empty_half_past_the_last_key_is_never_gathered():
+    """A one-unit chunk at the end of the keys halves into itself and an empty half one unit past them;
+    that half is masked, and its representative must not be gathered (it raised an IndexError)."""
+    keys = torch.tensor([-1.0, -1, 1, 2, 3])[None, :, None]  # [S=1, Tk=5, D=1]: units 4, then 3, score best
+    q, ok = torch.ones(1, 1, 1), torch.ones(1, 1, dtype=torch.bool)
+    units, scored = hierarchical_topk(q, ok, keys, torch.tensor([0]), torch.tensor([0]), torch.tensor([5]), 2, 1)
+    assert units.tolist() == [[3, 4]]  # chunks [0, 2) [2, 5) -> keep [2, 4) [4, 5) -> keep 3, 4
+    assert scored == 4 + 3
+
+
 def test_scored_representatives_grow_as_t_log_t():
     """Each query block scores at most 2k representatives per halving, and halvings grow as log T."""
     bs, K, b_k, D, R = 64, 16, 2, 16, 4

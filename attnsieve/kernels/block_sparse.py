@@ -174,9 +174,13 @@ class BlockSupport:
             )
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, block_size: int) -> BlockSupport:
-        """Build from a boolean block mask [B, Hs, NQ, NK] (True = attend that key block)."""
-        k = max(1, int(mask.sum(-1).max()))
+    def from_mask(cls, mask: torch.Tensor, block_size: int, width: int | None = None) -> BlockSupport:
+        """Build from a boolean block mask [B, Hs, NQ, NK] (True = attend that key block).
+
+        `width`: the list length, max(1, most blocks in a row), when the caller knows it already (the
+        mask's own count is a host read, a sync on a GPU).
+        """
+        k = max(1, int(mask.sum(-1).max())) if width is None else width
         nk = mask.shape[-1]
         idx = torch.arange(nk, device=mask.device).expand_as(mask)
         keyed = torch.where(mask, idx, torch.full_like(idx, -1))

@@ -92,7 +92,7 @@ import torch
 import torch.nn.functional as F
 
 from attnsieve.kernels import BlockSupport
-from attnsieve.methods._lagged import real_query_rows
+from attnsieve.methods._lagged_blocks import real_query_rows
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, forced_blocks, grid_queries
@@ -268,7 +268,7 @@ def pooled_lagged_queries(q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Te
     qm = q.float().mean(1, keepdim=True)  # [B, 1, Tq, D] queries averaged over heads
     qg, _ = grid_queries(qm, Tk, bs)  # [B, 1, NQ, bs, D]
     qg = qg[:, 0]
-    real = real_query_rows(q, Tk, bs, key_valid)  # [B, NQ, bs]
+    real = real_query_rows(q.shape[2], Tk, bs, key_valid, q.shape[0], q.device)  # [B, NQ, bs]
     n = real.sum(-1).float()  # [B, NQ]
     mean = (qg * real[..., None]).sum(2) / n.clamp_min(1)[..., None]  # [B, NQ, D]
     rep = mean * n.sqrt()[..., None] if length_norm else mean
@@ -295,7 +295,7 @@ def pooled_own_queries(q: torch.Tensor, Tk: int, bs: int, key_valid: torch.Tenso
     heads and rows (mean, times sqrt(rows) with length_norm; zero for a block without a real query)."""
     qm = q.float().mean(1, keepdim=True)  # [B, 1, Tq, D] queries averaged over heads
     qg, _ = grid_queries(qm, Tk, bs)  # [B, 1, NQ, bs, D]
-    real = real_query_rows(q, Tk, bs, key_valid)  # [B, NQ, bs]
+    real = real_query_rows(q.shape[2], Tk, bs, key_valid, q.shape[0], q.device)  # [B, NQ, bs]
     n = real.sum(-1).float()  # [B, NQ]
     mean = (qg[:, 0] * real[..., None]).sum(2) / n.clamp_min(1)[..., None]  # [B, NQ, D]
     return mean * n.sqrt()[..., None] if length_norm else mean
@@ -395,21 +395,22 @@ class DHSA(SparseMethod):
     selects_tokens = True  # support() adds single key tokens to its blocks
     exact_params = {"density": 1.0}  # every candidate token is kept: exact attention
 
-    def _rows(self, q, Tk, key_valid, instruction_tokens):
-        """(real query rows [B, NQ, bs], dense-tail blocks [B, NQ]) of this call."""
+    def _rows(self, Tq, Tk, key_valid, instruction_tokens, batch, device):
+        """(real query rows [B, NQ, bs], dense-tail blocks [B, NQ]) of this call, on `device`."""
         bs = self.params.block_size
-        rows = real_query_rows(q, Tk, bs, key_valid)
-        first = (Tk - q.shape[2]) // bs
-        pos = (first * bs + torch.arange(rows.shape[1] * bs, device=q.device)).view(-1, bs)
+        rows = real_query_rows(Tq, Tk, bs, key_valid, batch, device)
+        first = (Tk - Tq) // bs
+        pos = (first * bs + torch.arange(rows.shape[1] * bs, device=device)).view(-1, bs)
         tail = (rows & (pos >= Tk - instruction_tokens)).any(-1)
         return rows, tail
 
     def _density(self, rows, tail, first, fr, sink_blk, budget) -> float:
-        """Measured density `causal=True` is expected to reach with a token budget, from positions alone."""
+        """Measured density `causal=True` is expected to reach with a token budget, from positions alone
+        (host tensors, as `budget` makes them)."""
         bs = self.params.block_size
         n_global, n_sel = split_budget(budget, bs, self.params.global_tokens)
-        g = torch.arange(first, first + rows.shape[1], device=rows.device)[None, :, None]
-        p = g * bs + torch.arange(bs, device=rows.device)
+        g = torch.arange(first, first + rows.shape[1])[None, :, None]
+        p = g * bs + torch.arange(bs)
         fr = fr[:, None, None]
         g_end = torch.maximum((sink_blk[:, None, None] + n_global) * bs, fr)
         exact = p - fr + 1
@@ -424,12 +425,13 @@ class DHSA(SparseMethod):
 
         Block g keeps the global blocks, its recent keys and the scored keys between them (their
         count, not their place, matters: every kept key before the block is seen by all its rows).
+        Host tensors, as `budget` makes them.
         """
         p = self.params
         bs = p.block_size
         G = min(p.global_tokens, budget)
-        g = torch.arange(first, first + rows.shape[1], device=rows.device)[None, :, None]
-        pos = g * bs + torch.arange(bs, device=rows.device)
+        g = torch.arange(first, first + rows.shape[1])[None, :, None]
+        pos = g * bs + torch.arange(bs)
         fr = fr[:, None, None]
         end = torch.clamp((g + 1) * bs, max=Tk)
         own_start = torch.maximum(g * bs, fr)
@@ -457,14 +459,17 @@ class DHSA(SparseMethod):
             return p.token_budget, p.instruction_tokens
         if p.density >= 1:
             return top, p.instruction_tokens
-        fr = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-        if key_valid is not None:
-            fr = key_valid.to(torch.int8).argmax(-1)
-        rows, tail = self._rows(q, Tk, key_valid, p.instruction_tokens)
+        # The search runs on the host: its inputs are positions and padding alone, so one copy of the
+        # padding mask (none without padding) replaces two reads per step.
+        B = q.shape[0]
+        kv = None if key_valid is None else key_valid.cpu()
+        fr = torch.zeros(B, dtype=torch.long) if kv is None else kv.to(torch.int8).argmax(-1)
+        sink_blk = fr // p.block_size  # layout.sink: the first key block holding a real key
+        rows, tail = self._rows(q.shape[2], Tk, kv, p.instruction_tokens, B, None)
 
         def density(b):
             if p.causal:
-                return self._density(rows, tail, layout.first_qb, fr, layout.sink, b)
+                return self._density(rows, tail, layout.first_qb, fr, sink_blk, b)
             return self._density_paper(rows, tail, layout.first_qb, fr, Tk, b)
 
         instruction = p.instruction_tokens
@@ -496,7 +501,7 @@ class DHSA(SparseMethod):
         layout = block_layout(Tq, Tk, bs, ctx.key_valid, ctx.window, B, dev)
         n_q, first = layout.n_q, layout.first_qb
         budget, instruction = self.budget(q, Tk, ctx.key_valid, layout)
-        rows, tail = self._rows(q, Tk, ctx.key_valid, instruction)
+        rows, tail = self._rows(Tq, Tk, ctx.key_valid, instruction, B, dev)
         has_rows = rows.any(-1)  # [B, NQ]
         G = min(p.global_tokens, budget)
 
@@ -517,9 +522,11 @@ class DHSA(SparseMethod):
         glob = (kb * bs < cover[..., None]) & ((kb + 1) * bs > fr[..., None]) & (G > 0)  # blocks of the first G keys
         blocks = (glob & layout.allowed) | forced_blocks(layout, 0, 1) | (layout.allowed & full[..., None])
         blocks = blocks & has_rows[..., None]
-        if bool(full.all()):
-            return blocks, None
         recent = n_cand.clamp_max(min(p.local_tokens, budget - G))  # [B, NQ] most recent keys, always kept
+        # One read for both: whether every block keeps all its candidates, and the longest recent list.
+        all_full, n_recent = torch.stack([full.all(), recent.max()]).tolist()
+        if all_full:
+            return blocks, None
         hi = end - recent
         s_lo = torch.maximum(lo, cover)  # scored keys lie between the global blocks and the recent keys
         n_scored = torch.minimum((hi - s_lo).clamp_min(0), budget - G - recent)
@@ -528,7 +535,7 @@ class DHSA(SparseMethod):
         )
         scores, span_s, span_e = paper_chunk_scores(q, k, ctx, bs, ends, p.length_norm)
         chosen = select_tokens(scores, span_s, span_e, s_lo, hi, torch.where(full, 0, n_scored))  # [B, NQ, M]
-        slot = torch.arange(int(recent.max()), device=dev)
+        slot = torch.arange(n_recent, device=dev)
         rec = torch.where(slot < recent[..., None], hi[..., None] + slot, -1)  # [B, NQ, R]
         tokens = torch.cat([chosen, rec], -1)
         return blocks, torch.where(full[..., None], -1, tokens)
@@ -544,7 +551,7 @@ class DHSA(SparseMethod):
         n_q, first = layout.n_q, layout.first_qb
         budget, instruction = self.budget(q, Tk, ctx.key_valid, layout)
         n_global, n_sel = split_budget(budget, bs, p.global_tokens)
-        rows, tail = self._rows(q, Tk, ctx.key_valid, instruction)
+        rows, tail = self._rows(Tq, Tk, ctx.key_valid, instruction, B, dev)
         has_rows = rows.any(-1)  # [B, NQ]
 
         # Candidates of block g: keys after the global blocks (and inside the window) before g * bs.

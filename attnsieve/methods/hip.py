@@ -57,15 +57,18 @@ the paper's block-max scoring and holds in both forms.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from attnsieve.kernels import BlockSupport
-from attnsieve.methods._lagged import lagged_queries, own_queries, real_query_rows
+from attnsieve.methods._lagged import lagged_queries, own_queries
+from attnsieve.methods._lagged_blocks import real_query_rows
 from attnsieve.methods.base import SparseMethod
 from attnsieve.methods.registry import register
 from attnsieve.methods.selection import block_layout, forced_blocks
@@ -123,7 +126,7 @@ def _score_units(q_items, key_units, base, lo, hi, units, valid, b_k, buf):
     D = q_items.shape[-1]
     tok = units[..., None] * b_k + torch.arange(b_k, device=units.device)  # [N, U, b_k]
     ok = valid[..., None] & (tok >= lo[:, None, None]) & (tok < hi[:, None, None])
-    rows = (base[:, None] + units.clamp_min(0)).view(-1)
+    rows = (base[:, None] + torch.where(valid, units, 0)).view(-1)  # an empty half may point past the keys
     kg = buf[: rows.numel() * b_k * D].view(rows.numel(), b_k * D)
     torch.index_select(key_units, 0, rows, out=kg)  # gathered into a reused buffer
     s = torch.bmm(kg.view(N, U * b_k, D), q_items.transpose(1, 2)).amax(-1)  # [N, U * b_k] max over queries
@@ -141,14 +144,15 @@ def hierarchical_topk(
     b_k: int,
     representative: str = "center",
     chunk_elems: int = SCORE_CHUNK_ELEMS,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """HiP's tree search for every item at once: the k best key units of each item's range.
 
     An item is one query block of one support head: representative queries q_items [N, R, D] with
     q_ok [N, R], a key sequence keys[seq[i]] ([S, Tk, D]) and a token range [lo, hi). Key units are
     the b_k-token blocks [u * b_k, (u + 1) * b_k) that meet the range (tokens outside it never
     count). Returns (units [N, k_units]: absolute unit indices ascending, -1 unused;
-    representatives scored). Items with at most k_units units keep them all and score nothing.
+    representatives scored, a 0-dim tensor left where the search ran). Items with at most k_units
+    units keep them all and score nothing.
     """
     N, R, D = q_items.shape
     S, Tk = keys.shape[0], keys.shape[1]
@@ -158,11 +162,16 @@ def hierarchical_topk(
     n = torch.where(hi > lo, torch.div(hi + b_k - 1, b_k, rounding_mode="floor") - u0, 0)  # [N] units met
     slot = torch.arange(K, device=dev)
     out = torch.where(slot < n[:, None], u0[:, None] + slot, torch.full((N, K), -1, device=dev))
-    search = torch.nonzero(n > K).squeeze(-1)
-    if search.numel() == 0:
-        return out, 0
-    # Longest ranges first: they need the most halvings, so the items still searching are a prefix.
-    search = search[torch.argsort(n[search], descending=True, stable=True)]
+    # Longest ranges first: they need the most halvings, so the items still searching at any level are
+    # a prefix. One read of the sorted lengths plans every level (the only host read of the search).
+    order = torch.argsort(n, descending=True, stable=True)
+    lengths = n[order].tolist()
+    # Halvings an item needs at most: after l of them no chunk exceeds ceil(ceil(n / K) / 2^l) units.
+    depth = [(-(-m // K) - 1).bit_length() for m in lengths if m > K]  # descending
+    scored = torch.zeros((), dtype=torch.long, device=dev)
+    if not depth:
+        return out, scored
+    search = order[: len(depth)]
     qs, oks = q_items[search], q_ok[search]
     first_ok = oks.to(torch.int8).argmax(-1)  # padding rows repeat a real query: a plain max ignores them
     qs = torch.where(oks[..., None], qs, qs[torch.arange(qs.shape[0], device=dev), first_ok][:, None])
@@ -175,13 +184,12 @@ def hierarchical_topk(
     size = torch.div(ns * (slot + 1), K, rounding_mode="floor") - start
     step = max(1, chunk_elems // (2 * K * b_k * (R + D)))
     buf = keys.new_empty(min(search.numel(), step) * 2 * K * b_k * D)
-    scored = 0
-    while True:
-        active = (size > 1).any(-1)
-        if not bool(active.any()):
-            break
-        A = int(torch.nonzero(active)[-1]) + 1  # items after the last active one are done
+    for level in range(depth[0]):
+        # Items whose bound allows another halving; one already down to single units in the prefix keeps
+        # its set (each unit's non-empty half outscores the empty one) and is not counted as scored.
+        A = bisect.bisect_left(depth, -level, key=operator.neg)
         z = size[:A]
+        active = (z > 1).any(-1)
         zl = torch.div(z + 1, 2, rounding_mode="floor")
         c_start = torch.stack([start[:A], start[:A] + zl], -1).flatten(1)  # [A, 2K] the halves
         c_size = torch.stack([zl, z - zl], -1).flatten(1)
@@ -193,7 +201,7 @@ def hierarchical_topk(
             score[a:b] = _score_units(
                 qs[a:b], key_units, base[a:b], lo_s[a:b], hi_s[a:b], u0_s[a:b, None] + rep[a:b], valid[a:b], b_k, buf
             )
-        scored += int((valid & active[:A, None]).sum())  # finished items in the prefix change nothing
+        scored += (valid & active[:, None]).sum()
         keep = score.topk(K, dim=-1).indices  # every chunk has a non-empty half, so >= K are valid
         start[:A] = torch.gather(c_start, 1, keep)
         size[:A] = torch.gather(c_size, 1, keep)
@@ -210,10 +218,13 @@ def _first_real(key_valid: torch.Tensor | None, B: int, device) -> torch.Tensor:
 def _expected_density(
     rows: torch.Tensor, first_qb: int, bs: int, fr: torch.Tensor, band_blocks: int, sink: int, k_tokens: int
 ) -> float:
-    """Cells the method computes / exact causal cells, from positions alone (no scores needed)."""
+    """Cells the method computes / exact causal cells, from positions alone (no scores needed).
+
+    Host planning: rows [B, NQ, bs] and fr [B] are host tensors, and so is everything made here.
+    """
     n_q = rows.shape[1]
-    g = torch.arange(first_qb, first_qb + n_q, device=rows.device)[None, :, None]  # [1, NQ, 1]
-    p = g * bs + torch.arange(bs, device=rows.device)  # [1, NQ, bs] absolute positions
+    g = torch.arange(first_qb, first_qb + n_q)[None, :, None]  # [1, NQ, 1]
+    p = g * bs + torch.arange(bs)  # [1, NQ, bs] absolute positions
     fr = fr[:, None, None]
     band_start = torch.maximum((g - band_blocks + 1) * bs, fr)
     band = p - band_start + 1
@@ -244,8 +255,11 @@ class Hip(SparseMethod):
             return 1 + -(-p.window // bs), p.mask_k
         if p.density >= 1:
             return n_k, Tk
-        rows = real_query_rows(q, Tk, bs, key_valid)
-        fr = _first_real(key_valid, q.shape[0], q.device)
+        # The bisection runs on the host: its inputs are positions and padding alone, so one copy of
+        # the padding mask (none without padding) replaces two reads per step.
+        kv = None if key_valid is None else key_valid.cpu()
+        rows = real_query_rows(q.shape[2], Tk, bs, kv, q.shape[0], None)
+        fr = _first_real(kv, q.shape[0], None)
         first_qb = (Tk - q.shape[2]) // bs
 
         def at(f: float) -> tuple[int, int, float]:
@@ -270,7 +284,7 @@ class Hip(SparseMethod):
         B, Tk = q.shape[0], k.shape[2]
         layout = block_layout(q.shape[2], Tk, p.block_size, ctx.key_valid, ctx.window, B, q.device)
         band_blocks, mask_k = self.budget(q, Tk, ctx.key_valid)
-        has_rows = real_query_rows(q, Tk, p.block_size, ctx.key_valid).any(-1)  # [B, NQ]
+        has_rows = real_query_rows(q.shape[2], Tk, p.block_size, ctx.key_valid, B, q.device).any(-1)  # [B, NQ]
         band = forced_blocks(layout, 0, band_blocks) & has_rows[..., None]
         tokens = None
         if band_blocks < layout.n_k:

@@ -262,13 +262,15 @@ class Sale(SparseMethod):
         valid[:, :Tk] = True if ctx.key_valid is None else ctx.key_valid
         real = rows[None] & valid.view(B, n_k, bs)[:, first:]  # [B, NQ, bs] real query rows
         means = GlobalMeans(q.float(), k.float(), ctx.key_valid)
-        n_ref = int(ref_block[-1]) + 1
+        n_forced = forced.sum(-1).amax(0).tolist()  # [NQ] one read for every chunk's sink + local lists
+        R = p.query_block // bs
+        n_ref = (first + n_q - 1) // R - first // R + 1  # ref_block[-1] + 1, from the grid alone
         # [B, H, NM, NK]: per query block of the reference and key block, the best row's relative score
         best = torch.full((B, H, n_ref, n_k), float("-inf"), device=dev)
         chunk_rows = max(1, ESTIMATE_ELEMS // ((H // k.shape[1]) * bs * max(1, Tk)))
         for s in range(0, n_q, chunk_rows):
             e = min(s + chunk_rows, n_q)
-            rel = self._relative_scores(qg, k, means, s, e, first, forced, cand, valid, real, ctx)
+            rel = self._relative_scores(qg, k, means, s, e, first, forced, n_forced, cand, valid, real, ctx)
             rows_best = rel.amax(3)  # [B, H, e - s, NK]
             idx = ref_block[s:e, None].expand(B, H, -1, n_k)
             best.scatter_reduce_(2, idx, rows_best, "amax")  # the union over a reference block's rows
@@ -298,6 +300,7 @@ class Sale(SparseMethod):
         real = rows[None] & valid.view(B, n_k, bs)[:, first:]  # [B, NQ, bs] real query rows
 
         means = RunningMeans(q.float(), k.float(), ctx.key_valid)
+        n_forced = forced.sum(-1).amax(0).tolist()  # [NQ] one read for every chunk's sink + local lists
 
         calibrate = p.density is not None
         if calibrate:
@@ -321,7 +324,7 @@ class Sale(SparseMethod):
             for s in range(cs, ce, chunk_rows):
                 e = min(s + chunk_rows, ce)
                 # [B, H, nqc, bs, NK]: each candidate block's best estimated score minus lse_sink_local
-                rel = self._relative_scores(qg, k, means, s, e, first, forced, cand, valid, real, ctx)
+                rel = self._relative_scores(qg, k, means, s, e, first, forced, n_forced, cand, valid, real, ctx)
                 sel = rel > log_tau[:, :, None, None, None]
                 best = rel.amax(3)  # [B, H, nqc, NK] the query block's best row per block
                 union = sel.any(3) | forced[:, None, s:e]
@@ -355,14 +358,17 @@ class Sale(SparseMethod):
             out.append(((Tk - Tq + s) // bs - first, (Tk - Tq + e - 1) // bs - first + 1))
         return out
 
-    def _relative_scores(self, qg, k, means, s, e, first, forced, cand, valid, real, ctx):
+    def _relative_scores(self, qg, k, means, s, e, first, forced, n_forced, cand, valid, real, ctx):
         """[B, H, e - s, bs, NK]: per query row and candidate key block, the block's largest low-bit
-        score minus the row's exact log-sum-exp over its sink + local keys; -inf elsewhere."""
+        score minus the row's exact log-sum-exp over its sink + local keys; -inf elsewhere.
+
+        n_forced: per grid query block, the most forced blocks of a batch row (a host list)."""
         B, H, _, bs, D = qg.shape
         Hkv, Tk = k.shape[1], k.shape[2]
         G, n, n_k, dev = H // Hkv, e - s, forced.shape[-1], qg.device
         bits = self.params.bits
-        lse = self._sink_local_lse(qg[:, :, s:e], k, forced[:, s:e], valid, first + s, ctx)  # [B, H, n, bs]
+        width = max(1, *n_forced[s:e])
+        lse = self._sink_local_lse(qg[:, :, s:e], k, forced[:, s:e], width, valid, first + s, ctx)  # [B, H, n, bs]
         kend = min(Tk, (first + e) * bs)  # keys past the chunk's last row are never candidates
         nkc = -(-kend // bs)
         # Smoothing (q - mean q, k - mean k) with means over the tokens before this chunk's rows.
@@ -373,7 +379,7 @@ class Sale(SparseMethod):
         qq, sq = quantize(q_c - q_mean[:, :, None], bits)  # int8 [B, H, n * bs, D], [B, H, n * bs]
         qmk = torch.einsum("bhgd,bhtd->bhgt", q_mean.view(B, Hkv, G, D), k_s)  # exact mean_q . k_s
         qkm = torch.einsum("bhgrd,bhd->bhgr", q_c.view(B, Hkv, G, n * bs, D), k_mean)  # q . mean_k: per row
-        need_mask = ctx.window is not None or not bool(valid[:, :kend].all())
+        need_mask = ctx.window is not None or ctx.key_valid is not None  # a no-op where every key is real
         q_pos = ((first + s) * bs + torch.arange(n * bs, device=dev))[:, None]  # [n * bs, 1]
         k_pos = torch.arange(kend, device=dev)[None, :]
         best = torch.empty(B, Hkv, G, n * bs, nkc, device=dev)
@@ -398,12 +404,13 @@ class Sale(SparseMethod):
         ok = cand[:, None, s:e, None, :] & real[:, None, s:e, :, None]
         return rel.masked_fill_(~ok, float("-inf"))
 
-    def _sink_local_lse(self, qg, k, forced, valid, first_qb, ctx):
-        """[B, H, n, bs] exact log-sum-exp of each query row's scores over its forced blocks."""
+    def _sink_local_lse(self, qg, k, forced, width, valid, first_qb, ctx):
+        """[B, H, n, bs] exact log-sum-exp of each query row's scores over its forced blocks (at most
+        `width` per row)."""
         B, H, n, bs, D = qg.shape
         Hkv = k.shape[1]
         G, dev = H // Hkv, qg.device
-        slots = BlockSupport.from_mask(forced[:, None], bs).blocks[:, 0]  # [B, n, F]
+        slots = BlockSupport.from_mask(forced[:, None], bs, width).blocks[:, 0]  # [B, n, F]
         F = slots.shape[-1]
         k_pos = slots.clamp_min(0)[..., None] * bs + torch.arange(bs, device=dev)  # [B, n, F, bs]
         k_pos = k_pos.view(B, n, F * bs)
