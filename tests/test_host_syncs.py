@@ -144,3 +144,17 @@ def test_own_prefill_syncs_bounded(name, monkeypatch):
         with count_host_syncs(q, k, v) as s:
             make(name).prefill(q, k, v, LayerContext(0, 32**-0.5))
         assert s.count <= MAX_PREFILL_SYNCS, f"{name} at {T}: {s}"
+
+
+@pytest.mark.parametrize("name", DENSITY)
+def test_support_syncs_bounded_with_left_padding(name):
+    """A left-padded batch of 2 may read its padding once more (a budget search on the host)."""
+    for T in LENGTHS:
+        g = torch.Generator().manual_seed(0)
+        q, k = torch.randn(2, 4, T, 32, generator=g), torch.randn(2, 2, T, 32, generator=g)
+        key_valid = torch.ones(2, T, dtype=torch.bool)
+        key_valid[1, : T // 5] = False
+        method = make(name, density=0.1)
+        with count_host_syncs(q, k, key_valid) as s:
+            method.support(q, k, LayerContext(0, 32**-0.5, key_valid=key_valid))
+        assert s.count <= MAX_SYNCS + 1, f"{name} at {T}: {s}"
