@@ -112,6 +112,17 @@ def test_evicted_memory_is_released_not_just_uncounted(name):
             nxt = model(nxt, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
 
 
+@pytest.mark.parametrize("arch", MODELS)
+def test_decoding_a_padded_batch_at_full_budget_counts_every_cell(arch):
+    """With nothing evicted, a left-padded batch's decoding steps compute exactly the exact layer's
+    cells (sliding layers included): the counts taken from the rows' lengths match the mask's."""
+    model = MODELS[arch]()
+    ids, mask = prompt(B=2, T=60, pad=9)
+    with attnsieve.patched(model, "dense", kv="snapkv", kv_budget=1.0) as p:
+        model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert p.stats.density("decode") == pytest.approx(1.0)
+
+
 def test_sliding_layers_keep_exactly_their_window():
     model = tiny_gemma3(sliding_window=24)
     ids, _ = prompt(T=100)

@@ -374,7 +374,13 @@ class LayerKV:
         scores.masked_fill_(~allowed, float("-inf"))
         o, lse = softmax_with_lse(scores, v.to(acc))
         out = o.view(B, Hkv, G, Tq, -1).reshape(B, H, Tq, -1).to(q.dtype)
-        return PastAttention(out, lse.view(B, H, Tq), int(allowed.sum()))
+        if new_valid is None and (self.window is None or (Tq == 1 and isinstance(self, WindowKV) and not self.frozen)):
+            # every query sees every stored token (a window layer holds only what its next query sees):
+            # the count from the rows' lengths, without reading the device
+            cells = G * Tq * sum(p.numel() for p in self.pos)
+        else:
+            cells = int(allowed.sum())
+        return PastAttention(out, lse.view(B, H, Tq), cells)
 
     # ----- storing -----------------------------------------------------------------------
     def absorb(self, q, k_new, v_new, new_valid, scale) -> None:
