@@ -423,6 +423,7 @@ class LayerKV:
             self.values[r] = self.values[r].index_select(0, idx).contiguous()
             self.pos[r] = self.pos[r].index_select(0, idx).contiguous()
             self._bufs[r] = None  # the old buffer (the evicted tokens) is freed with its last reference
+        self._drop_stale_buffers()  # and a batch buffer no row uses any more
 
     def keep_suffix(self, r: int, m: int) -> None:
         """Keep row r's last m stored tokens (a window dropping its oldest ones). A buffered row's
