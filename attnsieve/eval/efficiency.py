@@ -12,6 +12,7 @@ import threading
 import time
 
 import psutil
+import torch
 
 
 class PeakRSS:
@@ -91,14 +92,23 @@ class AttentionTimer:
     def _pre(self, idx):
         def hook(module, args, kwargs):
             if self.on:
-                self._t0[idx] = time.perf_counter()
+                self._t0[idx] = _clock(module)
         return hook
 
     def _post(self, idx):
         def hook(module, args, kwargs, output):
             if self.on and idx in self._t0:
-                self.seconds[idx] = self.seconds.get(idx, 0.0) + time.perf_counter() - self._t0.pop(idx)
+                self.seconds[idx] = self.seconds.get(idx, 0.0) + _clock(module) - self._t0.pop(idx)
         return hook
 
     def total(self, layers=None) -> float:
         return sum(s for i, s in self.seconds.items() if layers is None or i in layers)
+
+
+def _clock(module) -> float:
+    """The wall clock, after the module's device finishes its queued kernels when it is a GPU (kernels
+    are async: without this a GPU module's time would be its launches only). Only while measuring."""
+    p = next(module.parameters(), None)
+    if p is not None and p.is_cuda:
+        torch.cuda.synchronize(p.device)
+    return time.perf_counter()

@@ -87,12 +87,19 @@ class timer(contextlib.AbstractContextManager):
     seconds: float | None = None
 
     def __enter__(self):
-        self._t0 = time.perf_counter()
+        self._t0 = _synced_clock()
         return self
 
     def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self._t0
+        self.seconds = _synced_clock() - self._t0
         return None
+
+
+def _synced_clock() -> float:
+    """The wall clock after queued GPU kernels finish (where torch sees a GPU; kernels are async)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def kl_and_top1(ref_logprobs: torch.Tensor, logprobs: torch.Tensor) -> tuple[float, float]:

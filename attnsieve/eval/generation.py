@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from attnsieve.eval.efficiency import kv_cache_bytes
+from attnsieve.methods.base import estimate_clock
 
 
 @dataclass
@@ -65,12 +66,12 @@ def greedy(model, tok, input_ids: torch.Tensor, max_new_tokens: int, attention_m
     input_ids = input_ids.to(model.device)  # a model loaded on a GPU takes its prompt there
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
-    t0 = time.perf_counter()
+    t0 = estimate_clock(input_ids)
     if context_len is None:
         out = model(input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
     else:
         out = context_then_question(model, input_ids, context_len)
-    prefill_s = time.perf_counter() - t0
+    prefill_s = estimate_clock(input_ids) - t0  # on a GPU: after its kernels finish
     cache_bytes = kv_cache_bytes(out.cache)
     tokens, text, decode_s, attn_s, out, nxt = _decode(model, tok, out, max_new_tokens, attention_mask, timer)
     return Generation(tokens, text, prefill_s, decode_s, cache_bytes, attn_s, out.cache, nxt)
@@ -109,9 +110,10 @@ def next_turn(model, tok, prev: Generation, question_ids: list[int], max_new_tok
     """One more turn on `prev`'s cache: its last token (never fed) and the question are prefilled over
     the cache, then the answer is decoded greedily. A policy cache compresses the chunk as its policy
     does (query-aware), or stores it as it comes once frozen (query-agnostic)."""
-    ids = torch.cat([prev.last.view(1, 1), torch.tensor([question_ids], dtype=prev.last.dtype)], dim=1)
-    t0 = time.perf_counter()
+    question = torch.tensor([question_ids], dtype=prev.last.dtype, device=prev.last.device)
+    ids = torch.cat([prev.last.view(1, 1), question], dim=1)
+    t0 = estimate_clock(prev.last)
     out = model(ids, cache=prev.cache, use_cache=True, logits_to_keep=1)
-    prefill_s = time.perf_counter() - t0
+    prefill_s = estimate_clock(prev.last) - t0
     tokens, text, decode_s, _, out, nxt = _decode(model, tok, out, max_new_tokens)
     return Generation(tokens, text, prefill_s, decode_s, kv_cache_bytes(out.cache), None, out.cache, nxt)

@@ -39,7 +39,6 @@ Deviations, and why:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +55,7 @@ from attnsieve.methods._hashing import (
     locate,
     min_seq_len_for_density,
 )
-from attnsieve.methods.base import AttnOutput, Method
+from attnsieve.methods.base import AttnOutput, Method, estimate_clock
 from attnsieve.methods.registry import register
 
 
@@ -123,10 +122,10 @@ class HyperAttention(Method):
         p = self.params
         B, H, Tq, D = q.shape
         Tk = k.shape[2]
-        t0 = time.perf_counter()
+        t0 = estimate_clock(q)
         min_seq_len, bs, s = budget(p, Tq, Tk)
         split = causal_split(Tk, min_seq_len)
-        estimate_s = time.perf_counter() - t0
+        estimate_s = estimate_clock(q) - t0
         leaf = leaf_attention(q, k, v, split, scale=ctx.scale, key_valid=ctx.key_valid, window=ctx.window)
         if split.levels == 0:
             return AttnOutput(leaf.out, leaf.cells, estimate_s, leaf.lse)
@@ -163,7 +162,7 @@ class HyperAttention(Method):
 
     def _hashed_quadrant(self, quad, ctx, proj, rank, bs, s, level):
         """sortLSH blocks (each query the block nearest its own hash) + residual samples."""
-        t0 = time.perf_counter()
+        t0 = estimate_clock(quad.q)
         N, R, _ = quad.q.shape
         w, dev = quad.w, quad.q.device
         sentinel = rank.numel()  # sorts after every bucket
@@ -180,7 +179,7 @@ class HyperAttention(Method):
         group_keys = slots.view(N, n_blk, bs)
         rows = torch.nonzero(q_block.reshape(-1) >= 0).squeeze(-1)
         groups = (rows // R) * n_blk + q_block.reshape(-1)[rows]
-        estimate = time.perf_counter() - t0
+        estimate = estimate_clock(quad.q) - t0
         common = dict(scale=ctx.scale, key_ok=quad.key_ok, q_pos=quad.q_pos, k_pos=quad.k_pos, window=ctx.window)
         res = grouped_attention(quad.q, quad.k, quad.v, rows, groups, group_keys, **common)
         out, lse, cells = res.out, res.lse, res.cells
@@ -189,7 +188,7 @@ class HyperAttention(Method):
 
         # Residual: per query head and quadrant, s keys drawn uniformly (with replacement) from
         # the quadrant's real keys; those in the query's own block are excluded (already exact).
-        t0 = time.perf_counter()
+        t0 = estimate_clock(quad.q)
         G, Hkv = R // w, quad.n_kv
         # one draw per (kv head, query head, segment), shared by the batch rows
         u = torch.rand(Hkv, G, quad.n_seg, s, generator=generator(self.params.seed, ctx.layer_idx, 1000 + level))
@@ -200,7 +199,7 @@ class HyperAttention(Method):
         key_block = torch.empty_like(order)
         key_block.scatter_(1, order, (torch.arange(w, device=dev) // bs).expand(N, w))
         groups = (rows // R) * G + quad.head.reshape(-1)[rows]
-        estimate += time.perf_counter() - t0
+        estimate += estimate_clock(quad.q) - t0
         res = grouped_attention(
             quad.q, quad.k, quad.v, rows, groups, sample_keys, q_tags=q_block[..., None], k_tags=key_block[..., None],
             **common,
