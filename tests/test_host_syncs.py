@@ -129,7 +129,7 @@ def test_decoding_step_makes_no_host_sync(name):
 OWN_PREFILL = [n for n in names() if not issubclass(method_class(n), SparseMethod)
                and n not in ("dense", "nystrom")]  # nystrom refuses causal layers
 # Loops whose syncs are per key block (BLASST's skip decisions, routing's clusters) or per hashing
-# round / cluster pass (a fixed count, ~8 syncs each, not growing with length): not yet within the bound.
+# round / cluster pass (a fixed count, ~3 syncs each, not growing with length): not yet within the bound.
 OWN_PREFILL_HEAVY = {"blasst", "routing", "centroid", "lsh", "squeezed"}
 MAX_PREFILL_SYNCS = 8
 

@@ -16,6 +16,7 @@ Returns (out, lse) and the number of query-key cells whose scores were computed 
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ def grouped_attention(
     row_tile: int = 32,
     chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     fused: bool | None = None,
+    unique_rows: bool | None = None,
 ) -> GroupedResult:
     """Attention of each listed (row, group) pair, merged per row by log-sum-exp.
 
@@ -63,6 +65,8 @@ def grouped_attention(
     `window` (query - key < window).
     q_tags: [N, R, T], k_tags: [N, K, T] integer tags; a key whose tag t equals the row's tag t
     for any t is excluded (e.g. keys already seen by the row in an earlier hash round).
+    unique_rows: True when the caller knows no row has two pairs (None: checked, a host read).
+    Host reads: one to plan the tiles, one for the cell count (and one for `unique_rows=None`).
     """
     N, R, D = q.shape
     K, Dv = k.shape[1], v.shape[-1]
@@ -97,25 +101,28 @@ def grouped_attention(
     accum = torch.zeros(N * R + 1, Dv, dtype=acc, device=dev)
     cells = torch.zeros((), dtype=torch.int64, device=dev)
 
-    keep = group_len[pair_group] > 0
-    pair_row, pair_group = pair_row[keep], pair_group[keep]
-    one_pair_per_row = pair_row.numel() == torch.unique(pair_row).numel()
+    # Pairs whose group has no key compute nothing: their tiles have length 0 and are skipped below
+    # (filtering them out here would read the device for the new pair count).
+    one_pair_per_row = unique_rows if unique_rows is not None else pair_row.numel() == torch.unique(pair_row).numel()
     if pair_row.numel():
         order = torch.argsort(pair_group, stable=True)
         pr, pg = pair_row[order], pair_group[order]
-        counts = torch.bincount(pg, minlength=N * G)  # pairs per group
-        n_tiles = (counts + row_tile - 1) // row_tile
+        counts = torch.zeros(N * G, dtype=torch.long, device=dev).scatter_add_(0, pg, torch.ones_like(pg))
+        n_tiles = (counts + row_tile - 1) // row_tile  # tiles per group
+        # One host read plans every tile: the tile count and each tile's key length, ascending (the same
+        # stable order as `by_len` below), from the groups' pair counts and lengths.
+        host_tiles, host_len = torch.stack([n_tiles, group_len]).tolist()
+        lens = sorted(length for length, t in zip(host_len, host_tiles, strict=True) for _ in range(t))
+        n_all = len(lens)
         tile_start = torch.cumsum(n_tiles, 0) - n_tiles  # first tile of each group
         pos = torch.arange(pr.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[pg]  # rank in group
         tile_id = tile_start[pg] + pos // row_tile
-        n_all = int(n_tiles.sum())
         tile_rows = torch.full((n_all, row_tile), N * R, dtype=torch.long, device=dev)  # N * R: dump row
         tile_rows[tile_id, pos % row_tile] = pr
         tile_group = torch.empty(n_all, dtype=torch.long, device=dev)
         tile_group[tile_id] = pg
         by_len = torch.argsort(group_len[tile_group], stable=True)  # short groups first
         tile_group, tile_rows = tile_group[by_len], tile_rows[by_len]
-        lens = group_len[tile_group].tolist()
 
         q_flat = q.reshape(N * R, D)
         k_flat, v_flat = k.reshape(N * K, D), v.reshape(N * K, Dv)
@@ -124,7 +131,7 @@ def grouped_attention(
         def tile_elems(s_len: int) -> int:  # scores and masks, gathered keys/values, query rows
             return row_tile * s_len * (4 + n_tags) + s_len * (D + Dv) + row_tile * (D + Dv)
 
-        start = 0
+        start = bisect.bisect_right(lens, 0)  # tiles of empty groups (first: lens ascend) compute nothing
         zero, ninf = torch.zeros((), dtype=acc, device=dev), torch.full((), float("-inf"), dtype=acc, device=dev)
         while start < n_all:
             lo, hi = start + 1, n_all  # largest stop whose tiles fit in chunk_elems (lens ascending)

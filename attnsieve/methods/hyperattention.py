@@ -156,7 +156,7 @@ class HyperAttention(Method):
         group_keys = torch.arange(quad.w, device=quad.q.device).expand(N, 1, quad.w)
         res = grouped_attention(
             quad.q, quad.k, quad.v, rows, rows // R, group_keys, scale=ctx.scale, key_ok=quad.key_ok,
-            q_pos=quad.q_pos, k_pos=quad.k_pos, window=ctx.window,
+            q_pos=quad.q_pos, k_pos=quad.k_pos, window=ctx.window, unique_rows=True,  # rows: a nonzero
         )
         return res.out, res.lse, res.cells, 0.0
 
@@ -181,7 +181,7 @@ class HyperAttention(Method):
         groups = (rows // R) * n_blk + q_block.reshape(-1)[rows]
         estimate = estimate_clock(quad.q) - t0
         common = dict(scale=ctx.scale, key_ok=quad.key_ok, q_pos=quad.q_pos, k_pos=quad.k_pos, window=ctx.window)
-        res = grouped_attention(quad.q, quad.k, quad.v, rows, groups, group_keys, **common)
+        res = grouped_attention(quad.q, quad.k, quad.v, rows, groups, group_keys, unique_rows=True, **common)
         out, lse, cells = res.out, res.lse, res.cells
         if s == 0:
             return out, lse, cells, estimate
@@ -202,7 +202,7 @@ class HyperAttention(Method):
         estimate += estimate_clock(quad.q) - t0
         res = grouped_attention(
             quad.q, quad.k, quad.v, rows, groups, sample_keys, q_tags=q_block[..., None], k_tags=key_block[..., None],
-            **common,
+            unique_rows=True, **common,
         )
         weight = torch.log(n_real.clamp_min(1).to(torch.float64) / s).to(res.lse.dtype)  # keys / samples
         out, lse = merge(out, lse, res.out, res.lse + weight[:, None])

@@ -151,7 +151,7 @@ class LSH(Method):
         if exact:  # the split computes short quadrants exactly
             rows = torch.nonzero(quad.row_ok.reshape(-1)).squeeze(-1)
             group_keys = torch.arange(w, device=dev).expand(N, 1, w)
-            res = grouped_attention(quad.q, quad.k, quad.v, rows, rows // R, group_keys, **common)
+            res = grouped_attention(quad.q, quad.k, quad.v, rows, rows // R, group_keys, unique_rows=True, **common)
             return res.out, res.lse, res.cells, 0.0
 
         t0 = estimate_clock(quad.q)
@@ -193,7 +193,8 @@ class LSH(Method):
                 tags = dict(q_tags=torch.stack(q_tags, -1), k_tags=torch.stack(k_tags, -1))
             estimate += estimate_clock(quad.q) - t0
             res = grouped_attention(
-                quad.q, quad.k, quad.v, rows, groups, group_keys, row_tile=self.params.q_cluster_size, **tags, **common
+                quad.q, quad.k, quad.v, rows, groups, group_keys, row_tile=self.params.q_cluster_size, **tags,
+                unique_rows=True, **common,  # rows: a nonzero, one cluster each
             )
             out, lse = (res.out, res.lse) if out is None else merge(out, lse, res.out, res.lse)
             cells += res.cells
