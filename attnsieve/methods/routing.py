@@ -123,14 +123,16 @@ class OnlineSphericalKMeans:
         """
         empty = ~self.active()  # [B, H, K]
         self._seeded = torch.zeros_like(empty)
-        if not bool((empty & ok.any(-1, keepdim=True)).any()):
+        takes = empty & ok.any(-1, keepdim=True)  # [B, H, K] the (row, head) pairs each cluster seeds
+        todo = takes.flatten(0, 1).any(0).tolist()  # one host read for every cluster
+        if not any(todo):
             return
         live = self.active()
         best = (x @ self.means.transpose(-1, -2)).masked_fill(~live[:, :, None], float("-inf")).amax(-1)
         for j in range(self.means.shape[2]):
-            take = empty[:, :, j] & ok.any(-1)  # [B, H]
-            if not bool(take.any()):
+            if not todo[j]:
                 continue
+            take = takes[:, :, j]  # [B, H]
             pick = best.masked_fill(~ok, float("inf")).argmin(-1)  # [B, H] farthest real point
             seed = torch.gather(x, 2, pick[:, :, None, None].expand(-1, -1, 1, x.shape[-1]))[:, :, 0]
             self.means[:, :, j] = torch.where(take[..., None], seed, self.means[:, :, j])
