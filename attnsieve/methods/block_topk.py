@@ -72,8 +72,11 @@ def block_bounds(qc: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor | None
         b = torch.cat([kmax, kmin], -1).to(qc.dtype)  # [B, Hkv, NK, 2D]: min and max are exact in k's dtype
     else:
         a, b = qc, kmax.to(qc.dtype)  # the mean rounded to the queries' dtype
-    out = torch.bmm(a.reshape(B * Hkv, rows, -1), b.reshape(B * Hkv, -1, b.shape[-1]).transpose(1, 2),
-                    out_dtype=torch.float32)
+    a, b = a.reshape(B * Hkv, rows, -1), b.reshape(B * Hkv, -1, b.shape[-1]).transpose(1, 2)
+    try:
+        out = torch.bmm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):  # a torch or GPU without half x half -> float32 GEMMs: float32 inputs
+        out = torch.bmm(a.float(), b.float())
     return out.view(B, Hkv, rows, -1)
 
 
