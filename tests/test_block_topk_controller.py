@@ -1,4 +1,5 @@
-"""block-topk's budget controller: the compiled copy (run for GPU planners) equals the Python loop."""
+"""block-topk's GPU pieces, checked on the CPU: the compiled budget controller equals the Python loop,
+and the tensor-core form of the bounds equals the float32 form."""
 
 import pytest
 import torch
@@ -58,3 +59,22 @@ def test_compiled_controller_rejects_bad_shapes():
     union_size, budget, n_forced, n_avail, has_rows = random_inputs(1, 2, 8, 4, 0)
     with pytest.raises(RuntimeError, match="budget"):
         ext.block_topk_controller(union_size, budget[:, :4].contiguous(), n_forced, n_avail, has_rows)
+
+
+@pytest.mark.parametrize("summary", ["minmax", "mean"])
+def test_tensor_core_bounds_equal_the_float32_bounds(summary):
+    """The GPU form of block-topk's bounds (one matmul over [relu(q), min(q, 0)] x [max, min] in the
+    queries' half precision, float32 out) against the float32 form, run here on bf16 values (the
+    float32 fallback of the same matmul): equal up to the order of float32 accumulation."""
+    from attnsieve.methods.block_topk import block_bounds, key_block_summaries
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 96, 16, generator=g).bfloat16()
+    k = torch.randn(1, 2, 256, 16, generator=g).bfloat16()
+    kmin, kmax, kmean = key_block_summaries(k, None, 32, 8, mean=summary == "mean")
+    if summary == "mean":
+        kmax, kmin, kmean = kmean.bfloat16().float(), None, None  # the GPU form rounds the mean to bf16
+    ref = block_bounds(q, kmax, kmin, tensor_cores=False)
+    got = block_bounds(q, kmax, kmin, tensor_cores=True)
+    assert got.dtype == torch.float32 and got.shape == ref.shape == (1, 2, 96, 8)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)

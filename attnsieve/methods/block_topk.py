@@ -52,7 +52,8 @@ SCORE_CHUNK_ROWS = 4096
 SCORE_CHUNK_ROWS_CUDA = 16384
 
 
-def block_bounds(qc: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor | None) -> torch.Tensor:
+def block_bounds(qc: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor | None,
+                 tensor_cores: bool | None = None) -> torch.Tensor:
     """Float32 scores of query rows qc [B, Hkv, rows, D] against key-block summaries [B, Hkv, NK, D].
 
     minmax (kmin given): Quest's bound sum_c max(q_c min_c, q_c max_c) = relu(q) . max + min(q, 0) . min;
@@ -60,8 +61,11 @@ def block_bounds(qc: torch.Tensor, kmax: torch.Tensor, kmin: torch.Tensor | None
     tensor cores as one matmul over 2D channels ([relu(q), min(q, 0)] . [max, min]), accumulating and
     returning float32: the products of half-precision values are exact in float32, so only the order
     of accumulation differs from the float32 path (as on the CPU's bf16 planner). Elsewhere float32.
+    `tensor_cores` forces the half-precision form (None: on CUDA for half-precision queries).
     """
-    if not (qc.is_cuda and qc.dtype in (torch.float16, torch.bfloat16)):
+    if tensor_cores is None:
+        tensor_cores = qc.is_cuda and qc.dtype in (torch.float16, torch.bfloat16)
+    if not tensor_cores:
         qc = qc.float()
         if kmin is None:
             return qc @ kmax.float().transpose(-1, -2)
