@@ -12,7 +12,8 @@ import threading
 import time
 
 import psutil
-import torch
+
+from attnsieve.methods.base import estimate_clock
 
 
 class PeakRSS:
@@ -109,6 +110,4 @@ def _clock(module) -> float:
     """The wall clock, after the module's device finishes its queued kernels when it is a GPU (kernels
     are async: without this a GPU module's time would be its launches only). Only while measuring."""
     p = next(module.parameters(), None)
-    if p is not None and p.is_cuda:
-        torch.cuda.synchronize(p.device)
-    return time.perf_counter()
+    return time.perf_counter() if p is None else estimate_clock(p)
